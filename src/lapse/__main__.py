@@ -1,0 +1,5 @@
+"""``python -m lapse``: the same as the ``lapse`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,119 @@
+"""The session record and its idle clocks.
+
+A session serves several apps, each with its own idle limit, and activity
+vouches for presence at its own limit and laxer ones, never stricter ones
+(CONTRACT.md §3). The record keeps that as a *staircase*: pairs
+``(limit, last activity made under that limit)``, sorted by limit, where every
+step is newer than the one before it. A request judged under limit ``L`` looks
+at the newest step with ``limit <= L``. Activity under ``L`` at ``now``
+replaces every step at ``L`` and above (it is newer than all of them), so the
+staircase never holds more steps than there are distinct idle limits. Sign-in
+is the step at limit 0: it vouches for every app.
+
+The record is stored under a keyed hash of the opaque session ID; the ID itself
+never reaches the store, the audit log or a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+from dataclasses import dataclass, replace
+
+Staircase = tuple[tuple[float, float], ...]
+"""((idle limit in seconds, last activity at that limit), ...); limit 0 = sign-in, inf = no idle limit."""
+
+SIGN_IN = 0.0
+HANDLE_LEN = 12
+
+
+def session_key(secret: bytes, session_id: str) -> str:
+    """The keyed hash the store, audit and handles know a session by (128 bits, hex)."""
+    return hmac.new(secret, session_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    key: str
+    user: str
+    auth_time: float  # last (re-)authentication: the absolute clock runs from here
+    created_at: float
+    activity: Staircase
+    last_seen_at: float  # any request, passive ones included (reporting only)
+    expires_at: float  # when the most generous limits any app grants have passed
+    ip: str | None = None
+    mfa: bool = False
+    groups: tuple[str, ...] = ()
+    ended_at: float | None = None
+    end_reason: str | None = None
+
+    @property
+    def handle(self) -> str:
+        """The short public name ``sessions list`` prints (a prefix of the keyed hash)."""
+        return self.key[:HANDLE_LEN]
+
+    @property
+    def ended(self) -> bool:
+        return self.ended_at is not None
+
+    @property
+    def last_active_at(self) -> float:
+        """The newest activity anywhere (the top step of the staircase)."""
+        return self.activity[-1][1]
+
+    def with_(self, **changes: object) -> "Session":
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def vouched(activity: Staircase, limit: float | None) -> float:
+    """The newest activity that vouches for presence under ``limit`` (None = no limit)."""
+    bound = math.inf if limit is None else limit
+    last = -math.inf  # nothing vouches (a real record always has its sign-in step at 0)
+    for lim, ts in activity:
+        if lim > bound:
+            break
+        last = ts
+    return last
+
+
+def record_activity(activity: Staircase, limit: float | None, now: float) -> Staircase:
+    """Activity under ``limit`` at ``now``: it becomes the step at ``limit`` and above."""
+    lim = math.inf if limit is None else limit
+    if vouched(activity, lim) >= now:
+        return activity  # already vouched for at least as late: clocks never move back
+    below = tuple(step for step in activity if step[0] < lim)
+    above = tuple(step for step in activity if step[0] > lim and step[1] > now)
+    return below + ((lim, now),) + above
+
+
+def merge_activity(a: Staircase, b: Staircase) -> Staircase:
+    """Both staircases' knowledge at once; clocks only move forward (invariant 4)."""
+    out: list[tuple[float, float]] = []
+    for lim, ts in sorted(a + b, key=lambda s: (s[0], -s[1])):
+        if out and ts <= out[-1][1]:
+            continue  # dominated: a stricter (or equal) limit already has newer activity
+        if out and lim == out[-1][0]:
+            continue
+        out.append((lim, ts))
+    return tuple(out)
+
+
+def merge(current: Session, proposed: Session) -> Session:
+    """What a store writes when ``proposed`` meets a newer ``current``: forward only.
+
+    Clocks take the later value; an ended record stays ended with its first
+    reason (invariant 5). ``expires_at`` is a min of sums of these clocks, so the
+    later of the two is the one the merged clocks give.
+    """
+    if current.ended:
+        return current
+    return replace(
+        current,
+        activity=merge_activity(current.activity, proposed.activity),
+        last_seen_at=max(current.last_seen_at, proposed.last_seen_at),
+        expires_at=max(current.expires_at, proposed.expires_at),
+        ip=proposed.ip if proposed.last_seen_at >= current.last_seen_at else current.ip,
+        ended_at=proposed.ended_at,
+        end_reason=proposed.end_reason,
+    )

@@ -1,0 +1,135 @@
+"""Read, decide, write, audit: the one loop every adapter runs around the core.
+
+Forward-auth, the proxy, the middleware, the sweeper and the CLI all come
+through here, so they cannot disagree: they gather facts, and this module
+reads the session with the store's clock, asks ``core.decide`` (or one of its
+sibling transitions), writes back what it returned, and hands its events to
+the audit log. When a write finds that someone else moved the session first,
+the loop reads again and decides again, so the events that reach the audit log
+are always those of the write that happened.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .audit import AuditLog
+from .core.decide import Decision, Reason, Request, decide, revoke, sign_in, sweep
+from .core.policy import Effective, Policy
+from .core.session import Session, session_key
+from .store.base import SessionStore, StoreUnavailable, WriteResult
+
+ATTEMPTS = 5
+SESSION_ID_BYTES = 32  # 256 bits from the OS CSPRNG; the cookie carries nothing else
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(SESSION_ID_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    decision: Decision
+    effective: Effective
+    now: float
+
+
+class Gate:
+    def __init__(self, store: SessionStore, policy: Policy, audit: AuditLog, hash_key: bytes) -> None:
+        self.store = store
+        self.policy = policy  # replaced whole on reload; never mutated
+        self.audit = audit
+        self._hash_key = hash_key
+
+    def key_of(self, session_id: str) -> str:
+        return session_key(self._hash_key, session_id)
+
+    async def check(
+        self,
+        *,
+        host: str,
+        path: str,
+        method: str = "GET",
+        ip: str | None = None,
+        passive_header: bool = False,
+        session_id: str | None = None,
+    ) -> Verdict:
+        """Judge one request (the path without its query string)."""
+        effective = self.policy.resolve(host, path, method, ip, passive_header)
+        request = Request(method, path, ip, self.key_of(session_id) if session_id else None)
+        if request.session_key is None:
+            now = await self.store.now()
+            return Verdict(decide(None, request, effective, now), effective, now)
+        decision, now = await self._settle(
+            request.session_key, lambda s, now: decide(s, request, effective, now)
+        )
+        return Verdict(decision, effective, now)
+
+    async def sign_in(
+        self,
+        user: str,
+        *,
+        host: str = "",
+        path: str = "/",
+        ip: str | None = None,
+        mfa: bool = False,
+        groups: tuple[str, ...] = (),
+        auth_time: float | None = None,
+        replaces: str | None = None,
+    ) -> tuple[str, Decision]:
+        """A new session with a new ID; the one it replaces (if any) ends with reason ``reauth``."""
+        if replaces:
+            await self._settle(self.key_of(replaces), lambda s, now: revoke(s, "reauth", now, ip=ip) if s else NOTHING)
+        session_id = new_session_id()
+        limits = self.policy.resolve(host, path, "GET", ip).limits
+        now = await self.store.now()
+        decision = sign_in(
+            self.key_of(session_id), user, now, limits, auth_time=auth_time, ip=ip, mfa=mfa, groups=groups
+        )
+        assert decision.session is not None
+        await self.store.create(decision.session)
+        await self.audit.emit(decision.events)
+        return session_id, decision
+
+    async def revoke(self, key: str, reason: str) -> bool:
+        """End one session now; False if it had already ended (or never existed)."""
+        decision, _ = await self._settle(key, lambda s, now: revoke(s, reason, now) if s else NOTHING)
+        return bool(decision.events)
+
+    async def revoke_user(self, user: str, reason: str) -> int:
+        return sum([await self.revoke(s.key, reason) for s in await self.store.sessions(user)])
+
+    async def revoke_all(self, reason: str) -> int:
+        return sum([await self.revoke(s.key, reason) for s in await self.store.sessions()])
+
+    async def sweep_once(self, limit: int = 1000) -> int:
+        """End every session past its most generous deadline: one ``session.expired`` each."""
+        now = await self.store.now()
+        ended = 0
+        for session in await self.store.due(now, limit):
+            decision, _ = await self._settle(
+                session.key,
+                lambda s, now: sweep(s, self.policy.generous_idle, self.policy.generous_absolute, now)
+                if s
+                else NOTHING,
+            )
+            ended += decision.session is not None and decision.session.ended and bool(decision.events)
+        return ended
+
+    async def _settle(self, key: str, judge: Callable[[Session | None, float], Decision]) -> tuple[Decision, float]:
+        """Read, judge, write until the write holds; then audit what happened."""
+        for _ in range(ATTEMPTS):
+            session, now = await self.store.read(key)
+            decision = judge(session, now)
+            if decision.changed and session is not None and decision.session is not None:
+                if await self.store.write(session, decision.session) is not WriteResult.APPLIED:
+                    continue  # someone moved first: judge again what is there now
+            await self.audit.emit(decision.events)
+            return decision, now
+        raise StoreUnavailable(f"session kept changing under {ATTEMPTS} attempts to write it")
+
+
+NOTHING = Decision(False, Reason.UNKNOWN, None, False)
+"""The answer for a revocation or sweep of a session the store does not know."""

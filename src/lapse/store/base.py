@@ -1,0 +1,121 @@
+"""The store port: what every adapter (memory, SQLite, Redis) promises.
+
+It is small on purpose. Reading returns the record together with the store's
+clock, so every replica judges by one clock (invariant 7). Writing back what
+``decide()`` returned is atomic and forward-only: clocks never move back
+(invariant 4) and an ended record is never touched again (invariant 5).
+Adapters differ in how they make that atomic, never in what it means; one
+contract test suite (tests/store/) holds them all to it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..core.events import AuditEvent
+from ..core.session import Session, merge
+
+
+class WriteResult(enum.Enum):
+    APPLIED = "applied"  # written (clock updates merged forward, or the end recorded)
+    ENDED = "ended"  # the stored record had already ended: nothing written
+    CONFLICT = "conflict"  # an end was proposed but the clocks moved since the read: re-read, re-decide
+
+
+class SessionExists(ValueError):
+    """``create`` was given a key the store already holds (never an upsert)."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot answer: callers fail closed (503) and say so."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A local user, the embedded identity source."""
+
+    name: str
+    password_hash: str
+    admin: bool = False
+    disabled: bool = False
+    groups: tuple[str, ...] = ()
+    created_at: float = 0.0
+    extra: dict = field(default_factory=dict, compare=False)  # room for later factors (TOTP, recovery codes)
+
+
+class SessionStore(Protocol):
+    """Every method may raise ``StoreUnavailable``."""
+
+    async def now(self) -> float:
+        """The store's clock, in Unix seconds."""
+
+    async def read(self, key: str) -> tuple[Session | None, float]:
+        """The record stored under ``key`` (ended ones included) and the store's clock, in one round trip."""
+
+    async def create(self, session: Session) -> None:
+        """Store a new session (a fresh key: never an upsert over an existing one)."""
+
+    async def write(self, before: Session, after: Session) -> WriteResult:
+        """Write back ``decide()``'s answer atomically.
+
+        If ``after`` ends the session, the end is recorded only if the stored
+        record has not ended and its clocks are still those of ``before``
+        (else ENDED or CONFLICT): so each ended session yields exactly one end
+        event, and no session is ended on stale clocks. Any other write merges
+        ``after`` into the stored record forward-only (``core.session.merge``).
+        """
+
+    async def due(self, now: float, limit: int) -> list[Session]:
+        """Live sessions whose ``expires_at`` has passed, oldest deadline first (for the sweeper)."""
+
+    async def sessions(self, user: str | None = None) -> list[Session]:
+        """Live sessions, all or one user's, oldest first."""
+
+    async def purge(self, ended_before: float) -> int:
+        """Forget records that ended before this instant; returns how many."""
+
+    async def get_user(self, name: str) -> User | None: ...
+
+    async def put_user(self, user: User) -> None:
+        """Create or replace a user."""
+
+    async def delete_user(self, name: str) -> bool: ...
+
+    async def users(self) -> list[User]: ...
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> None: ...
+
+    async def tail_audit(self, n: int) -> list[AuditEvent]:
+        """The newest ``n`` audit events, oldest first."""
+
+    async def purge_audit(self, before: float) -> int:
+        """Forget audit events older than this instant (``[audit] retention``); returns how many."""
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` unless the store answers."""
+
+    async def close(self) -> None: ...
+
+
+def apply_write(stored: Session | None, before: Session, after: Session) -> tuple[WriteResult, Session | None]:
+    """The write rule every adapter carries out, as a pure function of what is stored.
+
+    Adapters that can run Python inside their atomic section (memory, SQLite)
+    call it directly; others (Redis) implement the same rule natively and are
+    tested against it.
+    """
+    if stored is None or stored.ended:
+        return WriteResult.ENDED, None
+    if after.ended:
+        if stored.activity != before.activity or stored.auth_time != before.auth_time:
+            return WriteResult.CONFLICT, None
+        return WriteResult.APPLIED, stored.with_(ended_at=after.ended_at, end_reason=after.end_reason)
+    merged = merge(stored, after)
+    if stored.activity == before.activity and stored.auth_time == before.auth_time:
+        # The judge saw the clocks as they are: its deadline holds, earlier ones included
+        # (a policy reload may have made limits stricter).
+        merged = merged.with_(expires_at=after.expires_at)
+    return WriteResult.APPLIED, merged

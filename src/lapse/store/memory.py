@@ -1,0 +1,83 @@
+"""``memory://``: everything in one process's dicts. For tests and single-process demos."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from ..core.events import AuditEvent
+from ..core.session import Session
+from .base import SessionExists, User, WriteResult, apply_write
+
+AUDIT_KEEP = 100_000
+
+
+class MemoryStore:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._sessions: dict[str, Session] = {}
+        self._users: dict[str, User] = {}
+        self._audit: deque[AuditEvent] = deque(maxlen=AUDIT_KEEP)
+
+    async def now(self) -> float:
+        return self._clock()
+
+    async def read(self, key: str) -> tuple[Session | None, float]:
+        return self._sessions.get(key), self._clock()
+
+    async def create(self, session: Session) -> None:
+        if session.key in self._sessions:
+            raise SessionExists("session key already exists")
+        self._sessions[session.key] = session
+
+    async def write(self, before: Session, after: Session) -> WriteResult:
+        result, record = apply_write(self._sessions.get(before.key), before, after)
+        if record is not None:
+            self._sessions[before.key] = record
+        return result
+
+    async def due(self, now: float, limit: int) -> list[Session]:
+        found = sorted((s for s in self._sessions.values() if not s.ended and s.expires_at <= now),
+                       key=lambda s: s.expires_at)
+        return found[:limit]
+
+    async def sessions(self, user: str | None = None) -> list[Session]:
+        live = (s for s in self._sessions.values() if not s.ended and (user is None or s.user == user))
+        return sorted(live, key=lambda s: s.created_at)
+
+    async def purge(self, ended_before: float) -> int:
+        gone = [k for k, s in self._sessions.items() if s.ended_at is not None and s.ended_at < ended_before]
+        for k in gone:
+            del self._sessions[k]
+        return len(gone)
+
+    async def get_user(self, name: str) -> User | None:
+        return self._users.get(name)
+
+    async def put_user(self, user: User) -> None:
+        self._users[user.name] = user
+
+    async def delete_user(self, name: str) -> bool:
+        return self._users.pop(name, None) is not None
+
+    async def users(self) -> list[User]:
+        return sorted(self._users.values(), key=lambda u: u.name)
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> None:
+        self._audit.extend(events)
+
+    async def tail_audit(self, n: int) -> list[AuditEvent]:
+        return list(self._audit)[-n:] if n > 0 else []
+
+    async def purge_audit(self, before: float) -> int:
+        kept = [e for e in self._audit if e.ts >= before]
+        gone = len(self._audit) - len(kept)
+        self._audit = deque(kept, maxlen=AUDIT_KEEP)
+        return gone
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,498 @@
+"""``sqlite:///PATH``: the embedded default store, one file on the local disk.
+
+Why no threads. The methods are ``async def`` but call the stdlib ``sqlite3``
+module directly on the event loop. Every call is one or a few indexed
+statements on a local file (microseconds); handing each to a worker thread,
+as aiosqlite does, costs more than the work itself. The one way a call can
+take long is waiting for another process's write lock, and that wait is
+bounded by ``busy_timeout`` (then ``StoreUnavailable``: callers fail closed).
+Use one handle from one event loop at a time (every method runs to
+completion without yielding, which is what makes it atomic in-process).
+
+Durability. The file runs in WAL mode with ``synchronous=NORMAL``: a commit
+is in the WAL (in the OS page cache) before ``write`` returns, so killing the
+process (``kill -9``, a crash) loses no committed transaction. Only a power
+loss or OS crash can roll back the last few commits (the WAL is fsynced at
+checkpoints, not at every commit); the file itself is never corrupted. That
+is the right trade for session clocks: a lost last write judges a session
+idle early, never late.
+
+Atomic writes. The hot path of ``write`` is ONE statement in autocommit: an
+optimistic ``UPDATE ... WHERE key = ? AND ended_at IS NULL AND activity = ?
+AND auth_time = ?`` guarded by ``before``'s clocks. When it matches, the
+stored staircase is ``before``'s, so the merged staircase can be computed
+here, and the other clocks are merged forward by SQL (``max``) against the
+stored row; the row written is exactly ``apply_write``'s. Only when it touches
+no row (the clocks moved, the session ended or is gone) does ``write`` fall
+back to ``BEGIN IMMEDIATE``, read, ``apply_write``, write, commit.
+
+Layout, kept small per session: the key is the keyed hash (the raw session ID
+never reaches the store) stored as 16 raw bytes when it is lowercase hex; the
+activity staircase is packed float64 pairs (``inf`` round-trips); groups are
+one string joined by U+001F. ``sessions`` is ``WITHOUT ROWID``, so a row lives
+once, in its primary-key b-tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import sqlite3
+import struct
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..core.events import AuditEvent
+from ..core.session import Session, Staircase, merge_activity
+from .base import SessionExists, StoreUnavailable, User, WriteResult, apply_write
+
+SCHEMA_VERSION = 1
+GROUP_SEP = "\x1f"  # ASCII unit separator: never part of a sane group name
+PURGE_BATCH = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS sessions (
+    key          BLOB PRIMARY KEY,      -- keyed hash: 16 raw bytes, or the text as given
+    user         TEXT NOT NULL,
+    auth_time    REAL NOT NULL,
+    created_at   REAL NOT NULL,
+    activity     BLOB NOT NULL,         -- staircase: little-endian float64 (limit, ts) pairs
+    last_seen_at REAL NOT NULL,
+    expires_at   REAL NOT NULL,
+    ip           TEXT,
+    mfa          INTEGER NOT NULL,
+    groups       TEXT,                  -- NULL: none, else joined by U+001F
+    ended_at     REAL,
+    end_reason   TEXT
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS sessions_due   ON sessions (expires_at) WHERE ended_at IS NULL;
+CREATE INDEX IF NOT EXISTS sessions_user  ON sessions (user)       WHERE ended_at IS NULL;
+CREATE INDEX IF NOT EXISTS sessions_ended ON sessions (ended_at)   WHERE ended_at IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS users (
+    name          TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    admin         INTEGER NOT NULL,
+    disabled      INTEGER NOT NULL,
+    groups        TEXT,
+    created_at    REAL NOT NULL,
+    extra         TEXT NOT NULL         -- JSON object
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS audit (
+    id    INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts    REAL NOT NULL,                -- exact (the JSON's ts is RFC 3339 to the millisecond)
+    event TEXT NOT NULL                 -- AuditEvent.to_dict() as JSON
+);
+CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+"""
+
+_COLUMNS = (
+    "key, user, auth_time, created_at, activity, last_seen_at, expires_at, ip, mfa, groups, ended_at, end_reason"
+)
+_SELECT = f"SELECT {_COLUMNS} FROM sessions"
+_INSERT = f"INSERT INTO sessions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_REWRITE = (
+    "UPDATE sessions SET user = ?, auth_time = ?, created_at = ?, activity = ?, last_seen_at = ?, "
+    "expires_at = ?, ip = ?, mfa = ?, groups = ?, ended_at = ?, end_reason = ? WHERE key = ?"
+)
+_GUARD = "WHERE key = :key AND ended_at IS NULL AND activity = :before_activity AND auth_time = :before_auth"
+# apply_write when stored.activity == before.activity (the guard): SET expressions see the row before the update.
+_MERGE_FORWARD = (
+    "UPDATE sessions SET activity = :activity, last_seen_at = max(last_seen_at, :last_seen_at), "
+    "expires_at = :expires_at, "
+    "ip = CASE WHEN :last_seen_at >= last_seen_at THEN :ip ELSE ip END, end_reason = :end_reason " + _GUARD
+)
+# apply_write's end: the stored record as it is, with the end recorded.
+_END = "UPDATE sessions SET ended_at = :ended_at, end_reason = :end_reason " + _GUARD
+
+_HEX = re.compile(r"(?:[0-9a-f]{2})+")
+
+
+class SchemaError(StoreUnavailable):
+    """The database file was written by a newer lapse (or is not a lapse database)."""
+
+
+# ------------------------------------------------------------------ encoding
+
+
+def _pack_key(key: str) -> bytes | str:
+    """Lowercase hex (the keyed hash) as raw bytes, half the size; anything else as text."""
+    return bytes.fromhex(key) if _HEX.fullmatch(key) else key
+
+
+def _unpack_key(value: bytes | str) -> str:
+    return value.hex() if isinstance(value, bytes) else value
+
+
+@lru_cache(maxsize=64)
+def _pairs(n: int) -> struct.Struct:
+    return struct.Struct(f"<{2 * n}d")
+
+
+def _pack_activity(activity: Staircase) -> bytes:
+    return _pairs(len(activity)).pack(*(x for step in activity for x in step))
+
+
+def _unpack_activity(blob: bytes) -> Staircase:
+    flat = _pairs(len(blob) // 16).unpack(blob)
+    return tuple(zip(flat[::2], flat[1::2]))
+
+
+def _pack_groups(groups: Sequence[str]) -> str | None:
+    if not groups:
+        return None
+    for group in groups:
+        if GROUP_SEP in group:
+            raise ValueError(f"group name {group!r} contains a control character (U+001F)")
+    return GROUP_SEP.join(groups)
+
+
+def _unpack_groups(value: str | None) -> tuple[str, ...]:
+    return () if value is None else tuple(value.split(GROUP_SEP))
+
+
+def _row(s: Session) -> tuple[Any, ...]:
+    return (
+        _pack_key(s.key),
+        s.user,
+        s.auth_time,
+        s.created_at,
+        _pack_activity(s.activity),
+        s.last_seen_at,
+        s.expires_at,
+        s.ip,
+        int(s.mfa),
+        _pack_groups(s.groups),
+        s.ended_at,
+        s.end_reason,
+    )
+
+
+def _session(row: tuple[Any, ...]) -> Session:
+    try:
+        return _decode(row)
+    except (TypeError, ValueError, struct.error, IndexError) as exc:  # someone edited the file by hand
+        raise StoreUnavailable(f"sqlite store: the session record under {row[0]!r} is damaged: {exc}") from exc
+
+
+def _decode(row: tuple[Any, ...]) -> Session:
+    key, user, auth, created, activity, seen, expires, ip, mfa, groups, ended_at, reason = row
+    return Session(
+        key=_unpack_key(key),
+        user=user,
+        auth_time=auth,
+        created_at=created,
+        activity=_unpack_activity(activity),
+        last_seen_at=seen,
+        expires_at=expires,
+        ip=ip,
+        mfa=bool(mfa),
+        groups=_unpack_groups(groups),
+        ended_at=ended_at,
+        end_reason=reason,
+    )
+
+
+def _float(x: float) -> float:
+    """SQLite stores NaN as NULL; refuse it before it breaks a NOT NULL column or a comparison."""
+    if math.isnan(x):
+        raise ValueError("NaN is not a timestamp")
+    return x
+
+
+# --------------------------------------------------------------------- store
+
+
+class SqliteStore:
+    def __init__(self, path: Path | str, clock: Callable[[], float] = time.time, *, busy_timeout: float = 2.0) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._db: sqlite3.Connection | None = None
+        with self._errors("open"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout, check_same_thread=False)
+            self._db = db
+            try:
+                db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+                mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreUnavailable(f"sqlite store {self.path}: cannot use WAL journaling (got {mode!r})")
+                db.execute("PRAGMA synchronous = NORMAL")
+                db.execute("PRAGMA foreign_keys = ON")
+                db.execute("PRAGMA journal_size_limit = 67108864")  # trim the WAL to 64 MiB after checkpoints
+                self._migrate(db)
+            except BaseException:
+                self._db = None
+                db.close()
+                raise
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        db.execute("BEGIN IMMEDIATE")  # two processes opening a fresh file at once: one creates
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "meta" in tables:
+                row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+                version = int(row[0]) if row else 0
+                if version > SCHEMA_VERSION:
+                    raise SchemaError(
+                        f"sqlite store {self.path}: schema version {version} was written by a newer lapse "
+                        f"(this one understands up to {SCHEMA_VERSION}); upgrade lapse or use another file"
+                    )
+            elif tables - {"sqlite_sequence"}:
+                raise SchemaError(f"sqlite store {self.path}: not a lapse database (tables: {sorted(tables)})")
+            for statement in _statements(_SCHEMA):  # not executescript: it would COMMIT first
+                db.execute(statement)
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """I/O trouble (locked past the timeout, disk I/O, not a database) becomes ``StoreUnavailable``."""
+        try:
+            yield
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+            raise  # a bug or a duplicate key, not an unavailable store
+        except sqlite3.DatabaseError as exc:  # OperationalError included
+            raise StoreUnavailable(f"sqlite store {self.path}: {what} failed: {exc}") from exc
+        except OSError as exc:  # the folder cannot be created
+            raise StoreUnavailable(f"sqlite store {self.path}: {what} failed: {exc}") from exc
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The open connection (tests and maintenance commands); ``StoreUnavailable`` once closed."""
+        if self._db is None:
+            raise StoreUnavailable(f"sqlite store {self.path}: closed")
+        return self._db
+
+    # ---------------------------------------------------------- sessions
+
+    async def now(self) -> float:
+        return self._clock()
+
+    async def read(self, key: str) -> tuple[Session | None, float]:
+        with self._errors("read"):
+            row = self.db.execute(_SELECT + " WHERE key = ?", (_pack_key(key),)).fetchone()
+        return (None if row is None else _session(row)), self._clock()
+
+    async def create(self, session: Session) -> None:
+        for x in (session.auth_time, session.created_at, session.last_seen_at, session.expires_at):
+            _float(x)
+        row = _row(session)
+        with self._errors("create"):
+            try:
+                self.db.execute(_INSERT, row)
+            except sqlite3.IntegrityError as exc:
+                raise SessionExists("session key already exists") from exc
+
+    async def write(self, before: Session, after: Session) -> WriteResult:
+        guard = {
+            "key": _pack_key(before.key),
+            "before_activity": _pack_activity(before.activity),
+            "before_auth": before.auth_time,
+        }
+        with self._errors("write"):
+            if after.ended:
+                ended = {"ended_at": _float(after.ended_at), "end_reason": after.end_reason}  # type: ignore[arg-type]
+                cur = self.db.execute(_END, {**guard, **ended})
+            else:
+                cur = self.db.execute(
+                    _MERGE_FORWARD,
+                    {
+                        **guard,
+                        "activity": _pack_activity(merge_activity(before.activity, after.activity)),
+                        "last_seen_at": _float(after.last_seen_at),
+                        "expires_at": _float(after.expires_at),
+                        "ip": after.ip,
+                        "end_reason": after.end_reason,
+                    },
+                )
+            if cur.rowcount == 1:
+                return WriteResult.APPLIED
+            return self._write_locked(before, after)
+
+    def _write_locked(self, before: Session, after: Session) -> WriteResult:
+        """The slow path: the clocks moved (or the session ended): judge against the stored record."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute(_SELECT + " WHERE key = ?", (_pack_key(before.key),)).fetchone()
+            result, record = apply_write(None if row is None else _session(row), before, after)
+            if record is not None:
+                fields = _row(record)
+                db.execute(_REWRITE, fields[1:] + fields[:1])
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+        return result
+
+    async def due(self, now: float, limit: int) -> list[Session]:
+        with self._errors("due"):
+            rows = self.db.execute(
+                _SELECT + " WHERE ended_at IS NULL AND expires_at <= ? ORDER BY expires_at, key LIMIT ?",
+                (now, max(limit, 0)),
+            ).fetchall()
+        return [_session(r) for r in rows]
+
+    async def sessions(self, user: str | None = None) -> list[Session]:
+        with self._errors("sessions"):
+            if user is None:
+                rows = self.db.execute(_SELECT + " WHERE ended_at IS NULL ORDER BY created_at, key").fetchall()
+            else:
+                rows = self.db.execute(
+                    _SELECT + " WHERE user = ? AND ended_at IS NULL ORDER BY created_at, key", (user,)
+                ).fetchall()
+        return [_session(r) for r in rows]
+
+    async def purge(self, ended_before: float) -> int:
+        """In batches, yielding to the event loop between them, so a big purge never stalls requests."""
+        total = 0
+        while True:
+            with self._errors("purge"):
+                gone = self.db.execute(
+                    "DELETE FROM sessions WHERE key IN (SELECT key FROM sessions "
+                    "WHERE ended_at IS NOT NULL AND ended_at < ? LIMIT ?)",
+                    (ended_before, PURGE_BATCH),
+                ).rowcount
+            total += gone
+            if gone < PURGE_BATCH:
+                return total
+            await asyncio.sleep(0)
+
+    # ------------------------------------------------------------- users
+
+    async def get_user(self, name: str) -> User | None:
+        with self._errors("get_user"):
+            row = self.db.execute(
+                "SELECT name, password_hash, admin, disabled, groups, created_at, extra FROM users WHERE name = ?",
+                (name,),
+            ).fetchone()
+        return None if row is None else _user(row)
+
+    async def put_user(self, user: User) -> None:
+        row = (
+            user.name,
+            user.password_hash,
+            int(user.admin),
+            int(user.disabled),
+            _pack_groups(user.groups),
+            user.created_at,
+            json.dumps(user.extra, separators=(",", ":")),
+        )
+        with self._errors("put_user"):
+            self.db.execute(
+                "INSERT OR REPLACE INTO users (name, password_hash, admin, disabled, groups, created_at, extra) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+
+    async def delete_user(self, name: str) -> bool:
+        with self._errors("delete_user"):
+            return self.db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
+
+    async def users(self) -> list[User]:
+        with self._errors("users"):
+            rows = self.db.execute(
+                "SELECT name, password_hash, admin, disabled, groups, created_at, extra FROM users ORDER BY name"
+            ).fetchall()
+        return [_user(r) for r in rows]
+
+    # ------------------------------------------------------------- audit
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> None:
+        rows = [(e.ts, json.dumps(e.to_dict(), separators=(",", ":"))) for e in events]
+        if not rows:
+            return
+        with self._errors("append_audit"):
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT INTO audit (ts, event) VALUES (?, ?)", rows)
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
+
+    async def tail_audit(self, n: int) -> list[AuditEvent]:
+        if n <= 0:
+            return []
+        with self._errors("tail_audit"):
+            rows = self.db.execute("SELECT ts, event FROM audit ORDER BY id DESC LIMIT ?", (n,)).fetchall()
+        return [replace(AuditEvent.from_dict(json.loads(event)), ts=ts) for ts, event in reversed(rows)]
+
+    async def purge_audit(self, before: float) -> int:
+        gone = 0
+        while True:
+            with self._errors("purge_audit"):
+                cur = self.db.execute(
+                    "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE ts < ? LIMIT ?)", (before, PURGE_BATCH)
+                )
+            gone += cur.rowcount
+            if cur.rowcount < PURGE_BATCH:
+                return gone
+            await asyncio.sleep(0)
+
+    # -------------------------------------------------------------- misc
+
+    async def ping(self) -> None:
+        with self._errors("ping"):
+            self.db.execute("SELECT 1").fetchone()
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            with self._errors("close"):
+                db.close()
+
+
+def _user(row: tuple[Any, ...]) -> User:
+    name, password_hash, admin, disabled, groups, created_at, extra = row
+    return User(
+        name=name,
+        password_hash=password_hash,
+        admin=bool(admin),
+        disabled=bool(disabled),
+        groups=_unpack_groups(groups),
+        created_at=created_at,
+        extra=json.loads(extra),
+    )
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a script into complete statements (a ``;`` inside a comment does not end one)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete statement in schema: {pending!r}")
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the connection is already broken; the original error says why
+
+
+__all__ = ["SCHEMA_VERSION", "SchemaError", "SqliteStore"]

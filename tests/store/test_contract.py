@@ -1,0 +1,439 @@
+"""The store contract: every adapter (``conftest.ADAPTERS``) passes every test here.
+
+``apply_write`` (store/base.py) is the specification of ``write``; the property
+test at the end runs random histories against each adapter and against
+``apply_write`` on a plain dict, and requires the same answers and records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lapse.core import events as ev
+from lapse.core.decide import end, revoke, sign_in, sweep
+from lapse.core.events import AuditEvent
+from lapse.core.policy import Limits
+from lapse.core.session import Session, merge, record_activity, session_key, vouched
+from lapse.store.base import SessionExists, User, WriteResult, apply_write
+
+APPLIED, ENDED, CONFLICT = WriteResult.APPLIED, WriteResult.ENDED, WriteResult.CONFLICT
+T0 = 1_700_000_000.25  # not a whole second: timestamps must round-trip as exact floats
+run = asyncio.run
+
+
+def make_session(
+    n: int = 0, *, user: str = "alice", t: float = T0, expires_in: float = 3600.0, **changes: Any
+) -> Session:
+    """A fresh session as ``sign_in`` makes it (the key: the keyed hash of a made-up ID)."""
+    s = Session(
+        key=session_key(b"test-secret", f"sid-{n}"),
+        user=user,
+        auth_time=t,
+        created_at=t,
+        activity=((0.0, t),),
+        last_seen_at=t,
+        expires_at=t + expires_in,
+        ip="192.0.2.1",
+    )
+    return s.with_(**changes) if changes else s
+
+
+def active(s: Session, at: float, limit: float | None = 900.0, ip: str | None = None) -> Session:
+    """What ``decide`` writes back for an active request at ``at`` under ``limit``."""
+    activity = record_activity(s.activity, limit, at)
+    return s.with_(
+        activity=activity,
+        last_seen_at=max(at, s.last_seen_at),
+        expires_at=activity[-1][1] + 3600.0,
+        ip=s.ip if ip is None else ip,
+    )
+
+
+# ------------------------------------------------------------------ basics
+
+
+async def test_now_is_the_injected_clock(store: Any, clock: Any) -> None:
+    clock.t = T0
+    assert await store.now() == T0
+    clock.advance(12.5)
+    assert await store.now() == T0 + 12.5
+
+
+async def test_read_missing_key(store: Any, clock: Any) -> None:
+    clock.t = T0 + 0.125
+    assert await store.read(session_key(b"k", "nobody")) == (None, T0 + 0.125)
+    assert await store.read("not-even-hex") == (None, T0 + 0.125)
+
+
+ROUND_TRIPS = [
+    make_session(1),
+    make_session(
+        2,
+        user="bob@example.com",
+        auth_time=T0 - 0.1,
+        activity=((0.0, T0), (60.0, T0 + 0.3), (900.0, T0 + 1.7), (math.inf, T0 + 2.000001)),
+        last_seen_at=T0 + 3.1,
+        expires_at=math.inf,
+        ip="2001:db8::1",
+        mfa=True,
+        groups=("admins", "billing team", ""),
+    ),
+    make_session(3, ip=None, groups=("one",), ended_at=T0 + 9.9, end_reason="logout"),
+    make_session(4, activity=((0.0, T0), (math.inf, T0 + 1)), expires_at=T0 + 1e-6).with_(key="plain-key/not-hex"),
+    make_session(5).with_(key="ABCDEF0123456789ABCDEF0123456789"),  # upper-case hex is another key than lower
+]
+
+
+@pytest.mark.parametrize("session", ROUND_TRIPS, ids=lambda s: s.key[:8])
+async def test_create_read_round_trip(store: Any, clock: Any, session: Session) -> None:
+    await store.create(session)
+    got, now = await store.read(session.key)
+    assert got == session
+    assert now == clock()
+    assert [type(x) for step in got.activity for x in step] == [float] * (2 * len(session.activity))
+    assert await store.read(session.key.lower() if session.key != session.key.lower() else "x" + session.key) == (
+        None,
+        clock(),
+    )
+
+
+async def test_sign_in_record_round_trips(store: Any) -> None:
+    limits = Limits(app="wiki", network=None, idle=900.0, absolute=8 * 3600.0, warn_before=60.0, sources={},
+                    rules=(), on_ip_change="allow", allow_users=None, allow_groups=None,
+                    generous_idle=900.0, generous_absolute=8 * 3600.0)
+    d = sign_in(session_key(b"k", "sid"), "carol", T0, limits, ip="198.51.100.7", mfa=True, groups=("staff",))
+    await store.create(d.session)
+    assert (await store.read(d.session.key))[0] == d.session
+
+
+async def test_create_refuses_an_existing_key(store: Any) -> None:
+    s = make_session(1)
+    await store.create(s)
+    with pytest.raises(SessionExists):
+        await store.create(make_session(1, user="mallory"))
+    ended = s.with_(ended_at=T0 + 5, end_reason="logout")
+    assert await store.write(s, ended) == APPLIED
+    with pytest.raises(SessionExists):  # not even over an ended record: no resurrection (invariant 5)
+        await store.create(make_session(1))
+    assert (await store.read(s.key))[0] == ended
+
+
+# ------------------------------------------------------------------ writes
+
+
+async def test_forward_write_merges_and_clocks_never_move_back(store: Any) -> None:
+    s = make_session(1)
+    await store.create(s)
+    newer = active(s, T0 + 10, ip="203.0.113.9")
+    older = active(s, T0 + 5, limit=60.0, ip="203.0.113.5")  # a request that read earlier, landing later
+    assert await store.write(s, newer) == APPLIED
+    assert (await store.read(s.key))[0] == newer
+    assert await store.write(s, older) == APPLIED
+    stored = (await store.read(s.key))[0]
+    assert stored == merge(newer, older)
+    assert stored.last_seen_at == T0 + 10 and stored.ip == "203.0.113.9" and stored.expires_at == newer.expires_at
+    for limit in (0.0, 60.0, 900.0, math.inf):  # invariant 4: no idle clock moved back ...
+        assert vouched(stored.activity, limit) >= vouched(newer.activity, limit)
+    assert vouched(stored.activity, 60.0) == T0 + 5  # ... and the stale write's news at 60 s was kept
+
+
+async def test_forward_write_ignores_identity_fields(store: Any) -> None:
+    """Only clocks (and the ip) merge; user, auth_time, created_at, mfa and groups stay as stored."""
+    s = make_session(1)
+    await store.create(s)
+    forged = active(s, T0 + 1).with_(user="mallory", auth_time=T0 + 1, created_at=T0 + 1, mfa=True, groups=("root",))
+    assert await store.write(s, forged) == APPLIED
+    assert (await store.read(s.key))[0] == apply_write(s, s, forged)[1]
+
+
+async def test_last_seen_only_write_keeps_newer_stored_clocks(store: Any) -> None:
+    s = make_session(1)
+    await store.create(s)
+    a = active(s, T0 + 20, ip="203.0.113.20")
+    assert await store.write(s, a) == APPLIED
+    seen = s.with_(last_seen_at=T0 + 7, ip="203.0.113.7", expires_at=s.expires_at - 100)
+    assert await store.write(s, seen) == APPLIED
+    assert (await store.read(s.key))[0] == merge(a, seen) == a
+
+
+async def test_write_to_ended_record_changes_nothing(store: Any) -> None:
+    s = make_session(1)
+    await store.create(s)
+    over = revoke(s, "logout", T0 + 3).session
+    assert await store.write(s, over) == APPLIED
+    assert (await store.read(s.key))[0] == over
+    assert await store.write(s, active(s, T0 + 4)) == ENDED  # no upsert resurrects it (invariant 5)
+    assert await store.write(s, end(s, "admin", T0 + 5)) == ENDED  # the first end is final
+    assert await store.write(over, over) == ENDED
+    assert (await store.read(s.key))[0] == over
+
+
+async def test_write_to_missing_record_creates_nothing(store: Any) -> None:
+    s = make_session(1)
+    assert await store.write(s, active(s, T0 + 1)) == ENDED
+    assert await store.write(s, end(s, "logout", T0 + 1)) == ENDED
+    assert (await store.read(s.key))[0] is None
+    assert await store.sessions() == []
+
+
+async def test_end_on_stale_clocks_conflicts(store: Any) -> None:
+    s = make_session(1)
+    await store.create(s)
+    moved = active(s, T0 + 30)
+    assert await store.write(s, moved) == APPLIED
+    stale_end = sweep(s, 10.0, 3600.0, T0 + 20).session  # judged idle on the clocks it read
+    assert stale_end.ended
+    assert await store.write(s, stale_end) == CONFLICT
+    assert (await store.read(s.key))[0] == moved
+    assert await store.write(s.with_(auth_time=T0 - 1), end(moved, "logout", T0 + 31)) == CONFLICT
+    assert (await store.read(s.key))[0] == moved
+
+
+async def test_end_records_the_end_on_the_stored_record(store: Any) -> None:
+    """Clocks other than activity/auth_time moving is no conflict; the stored ones are kept."""
+    s = make_session(1)
+    await store.create(s)
+    seen = s.with_(last_seen_at=T0 + 8, ip="203.0.113.8", expires_at=s.expires_at + 8)
+    assert await store.write(s, seen) == APPLIED
+    assert await store.write(s, end(s, "logout", T0 + 9)) == APPLIED
+    assert (await store.read(s.key))[0] == seen.with_(ended_at=T0 + 9, end_reason="logout")
+
+
+async def test_concurrent_ends_exactly_one_applies(store: Any, twin: Any) -> None:
+    """Invariant 6: a revoke and the sweeper race; one end is recorded, one event is owed."""
+    sessions = [make_session(i) for i in range(20)]
+    for s in sessions:
+        await store.create(s)
+    for s in sessions:
+        by_admin, by_sweeper = end(s, "admin", T0 + 1), end(s, "idle", T0 + 2)
+        results = await asyncio.gather(store.write(s, by_admin), twin.write(s, by_sweeper))
+        assert sorted(r.value for r in results) == ["applied", "ended"]
+        winner = by_admin if results[0] == APPLIED else by_sweeper
+        assert (await twin.read(s.key))[0] == winner
+        assert (await store.read(s.key))[0] == winner
+
+
+async def test_handles_see_each_others_writes(store: Any, twin: Any) -> None:
+    s = make_session(1)
+    await store.create(s)
+    a = active(s, T0 + 5)
+    assert await twin.write(s, a) == APPLIED
+    assert (await store.read(s.key))[0] == a
+    assert await store.write(s, end(s, "idle", T0 + 6)) == CONFLICT
+
+
+# ------------------------------------------------------------ queries
+
+
+async def test_due_returns_live_sessions_past_their_deadline_in_order(store: Any) -> None:
+    now = T0 + 1000
+    expiring = {0: now - 10, 1: now - 500, 2: now, 3: now + 0.001, 4: now - 250, 5: math.inf}
+    for n, at in expiring.items():
+        await store.create(make_session(n, expires_at=at))
+    await store.create(make_session(6, expires_at=now - 900, ended_at=now - 1, end_reason="logout"))
+    due = await store.due(now, 100)
+    assert [s.key for s in due] == [make_session(n).key for n in (1, 4, 0, 2)]
+    assert [s.expires_at for s in due] == sorted(s.expires_at for s in due)
+    assert [s.key for s in await store.due(now, 2)] == [make_session(n).key for n in (1, 4)]
+    assert await store.due(now, 0) == []
+    assert await store.due(now - 1000, 10) == []
+    s1 = (await store.read(make_session(1).key))[0]
+    assert await store.write(s1, sweep(s1, 60.0, 3600.0, now).session) == APPLIED
+    assert [s.key for s in await store.due(now, 100)] == [make_session(n).key for n in (4, 0, 2)]
+
+
+async def test_sessions_lists_live_ones_oldest_first(store: Any) -> None:
+    await store.create(make_session(1, user="alice", t=T0 + 30))
+    await store.create(make_session(2, user="bob", t=T0 + 20))
+    await store.create(make_session(3, user="alice", t=T0 + 10))
+    await store.create(make_session(4, user="alice", t=T0 + 5, ended_at=T0 + 6, end_reason="logout"))
+    key = lambda n: make_session(n).key  # noqa: E731
+    assert [s.key for s in await store.sessions("alice")] == [key(3), key(1)]
+    assert [s.key for s in await store.sessions("bob")] == [key(2)]
+    assert await store.sessions("nobody") == []
+    assert [s.key for s in await store.sessions()] == [key(3), key(2), key(1)]
+    assert (await store.sessions("alice"))[0] == make_session(3, user="alice", t=T0 + 10)
+
+
+async def test_purge_forgets_records_ended_before(store: Any) -> None:
+    await store.create(make_session(1, ended_at=T0 + 10, end_reason="idle"))
+    await store.create(make_session(2, ended_at=T0 + 20, end_reason="logout"))
+    await store.create(make_session(3))
+    assert await store.purge(T0 + 20) == 1  # ended exactly at the instant: kept
+    assert (await store.read(make_session(1).key))[0] is None
+    assert (await store.read(make_session(2).key))[0] is not None
+    assert await store.purge(T0 + 1e9) == 1
+    assert (await store.read(make_session(3).key))[0] == make_session(3)  # live ones never go
+    assert await store.purge(T0 + 1e9) == 0
+
+
+# --------------------------------------------------------------- users
+
+
+async def test_users_crud(store: Any) -> None:
+    assert await store.get_user("alice") is None
+    assert await store.users() == []
+    alice = User("alice", "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA", admin=True, groups=("ops", "dev"),
+                 created_at=T0, extra={"totp": {"secret": "JBSWY3DPEHPK3PXP"}, "recovery": ["a", "b"]})
+    bob = User("bob", "h2", disabled=True, created_at=T0 + 0.5)
+    await store.put_user(bob)
+    await store.put_user(alice)
+    got = await store.get_user("alice")
+    assert got == alice and got.extra == alice.extra
+    assert await store.users() == [alice, bob]
+    replaced = User("alice", "h3", groups=(), created_at=T0, extra={})
+    await store.put_user(replaced)
+    got = await store.get_user("alice")
+    assert got == replaced and got.extra == {} and not got.admin
+    assert await store.delete_user("alice") is True
+    assert await store.delete_user("alice") is False
+    assert [u.name for u in await store.users()] == ["bob"]
+
+
+# --------------------------------------------------------------- audit
+
+
+async def test_audit_append_and_tail(store: Any) -> None:
+    assert await store.tail_audit(5) == []
+    first = [AuditEvent(T0 + i / 7, ev.DENIED, ev.FAILURE, "alice", "k" * 32, "wiki", "192.0.2.1", "GET /x", "idle")
+             for i in range(3)]
+    second = [AuditEvent(T0 + 10, ev.CREATED, ev.SUCCESS, "bob", "k" * 32, "billing", None),
+              AuditEvent(T0 + 11, ev.LOGIN, ev.FAILURE, None, None, None, "::1", "POST /_lapse/login", None)]
+    await store.append_audit(first)
+    await store.append_audit(second)
+    await store.append_audit([])
+    assert await store.tail_audit(2) == second
+    assert await store.tail_audit(100) == first + second
+    assert await store.tail_audit(0) == []
+    assert [e.to_dict() for e in await store.tail_audit(5)] == [e.to_dict() for e in first + second]
+
+
+async def test_audit_purge_keeps_the_retention_window(store: Any) -> None:
+    events = [AuditEvent(T0 + i, ev.CREATED, ev.SUCCESS, "alice") for i in range(5)]
+    await store.append_audit(events)
+    assert await store.purge_audit(T0 + 2) == 2
+    assert await store.tail_audit(10) == events[2:]
+    assert await store.purge_audit(T0 + 2) == 0
+
+
+async def test_a_write_on_unchanged_clocks_may_move_the_deadline_earlier(store: Any) -> None:
+    """A stricter policy after a reload: the sweeper's earlier deadline lands (late expiries otherwise)."""
+    s = make_session(1)
+    await store.create(s)
+    earlier = s.with_(expires_at=s.expires_at - 1000)
+    assert await store.write(s, earlier) is APPLIED
+    assert (await store.read(s.key))[0].expires_at == earlier.expires_at
+    # ...but a writer that judged stale clocks only ever moves it later.
+    moved = active(earlier, T0 + 50)
+    assert await store.write(earlier, moved) is APPLIED
+    assert await store.write(earlier, earlier.with_(expires_at=T0 + 1, last_seen_at=T0 + 60)) is APPLIED
+    assert (await store.read(s.key))[0].expires_at == moved.expires_at
+
+
+# ------------------------------------------------------- property test
+
+_examples = itertools.count()
+
+TIMES = st.floats(min_value=-60.0, max_value=600.0, allow_nan=False)
+LIMITS = st.sampled_from([None, 0.0, 60.0, 900.0, 3600.0, math.inf])
+IPS = st.sampled_from([None, "192.0.2.1", "192.0.2.2", "2001:db8::9"])
+IDX = st.integers(min_value=0, max_value=10_000)
+WHO = st.integers(min_value=0, max_value=1)  # which session
+VIA = st.integers(min_value=0, max_value=1)  # which handle
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("read"), WHO, VIA),
+        st.tuples(st.just("active"), WHO, VIA, IDX, LIMITS, TIMES, IPS),  # before = a snapshot, possibly stale
+        st.tuples(st.just("seen"), WHO, VIA, IDX, TIMES, IPS),  # last_seen/ip only
+        st.tuples(st.just("extend"), WHO, VIA, IDX, TIMES),  # the sweeper moves expires_at (either way)
+        st.tuples(st.just("cross"), WHO, VIA, IDX, IDX),  # after from another snapshot: maybe older than before
+        st.tuples(st.just("forge"), WHO, VIA, IDX, TIMES),  # after changes fields a merge must not touch
+        st.tuples(st.just("skew"), WHO, VIA, IDX, TIMES),  # before's auth_time is not the stored one
+        st.tuples(st.just("end"), WHO, VIA, IDX, st.sampled_from(["idle", "absolute", "logout"]), TIMES),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+def _after(op: tuple[Any, ...], snaps: list[Session]) -> tuple[Session, Session]:
+    """(before, after) for a write op, from the snapshots seen of that session."""
+    kind, _, _, i, *rest = op
+    before = snaps[i % len(snaps)]
+    if kind == "active":
+        limit, dt, ip = rest
+        return before, active(before, before.last_seen_at + dt, limit, ip)
+    if kind == "seen":
+        dt, ip = rest
+        return before, before.with_(last_seen_at=before.last_seen_at + dt, ip=ip)
+    if kind == "extend":
+        (dt,) = rest
+        return before, before.with_(expires_at=before.expires_at + dt)
+    if kind == "cross":
+        (j,) = rest
+        return before, snaps[j % len(snaps)]
+    if kind == "forge":
+        (dt,) = rest
+        forged = active(before, before.last_seen_at + abs(dt), 60.0)
+        return before, forged.with_(auth_time=before.auth_time + dt, mfa=not before.mfa, groups=("x",), user="eve")
+    if kind == "skew":
+        (dt,) = rest
+        skewed = before.with_(auth_time=before.auth_time + (dt or 1.0))
+        return skewed, (active(before, before.last_seen_at + abs(dt)) if dt > 0 else end(before, "logout", T0 + 1))
+    reason, dt = rest
+    return before, end(before, reason, before.last_seen_at + abs(dt))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_random_histories_match_apply_write(
+    adapter: Any, tmp_path: Path, clock: Any, ops: list[tuple[Any, ...]]
+) -> None:
+    """A fresh store per example; the ``clock`` fixture only supplies the store's clock."""
+    place = tmp_path / f"example-{next(_examples)}"
+    place.mkdir()
+    originals = [
+        make_session(0, user="alice"),
+        make_session(1, user="bob", ip=None, groups=("g",)).with_(key="not-hex:bob"),
+    ]
+
+    async def scenario() -> None:
+        first = adapter.open(place, clock)
+        handles = [first, adapter.open(place, clock) if adapter.shared else first]
+        try:
+            model: dict[str, Session] = {}
+            snaps: list[list[Session]] = [[s] for s in originals]
+            for s in originals:
+                await first.create(s)
+                model[s.key] = s
+            for op in ops:
+                kind, who, via = op[:3]
+                key = originals[who].key
+                if kind == "read":
+                    got, _ = await handles[via].read(key)
+                    assert got == model[key]
+                    snaps[who].append(got)
+                    continue
+                before, after = _after(op, snaps[who])
+                expected, record = apply_write(model[key], before, after)
+                got = await handles[via].write(before, after)
+                assert got == expected, (op, before, after, model[key])
+                if record is not None:
+                    model[key] = record
+                snaps[who].append(after)
+                for s in originals:
+                    assert (await handles[1 - via].read(s.key))[0] == model[s.key], (op, before, after)
+        finally:
+            for h in {id(h): h for h in handles}.values():
+                await h.close()
+
+    run(scenario())

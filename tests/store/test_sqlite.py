@@ -1,0 +1,369 @@
+"""What only the SQLite adapter promises: durability, clear failures, its schema, its hot path."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from lapse.core.decide import end
+from lapse.core.session import Session, record_activity, session_key
+from lapse.store.base import StoreUnavailable, WriteResult
+from lapse.store.sqlite import SCHEMA_VERSION, SchemaError, SqliteStore
+
+T0 = 1_700_000_000.25
+run = asyncio.run
+
+
+def make_session(n: int, t: float = T0) -> Session:
+    return Session(
+        key=session_key(b"test-secret", f"sid-{n}"),
+        user="alice",
+        auth_time=t,
+        created_at=t,
+        activity=((0.0, t),),
+        last_seen_at=t,
+        expires_at=t + 3600,
+    )
+
+
+def clock() -> float:
+    return T0
+
+
+# ------------------------------------------------------------- kill -9
+
+# Session i: created at t = 1000 + i, then three writes j = 1..3, each an active request at t + j
+# (the third from a stale read, so it takes the BEGIN IMMEDIATE path). "committed i j" is printed
+# only after the write returned.
+WRITER = """
+import asyncio, sys
+from lapse.core.session import Session, record_activity
+from lapse.store.sqlite import SqliteStore
+
+def state(i, j):
+    t = 1000.0 + i
+    s = Session(key=f"{i:032x}", user="u", auth_time=t, created_at=t, activity=((0.0, t),),
+                last_seen_at=t, expires_at=t + 3600)
+    if j == 0:
+        return s
+    return s.with_(activity=record_activity(s.activity, 900.0, t + j), last_seen_at=t + j, expires_at=t + j + 3600)
+
+async def main(path, start):
+    store = SqliteStore(path, lambda: 0.0)
+    i = start
+    while True:
+        await store.create(state(i, 0))
+        print(f"committed {i} 0", flush=True)
+        for j in (1, 2, 3):
+            before = state(i, 0 if j == 3 else j - 1)
+            result = await store.write(before, state(i, j))
+            assert result.value == "applied", result
+            print(f"committed {i} {j}", flush=True)
+        i += 1
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def _state(i: int, j: int) -> Session:
+    t = 1000.0 + i
+    s = Session(key=f"{i:032x}", user="u", auth_time=t, created_at=t, activity=((0.0, t),), last_seen_at=t,
+                expires_at=t + 3600)
+    if j == 0:
+        return s
+    return s.with_(activity=record_activity(s.activity, 900.0, t + j), last_seen_at=t + j, expires_at=t + j + 3600)
+
+
+def _write_then_kill(path: Path, start: int, run_for: float) -> dict[int, int]:
+    """Run the writer, SIGKILL it ``run_for`` seconds into its writing; return {session: last reported step}.
+
+    The kill comes from a timer, not after a given line, so it lands anywhere in the writer's loop
+    (inside a transaction, between a commit and its report, ...).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), str(start)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    killer = threading.Timer(run_for, os.kill, (proc.pid, signal.SIGKILL))
+    watchdog = threading.Timer(30, proc.kill)
+    watchdog.start()
+    committed: dict[int, int] = {}
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # until the kill closes the pipe
+            if not committed:
+                killer.start()
+            _, i, j = line.split()
+            committed[int(i)] = int(j)
+    finally:
+        killer.cancel()
+        watchdog.cancel()
+        proc.kill()
+        proc.wait()
+        stderr = proc.stderr.read() if proc.stderr else ""
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe:
+                pipe.close()
+    assert proc.returncode == -signal.SIGKILL, f"writer died on its own: {stderr}"
+    assert len(committed) > 20, f"writer barely started: {stderr}"
+    return committed
+
+
+def test_kill_9_loses_no_committed_write(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "lapse.db"
+    reported = _write_then_kill(path, 0, 0.15)
+    reported |= _write_then_kill(path, 1_000_000, 0.1)  # reopen a killed file, go on, kill again
+
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    raw.close()
+    store = SqliteStore(path, clock)
+
+    async def check() -> None:
+        for i, j in reported.items():
+            got, _ = await store.read(f"{i:032x}")
+            assert got is not None, f"session {i} was reported committed and is gone"
+            assert got.last_seen_at >= 1000.0 + i + j, f"session {i} lost its committed write {j}"
+            step = int(got.last_seen_at - (1000.0 + i))  # a later write may have committed unreported
+            assert got == _state(i, step)
+        await store.close()
+
+    run(check())
+
+
+# --------------------------------------------------- concurrent processes
+
+RACER = """
+import asyncio, sys
+from lapse.core.decide import end
+from lapse.core.session import record_activity
+from lapse.store.sqlite import SqliteStore
+
+async def main(path, me, n):
+    store = SqliteStore(path, lambda: 0.0, busy_timeout=10.0)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    out = []
+    for i in range(n):
+        key = f"{i:032x}"
+        while True:
+            s, _ = await store.read(key)
+            if s.ended:
+                out.append("ended")
+                break
+            if me % 2:  # odd racers are busy users too: their activity makes others' ends conflict
+                await store.write(s, s.with_(activity=record_activity(s.activity, 900.0, s.last_active_at + 1)))
+                s, _ = await store.read(key)
+                if s.ended:
+                    out.append("ended")
+                    break
+            result = await store.write(s, end(s, f"racer{me}", 5.0))
+            if result.value != "conflict":
+                out.append(result.value)
+                break
+    print(" ".join(out), flush=True)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+def test_processes_racing_to_end_sessions_end_each_once(tmp_path: Path) -> None:
+    """Invariant 6 across processes: each session's end is APPLIED by exactly one of them."""
+    path, n, racers = tmp_path / "x.db", 300, 4
+    store = SqliteStore(path, clock)
+    for i in range(n):
+        run(store.create(make_session(i, t=1.0).with_(key=f"{i:032x}")))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACER, str(path), str(me), str(n)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for me in range(racers)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        for p in procs:  # all at once
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outs = [p.communicate(timeout=30) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    results = []
+    for out, err in outs:
+        assert err == "", err
+        results.append(out.split())
+    for i in range(n):
+        column = [r[i] for r in results]
+        assert column.count("applied") == 1, (i, column)
+        stored, _ = run(store.read(f"{i:032x}"))
+        winner = column.index("applied")
+        assert stored.end_reason == f"racer{winner}"
+    run(store.close())
+
+
+# ---------------------------------------------------------- the hot path
+
+
+def test_fresh_write_is_one_statement_stale_one_is_a_transaction(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "x.db", clock)
+    s = make_session(1)
+    run(store.create(s))
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+
+    a = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+    assert run(store.write(s, a)) == WriteResult.APPLIED
+    assert len(statements) == 1 and statements[0].startswith("UPDATE")
+    statements.clear()
+    assert run(store.write(a, end(a, "logout", T0 + 6))) == WriteResult.APPLIED
+    assert len(statements) == 1 and statements[0].startswith("UPDATE")
+
+    statements.clear()
+    b = make_session(2)
+    run(store.create(b))
+    b1 = b.with_(activity=record_activity(b.activity, 60.0, T0 + 1))
+    run(store.write(b, b1))
+    statements.clear()
+    assert run(store.write(b, b.with_(last_seen_at=T0 + 2))) == WriteResult.APPLIED  # stale: the slow path
+    assert [q.split()[0] for q in statements] == ["UPDATE", "BEGIN", "SELECT", "UPDATE", "COMMIT"]
+    store.db.set_trace_callback(None)
+    run(store.close())
+
+
+def test_bytes_per_session_stay_small(tmp_path: Path) -> None:
+    path, n = tmp_path / "x.db", 3000
+    store = SqliteStore(path, clock)
+
+    async def fill() -> None:
+        for i in range(n):
+            s = make_session(i).with_(ip="192.0.2.10", groups=("staff",), user=f"user{i % 50}")
+            await store.create(s)
+            await store.write(s, s.with_(activity=record_activity(s.activity, 900.0, T0 + 60), last_seen_at=T0 + 60))
+
+    run(fill())
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    per_session = path.stat().st_size / n
+    run(store.close())
+    assert per_session < 260, per_session  # ~210 B measured at 100k (table ~140, two indexes ~33 each)
+
+
+# ------------------------------------------------------ failing clearly
+
+
+def test_corrupt_file_is_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    path.write_bytes(b"this is not a database, it only lives where one should " * 100)
+    with pytest.raises(StoreUnavailable, match="x.db"):
+        SqliteStore(path, clock)
+
+
+def test_damaged_pages_are_unavailable_not_another_error(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    store = SqliteStore(path, clock)
+    for i in range(300):
+        run(store.create(make_session(i)))
+    run(store.close())  # checkpoints: everything is in the main file now
+    data = bytearray(path.read_bytes())
+    page = 4096
+    for offset in range(page, len(data), page):  # scribble over every page but the header page
+        data[offset : offset + page] = os.urandom(page)
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreUnavailable):
+        reopened = SqliteStore(path, clock)
+        try:
+            run(reopened.read(make_session(7).key))
+            run(reopened.sessions())
+            run(reopened.create(make_session(1000)))
+        finally:
+            run(reopened.close())
+
+
+@pytest.mark.parametrize("where", ["parent-is-a-file", "path-is-a-folder"])
+def test_unusable_path_is_unavailable(tmp_path: Path, where: str) -> None:
+    if where == "parent-is-a-file":
+        (tmp_path / "file").write_text("")
+        path = tmp_path / "file" / "x.db"
+    else:
+        path = tmp_path / "x.db"
+        path.mkdir()
+    with pytest.raises(StoreUnavailable, match="open failed"):
+        SqliteStore(path, clock)
+
+
+def test_locked_past_the_timeout_is_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    store = SqliteStore(path, clock, busy_timeout=0.05)
+    s = make_session(1)
+    run(store.create(s))
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with pytest.raises(StoreUnavailable, match="locked"):
+            run(store.create(make_session(2)))
+        with pytest.raises(StoreUnavailable, match="locked"):
+            run(store.write(s, s.with_(last_seen_at=T0 + 1)))
+        assert run(store.read(s.key))[0] == s  # WAL: readers are never blocked by the writer
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert run(store.write(s, s.with_(last_seen_at=T0 + 1))) == WriteResult.APPLIED
+    run(store.close())
+
+
+def test_closed_store_is_unavailable(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "x.db", clock)
+    run(store.ping())
+    run(store.close())
+    run(store.close())
+    with pytest.raises(StoreUnavailable, match="closed"):
+        run(store.ping())
+    with pytest.raises(StoreUnavailable):
+        run(store.read("k"))
+
+
+# --------------------------------------------------------------- schema
+
+
+def test_schema_version_is_recorded_and_a_newer_one_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    run(SqliteStore(path, clock).close())
+    raw = sqlite3.connect(path, isolation_level=None)
+    assert raw.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (str(SCHEMA_VERSION),)
+    run(SqliteStore(path, clock).close())  # reopening the current version is fine
+    raw.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION + 1),))
+    raw.close()
+    with pytest.raises(SchemaError, match="newer lapse") as refused:
+        SqliteStore(path, clock)
+    assert isinstance(refused.value, StoreUnavailable)
+
+
+def test_foreign_database_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    raw.commit()
+    raw.close()
+    with pytest.raises(SchemaError, match="not a lapse database"):
+        SqliteStore(path, clock)
+
+
+def test_pragmas(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "deeper" / "still" / "x.db", clock)  # the folder is created
+    db = store.db
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert db.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
+    assert db.execute("PRAGMA foreign_keys").fetchone() == (1,)
+    assert db.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+    assert db.isolation_level is None
+    run(store.close())
