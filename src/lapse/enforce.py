@@ -11,6 +11,9 @@ are always those of the write that happened.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +24,11 @@ from .core.policy import Effective, Policy
 from .core.session import Session, session_key
 from .store.base import SessionStore, StoreUnavailable, WriteResult
 
+log = logging.getLogger("lapse.sweeper")
+
 ATTEMPTS = 5
+SWEEP_BATCH = 1000
+PURGE_EVERY = 60.0  # seconds between purges of ended records and old audit events
 SESSION_ID_BYTES = 32  # 256 bits from the OS CSPRNG; the cookie carries nothing else
 
 
@@ -104,19 +111,26 @@ class Gate:
     async def revoke_all(self, reason: str) -> int:
         return sum([await self.revoke(s.key, reason) for s in await self.store.sessions()])
 
-    async def sweep_once(self, limit: int = 1000) -> int:
-        """End every session past its most generous deadline: one ``session.expired`` each."""
-        now = await self.store.now()
+    async def sweep_once(self, limit: int = SWEEP_BATCH) -> int:
+        """End every session past its most generous deadline: one ``session.expired`` each.
+
+        Safe with any number of replicas: each end is a guarded write, so only
+        the one that lands announces it. Returns how many this call ended.
+        """
         ended = 0
-        for session in await self.store.due(now, limit):
-            decision, _ = await self._settle(
-                session.key,
-                lambda s, now: sweep(s, self.policy.generous_idle, self.policy.generous_absolute, now)
-                if s
-                else NOTHING,
-            )
-            ended += decision.session is not None and decision.session.ended and bool(decision.events)
-        return ended
+        while True:
+            now = await self.store.now()
+            due = await self.store.due(now, limit)
+            for session in due:
+                decision, _ = await self._settle(
+                    session.key,
+                    lambda s, now: sweep(s, self.policy.generous_idle, self.policy.generous_absolute, now)
+                    if s
+                    else NOTHING,
+                )
+                ended += bool(decision.events)
+            if len(due) < limit:
+                return ended
 
     async def _settle(self, key: str, judge: Callable[[Session | None, float], Decision]) -> tuple[Decision, float]:
         """Read, judge, write until the write holds; then audit what happened."""
@@ -133,3 +147,34 @@ class Gate:
 
 NOTHING = Decision(False, Reason.UNKNOWN, None, False)
 """The answer for a revocation or sweep of a session the store does not know."""
+
+
+async def run_sweeper(gate: Gate, interval: float, retention: float, stop: asyncio.Event) -> None:
+    """Until ``stop``: end abandoned sessions every ``interval``; now and then forget what is past keeping.
+
+    Ended records are kept as long as any cookie for them could still be
+    presented (the most generous absolute limit), so a late request learns
+    why it was refused; audit events for ``retention``. A store outage is
+    logged once and retried; it never stops the loop.
+    """
+    last_purge = -math.inf
+    failing = False
+    while not stop.is_set():
+        try:
+            await gate.sweep_once()
+            now = await gate.store.now()
+            if now - last_purge >= PURGE_EVERY:
+                await gate.store.purge(now - gate.policy.generous_absolute)
+                await gate.store.purge_audit(now - retention)
+                last_purge = now
+            if failing:
+                log.warning("sweeper: store answers again")
+                failing = False
+        except StoreUnavailable as exc:
+            if not failing:
+                log.error("sweeper: store unavailable, will retry: %s", exc)
+                failing = True
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except TimeoutError:
+            pass

@@ -1,0 +1,126 @@
+"""Audit sinks, the event shape of CONTRACT.md §5, and where session IDs may never appear."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from lapse.audit import AuditLog, JsonlSink, StreamSink, SyslogSink, open_sink
+from lapse.core.events import AuditEvent
+from lapse.core.policy import AppSpec, Layer, PolicySpec, compile_policy
+from lapse.enforce import Gate
+from lapse.secret import SecretError, load_or_create
+from lapse.store.memory import MemoryStore
+from lapse.store.sqlite import SqliteStore
+
+from .core.helpers import Clock
+
+FIELDS = {"ts", "event", "outcome", "user", "session", "app", "ip", "resource"}
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+EVENT = AuditEvent(1_750_000_000.5, "session.expired", "success", "alice", "ab" * 16, "wiki", "192.0.2.1",
+                   "GET /x", "idle")
+
+
+def test_event_shape():
+    """standards-checklist M.110: when, who, what, outcome, where; timestamps in UTC."""
+    d = EVENT.to_dict()
+    assert FIELDS | {"reason"} == set(d)
+    assert RFC3339_UTC.fullmatch(d["ts"]) and d["ts"] == "2025-06-15T15:06:40.500Z"
+    assert "reason" not in AuditEvent(1.0, "session.created", "success").to_dict()
+    assert AuditEvent.from_dict(d) == EVENT
+
+
+def test_jsonl_sink_appends_one_object_per_line(tmp_path: Path):
+    path = tmp_path / "logs" / "audit.jsonl"
+    sink = JsonlSink(path)
+    asyncio.run(sink.write([EVENT, EVENT]))
+    sink.close()
+    again = JsonlSink(path)
+    asyncio.run(again.write([EVENT]))
+    again.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line) == EVENT.to_dict() for line in lines)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_stdout_sink():
+    out = io.StringIO()
+    asyncio.run(StreamSink(out).write([EVENT]))
+    assert json.loads(out.getvalue()) == EVENT.to_dict()
+
+
+def test_syslog_sink_sends_the_same_object():
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(5)
+    sink = SyslogSink(receiver.getsockname())
+    asyncio.run(sink.write([EVENT]))
+    sink.close()
+    datagram = receiver.recv(65536).decode()
+    receiver.close()
+    assert datagram.startswith("<")  # a syslog priority
+    assert json.loads(datagram[datagram.index("{"):].rstrip("\x00")) == EVENT.to_dict()
+
+
+def test_open_sink_by_spelling(tmp_path: Path):
+    store = MemoryStore()
+    assert type(open_sink("store", store, tmp_path)).__name__ == "StoreSink"
+    jsonl = open_sink("jsonl:rel/a.jsonl", store, tmp_path)
+    assert (tmp_path / "rel" / "a.jsonl").exists()
+    jsonl.close()
+    with pytest.raises(ValueError):
+        open_sink("kafka:x", store, tmp_path)
+
+
+def test_raw_session_ids_never_reach_store_audit_or_logs(tmp_path: Path, caplog):
+    """standards-checklist M.109: only a keyed hash of the ID is stored or logged."""
+
+    async def main() -> list[str]:
+        clock = Clock(1_750_000_000.0)
+        store = SqliteStore(tmp_path / "db.sqlite", clock)
+        gate = Gate(store, compile_policy(PolicySpec(apps=(AppSpec("a", ("a.test",), Layer({"idle": 60.0})),))),
+                    AuditLog([JsonlSink(tmp_path / "audit.jsonl")]), b"k" * 32)
+        ids = []
+        for user in ("alice", "bob"):
+            sid, _ = await gate.sign_in(user, host="a.test", ip="192.0.2.1")
+            ids.append(sid)
+            await gate.check(host="a.test", path="/", session_id=sid)
+        clock.now += 61
+        await gate.check(host="a.test", path="/", session_id=ids[0])
+        await gate.check(host="a.test", path="/", session_id="forged-" + ids[1])
+        await gate.revoke(gate.key_of(ids[1]), "logout")
+        await gate.sweep_once()
+        await store.close()
+        return ids
+
+    ids = asyncio.run(main())
+    written = b"".join(p.read_bytes() for p in tmp_path.iterdir()) + caplog.text.encode()
+    for sid in ids:
+        assert len(sid) >= 43  # 256 bits, base64url
+        assert sid.encode() not in written
+    events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == [
+        "session.created", "session.created", "session.denied", "session.denied", "session.revoked",
+    ]  # the app's 60 s passed, the session's most generous limit (the built-in 30m) did not
+    assert events[2]["reason"] == "idle" and events[3]["reason"] == "unknown"
+    assert events[3]["session"] not in {events[0]["session"], events[1]["session"]}
+
+
+def test_secret_file_is_created_private_and_reused(tmp_path: Path):
+    path = tmp_path / "state" / "secret"
+    first, warnings = load_or_create(path)
+    assert warnings == [] and path.stat().st_mode & 0o777 == 0o600
+    again, _ = load_or_create(path)
+    assert again == first and len(first.master) == 32
+    assert first.session_hash_key != first.csrf_key  # one purpose, one key
+    path.chmod(0o644)
+    assert "chmod 600" in load_or_create(path)[1][0]
+    path.write_text("not hex\n")
+    with pytest.raises(SecretError, match="hex"):
+        load_or_create(path)
