@@ -3,15 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/python ]; then
-    # Debian/Ubuntu ship venv without ensurepip unless python3-venv is installed.
-    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
-        apt-get update && apt-get install -y python3-venv
-    fi
-    rm -rf .venv
-    python3 -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e .
+. scripts/venv.sh '.'
 
 lapse() { .venv/bin/lapse --config examples/lapse.toml "$@"; }
 

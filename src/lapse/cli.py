@@ -199,7 +199,10 @@ def policy_explain(host: str, path: str, method: str, ip: str | None, headers: t
     effective = build_policy(loaded.config).resolve(host, path.split("?", 1)[0], method.upper(), ip, passive)
     lim = effective.limits
     step = effective.step_up
-    data = {
+    allow = None if lim.allow_users is None else sorted(
+        [f"user:{u}" for u in lim.allow_users] + [f"group:{g}" for g in lim.allow_groups or ()]
+    )
+    data: dict[str, Any] = {
         "app": lim.app,
         "network": lim.network,
         "idle_timeout_s": lim.idle,
@@ -207,9 +210,7 @@ def policy_explain(host: str, path: str, method: str, ip: str | None, headers: t
         "warn_before_s": lim.warn_before,
         "activity": "active" if effective.active else "passive",
         "step_up": None if step is None else {"max_auth_age_s": step.max_auth_age, "mfa": step.mfa},
-        "allow": None if lim.allow_users is None else sorted(
-            [f"user:{u}" for u in lim.allow_users] + [f"group:{g}" for g in lim.allow_groups or ()]
-        ),
+        "allow": allow,
         "on_ip_change": lim.on_ip_change,
         "sources": dict(lim.sources),
         "rules": list(effective.rules),
@@ -225,8 +226,8 @@ def policy_explain(host: str, path: str, method: str, ip: str | None, headers: t
     click.echo(f"activity      {data['activity']}" + (f" ({effective.activity_rule})" if effective.activity_rule else ""))
     if step is not None:
         click.echo(f"step-up       auth within {format_duration(step.max_auth_age)}" + (", with MFA" if step.mfa else ""))
-    if data["allow"] is not None:
-        click.echo(f"allow         {', '.join(data['allow'])}")
+    if allow is not None:
+        click.echo(f"allow         {', '.join(allow)}")
     click.echo(f"on_ip_change  {lim.on_ip_change}")
     click.echo("rules         " + " -> ".join(effective.rules))
 
@@ -277,7 +278,7 @@ def users_add(name: str, password_stdin: bool, admin: bool, groups: tuple[str, .
 def users_list(as_json: bool) -> None:
     """Local users and their state."""
     found = _run(lambda rt: rt.store.users())
-    rows = [{"name": u.name, "admin": u.admin, "disabled": u.disabled, "groups": list(u.groups),
+    rows: list[dict[str, Any]] = [{"name": u.name, "admin": u.admin, "disabled": u.disabled, "groups": list(u.groups),
              "created_at": rfc3339(u.created_at)} for u in found]
     if as_json:
         _json(rows)

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from .core.policy import AppSpec, Layer, NetworkSpec, Policy, PolicySpec, PrivilegedSpec, compile_policy
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -57,6 +56,8 @@ from pydantic_core import PydanticCustomError
 from lapse.config_lines import format_path, line_of, locate
 from lapse.core.durations import format_duration, parse_duration
 from lapse.core.presets import PRESETS
+
+from .core.policy import AppSpec, Layer, NetworkSpec, Policy, PolicySpec, PrivilegedSpec, compile_policy
 
 __all__ = [
     "Problem",
@@ -320,7 +321,7 @@ def _http_url(value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http:// or https:// URL, got {json.dumps(value)}")
     try:
-        parts.port
+        _ = parts.port  # raises on a bad port
     except ValueError:
         raise ValueError(f"bad port in URL {json.dumps(value)}") from None
     return value
@@ -474,7 +475,7 @@ class Store(_Section):
         elif url.startswith(("redis://", "rediss://")):
             parts = urlsplit(url)
             try:
-                parts.port
+                _ = parts.port  # raises on a bad port
                 if not parts.hostname:
                     raise ValueError("no host")
                 if parts.path not in ("", "/") and not re.fullmatch(r"/\d+", parts.path):

@@ -55,7 +55,7 @@ def policies(draw):
 
 
 step = st.tuples(
-    st.one_of(st.sampled_from([0.0, 0.5, 1.0, 4.0, 9.0, 20.0, 45.0, 100.0]), st.floats(0, 150)),  # clock advance
+    st.one_of(st.sampled_from([0.0, 0.3, 0.5, 1.0, 2.0, 4.0, 9.0, 20.0, 45.0, 100.0]), st.floats(0, 150)),  # clock advance
     st.sampled_from(["request", "request", "request", "request", "sweep", "revoke"]),
     st.integers(0, 4),  # app index (4: a host no app claims)
     st.booleans(),  # passive

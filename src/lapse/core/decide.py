@@ -288,12 +288,10 @@ def _deny(
 def _end_and_deny(
     session: Session, end_reason: str, reason: Reason, request: Request, limits: Limits, now: float
 ) -> Decision:
-    ended = end(session, end_reason, now)
+    """The request that discovers the end ends the session, and is refused."""
     over = end_event(session, end_reason, now, limits.app, request.ip, request.resource)
-    denied = AuditEvent(
-        now, ev.DENIED, ev.FAILURE, session.user, session.key, limits.app, request.ip, request.resource, reason.value
-    )
-    return Decision(False, reason, ended, True, (over, denied))
+    denied = _deny(session, reason, request, limits, now)
+    return Decision(False, reason, end(session, end_reason, now), True, (over, *denied.events))
 
 
 __all__ = [

@@ -6,7 +6,7 @@ The core only builds these; sinks in ``lapse.audit`` write them out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 # Event names (CONTRACT §5).
@@ -26,7 +26,7 @@ FAILURE = "failure"
 
 def rfc3339(ts: float) -> str:
     """UTC timestamp with millisecond precision and a ``Z``, as every sink writes it."""
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,7 @@ class AuditEvent:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AuditEvent":
+    def from_dict(cls, data: dict[str, Any]) -> AuditEvent:
         ts = datetime.fromisoformat(data["ts"].replace("Z", "+00:00")).timestamp()
         return cls(
             ts=ts,

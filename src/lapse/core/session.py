@@ -62,7 +62,7 @@ class Session:
         """The newest activity anywhere (the top step of the staircase)."""
         return self.activity[-1][1]
 
-    def with_(self, **changes: object) -> "Session":
+    def with_(self, **changes: object) -> Session:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
