@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import math
+import tempfile
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,6 +26,7 @@ from lapse.core.policy import AppSpec, Layer, NetworkSpec, PolicySpec, compile_p
 from lapse.core.session import vouched
 from lapse.enforce import Gate
 from lapse.store.memory import MemoryStore
+from lapse.store.sqlite import SqliteStore
 
 from .helpers import Clock, ListSink
 
@@ -90,12 +93,20 @@ def run(coro):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=policies(), history=st.lists(step, min_size=3, max_size=40), start=st.floats(1e9, 2e9))
 def test_random_histories_keep_every_invariant(spec, history, start):
-    run(_history(spec, history, start))
+    run(_history(spec, history, start, MemoryStore))
 
 
-async def _history(spec, history, start):
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=policies(), history=st.lists(step, min_size=3, max_size=40), start=st.floats(1e9, 2e9))
+def test_random_histories_keep_every_invariant_on_sqlite(spec, history, start):
+    """The same histories on the embedded default store."""
+    with tempfile.TemporaryDirectory() as folder:
+        run(_history(spec, history, start, lambda clock: SqliteStore(Path(folder) / "lapse.db", clock)))
+
+
+async def _history(spec, history, start, make_store):
     clock = Clock(start)
-    store = MemoryStore(clock)
+    store = make_store(clock)
     sink = ListSink()
     policy = compile_policy(spec)
     gate = Gate(store, policy, AuditLog([sink]), b"k" * 32)
@@ -171,6 +182,7 @@ async def _history(spec, history, start):
     assert (await stored()).ended
     assert sink.count(END_EVENTS) == 1
     assert created.events[0].event == "session.created"
+    await store.close()
 
 
 class StallingStore(MemoryStore):
