@@ -23,6 +23,7 @@ import click
 
 from . import __version__
 from .config import ConfigError, LoadedConfig, load_config
+from .core.decide import expires_at
 from .core.durations import format_duration
 from .core.events import AuditEvent, rfc3339
 from .core.session import HANDLE_LEN, Session
@@ -384,7 +385,8 @@ def sessions_list(user: str | None, as_json: bool) -> None:
     async def body(rt: Runtime) -> list[dict[str, Any]]:
         now = await rt.store.now()
         gi, ga = rt.policy.generous_idle, rt.policy.generous_absolute
-        return [_session_row(s, now, gi, ga) for s in await rt.store.sessions(user) if s.expires_at > now]
+        live = [s for s in await rt.store.sessions(user) if expires_at(s.auth_time, s.last_active_at, gi, ga) > now]
+        return [_session_row(s, now, gi, ga) for s in live]
 
     rows = _run(body)
     if as_json:

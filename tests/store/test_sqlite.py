@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -366,4 +367,39 @@ def test_pragmas(tmp_path: Path) -> None:
     assert db.execute("PRAGMA foreign_keys").fetchone() == (1,)
     assert db.execute("PRAGMA busy_timeout").fetchone()[0] > 0
     assert db.isolation_level is None
+    run(store.close())
+
+
+def test_checkpoints_happen_off_the_request_path(tmp_path: Path) -> None:
+    """Commits only append to the WAL; the background thread copies it into the file."""
+    path = tmp_path / "x.db"
+    store = SqliteStore(path, clock)
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    size = path.stat().st_size
+
+    async def fill() -> None:
+        for n in range(2000):
+            await store.create(make_session(n))
+
+    run(fill())
+    assert path.stat().st_size == size  # nothing checkpointed by the commits themselves
+    for _ in range(60):
+        if path.stat().st_size > size:
+            break
+        time.sleep(0.05)
+    assert path.stat().st_size > size
+    run(store.close())
+    assert not any(t.name.startswith("lapse-checkpoint") and t.is_alive() for t in threading.enumerate())
+
+
+def test_requests_leave_the_sweepers_index_alone(tmp_path: Path) -> None:
+    """An allowed request's write does not move expires_at (no index write on the hot path)."""
+    store = SqliteStore(tmp_path / "x.db", clock)
+    s = make_session(1)
+    run(store.create(s))
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    after = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+    assert run(store.write(s, after)) is WriteResult.APPLIED
+    assert len(statements) == 1 and "expires_at" not in statements[0]
     run(store.close())

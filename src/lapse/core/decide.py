@@ -178,10 +178,12 @@ def revoke(session: Session, reason: str, now: float, *, app: str | None = None,
 
 
 def sweep(session: Session, generous_idle: float, generous_absolute: float, now: float) -> Decision:
-    """The sweeper's question, asked when nobody comes back: is this session over?
+    """The sweeper's question, asked when ``expires_at`` has passed: is this session over?
 
-    Either it ends (one ``session.expired``), or the policy has grown more
-    generous since ``expires_at`` was written and the new deadline is recorded.
+    Either it ends (one ``session.expired``), or it is not over after all (there
+    was activity since, or the policy grew more generous) and the true deadline
+    becomes the new bound. Requests never move ``expires_at``, so a busy session
+    costs the sweeper one visit per generous idle period, and requests no index write.
     """
     if session.ended:
         return Decision(False, END_AS.get(session.end_reason or "", Reason.REVOKED), session, False)
@@ -218,7 +220,9 @@ def decide(session: Session | None, request: Request, effective: Effective, now:
     if ip_changed and limits.on_ip_change == "revoke":
         return _end_and_deny(session, "network", Reason.NETWORK, request, limits, now)
 
-    idle_deadline, absolute_deadline = app_deadlines(session, limits)
+    last_vouched = vouched(session.activity, limits.idle)
+    idle_deadline = None if limits.idle is None else last_vouched + limits.idle
+    absolute_deadline = session.auth_time + limits.absolute
     if now >= absolute_deadline:
         return _deny(session, Reason.ABSOLUTE, request, limits, now)
     if idle_deadline is not None and now >= idle_deadline:
@@ -234,19 +238,15 @@ def decide(session: Session | None, request: Request, effective: Effective, now:
         if step.mfa and not session.mfa:
             return _deny(session, Reason.STEP_UP, request, limits, now, step_up="mfa")
 
-    # Allowed. Work out what, if anything, is worth writing back.
+    # Allowed. Work out what, if anything, is worth writing back. ``expires_at`` stays:
+    # activity only moves the end later, and the sweeper moves the bound when it gets there.
     updated = session
-    activity = session.activity
-    if effective.active and now - vouched(activity, limits.idle) >= coalesce_bound(limits.idle):
-        activity = record_activity(activity, limits.idle, now)
-    if activity is not session.activity:
+    if effective.active and now - last_vouched >= coalesce_bound(limits.idle):
         updated = session.with_(
-            activity=activity,
-            last_seen_at=max(now, session.last_seen_at),
-            expires_at=expires_at(session.auth_time, activity[-1][1], limits.generous_idle, limits.generous_absolute),
+            activity=record_activity(session.activity, limits.idle, now), last_seen_at=max(now, session.last_seen_at)
         )
         if limits.idle is not None:
-            idle_deadline = vouched(activity, limits.idle) + limits.idle
+            idle_deadline = now + limits.idle
     elif now - session.last_seen_at >= LAST_SEEN_RESOLUTION:
         updated = session.with_(last_seen_at=now)
     if ip_changed:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 Staircase = tuple[tuple[float, float], ...]
 """((idle limit in seconds, last activity at that limit), ...); limit 0 = sign-in, inf = no idle limit."""
@@ -33,15 +33,16 @@ def session_key(secret: bytes, session_id: str) -> str:
     return hmac.new(secret, session_id.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-@dataclass(frozen=True, slots=True)
-class Session:
+class Session(NamedTuple):
+    """One sign-in. A named tuple: copies with a changed field are the hot path's main cost."""
+
     key: str
     user: str
     auth_time: float  # last (re-)authentication: the absolute clock runs from here
     created_at: float
     activity: Staircase
     last_seen_at: float  # any request, passive ones included (reporting only)
-    expires_at: float  # when the most generous limits any app grants have passed
+    expires_at: float  # never later than the end of the session: the sweeper's index (see decide.sweep)
     ip: str | None = None
     mfa: bool = False
     groups: tuple[str, ...] = ()
@@ -63,7 +64,7 @@ class Session:
         return self.activity[-1][1]
 
     def with_(self, **changes: object) -> Session:
-        return replace(self, **changes)  # type: ignore[arg-type]
+        return self._replace(**changes)
 
 
 def vouched(activity: Staircase, limit: float | None) -> float:
@@ -103,13 +104,13 @@ def merge(current: Session, proposed: Session) -> Session:
     """What a store writes when ``proposed`` meets a newer ``current``: forward only.
 
     Clocks take the later value; an ended record stays ended with its first
-    reason (invariant 5). ``expires_at`` is a min of sums of these clocks, so the
-    later of the two is the one the merged clocks give.
+    reason (invariant 5). ``expires_at`` is a lower bound of the end either
+    writer saw, and the merged clocks end no earlier than either: the later
+    bound is still a bound.
     """
     if current.ended:
         return current
-    return replace(
-        current,
+    return current._replace(
         activity=merge_activity(current.activity, proposed.activity),
         last_seen_at=max(current.last_seen_at, proposed.last_seen_at),
         expires_at=max(current.expires_at, proposed.expires_at),

@@ -114,8 +114,10 @@ def apply_write(stored: Session | None, before: Session, after: Session) -> tupl
             return WriteResult.CONFLICT, None
         return WriteResult.APPLIED, stored.with_(ended_at=after.ended_at, end_reason=after.end_reason)
     merged = merge(stored, after)
-    if stored.activity == before.activity and stored.auth_time == before.auth_time:
-        # The judge saw the clocks as they are: its deadline holds, earlier ones included
+    if after.expires_at == before.expires_at:
+        merged = merged.with_(expires_at=stored.expires_at)  # the writer left the sweeper's bound alone
+    elif stored.activity == before.activity and stored.auth_time == before.auth_time:
+        # The judge saw the clocks as they are: its bound holds, an earlier one included
         # (a policy reload may have made limits stricter).
         merged = merged.with_(expires_at=after.expires_at)
     return WriteResult.APPLIED, merged

@@ -26,6 +26,13 @@ stored row; the row written is exactly ``apply_write``'s. Only when it touches
 no row (the clocks moved, the session ended or is gone) does ``write`` fall
 back to ``BEGIN IMMEDIATE``, read, ``apply_write``, write, commit.
 
+Off the request path. SQLite's automatic WAL checkpoint runs inside whichever
+commit crosses its threshold and waits for the disk to sync; here it is off on
+the serving connection, and a small thread with its own connection checkpoints
+once a second instead (``CHECKPOINT_EVERY``), so no request waits for a sync.
+Requests do not move ``expires_at`` either (the sweeper does, see
+``core.decide.sweep``), so the common write touches the row and no index.
+
 Layout, kept small per session: the key is the keyed hash (the raw session ID
 never reaches the store) stored as 16 raw bytes when it is lowercase hex; the
 activity staircase is packed float64 pairs (``inf`` round-trips); groups are
@@ -41,6 +48,7 @@ import math
 import re
 import sqlite3
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -56,6 +64,9 @@ from .base import SessionExists, StoreUnavailable, User, WriteResult, apply_writ
 SCHEMA_VERSION = 1
 GROUP_SEP = "\x1f"  # ASCII unit separator: never part of a sane group name
 PURGE_BATCH = 1000
+CHECKPOINT_EVERY = 1.0  # seconds between background WAL checkpoints
+CACHE_KIB = 65536  # page cache per connection (SQLite's default is 2 MiB)
+MMAP_BYTES = 1 << 30  # map the file (up to 1 GiB): reads without a syscall per page
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -104,6 +115,7 @@ _COLUMNS = (
     "key, user, auth_time, created_at, activity, last_seen_at, expires_at, ip, mfa, groups, ended_at, end_reason"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM sessions"
+_SELECT_ONE = _SELECT + " WHERE key = ?"
 _INSERT = f"INSERT INTO sessions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _REWRITE = (
     "UPDATE sessions SET user = ?, auth_time = ?, created_at = ?, activity = ?, last_seen_at = ?, "
@@ -113,9 +125,10 @@ _GUARD = "WHERE key = :key AND ended_at IS NULL AND activity = :before_activity 
 # apply_write when stored.activity == before.activity (the guard): SET expressions see the row before the update.
 _MERGE_FORWARD = (
     "UPDATE sessions SET activity = :activity, last_seen_at = max(last_seen_at, :last_seen_at), "
-    "expires_at = :expires_at, "
     "ip = CASE WHEN :last_seen_at >= last_seen_at THEN :ip ELSE ip END, end_reason = :end_reason " + _GUARD
 )
+# The same, for the rare write that moves the sweeper's bound (only then is its index touched).
+_MERGE_FORWARD_DEADLINE = _MERGE_FORWARD.replace("end_reason = :end_reason", "end_reason = :end_reason, expires_at = :expires_at")
 # apply_write's end: the stored record as it is, with the end recorded.
 _END = "UPDATE sessions SET ended_at = :ended_at, end_reason = :end_reason " + _GUARD
 
@@ -231,14 +244,13 @@ class SqliteStore:
                 mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise StoreUnavailable(f"sqlite store {self.path}: cannot use WAL journaling (got {mode!r})")
-                db.execute("PRAGMA synchronous = NORMAL")
-                db.execute("PRAGMA foreign_keys = ON")
-                db.execute("PRAGMA journal_size_limit = 67108864")  # trim the WAL to 64 MiB after checkpoints
+                _tune(db)
                 self._migrate(db)
             except BaseException:
                 self._db = None
                 db.close()
                 raise
+        self._checkpointer = _Checkpointer(self.path, busy_timeout)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         db.execute("BEGIN IMMEDIATE")  # two processes opening a fresh file at once: one creates
@@ -286,9 +298,16 @@ class SqliteStore:
     async def now(self) -> float:
         return self._clock()
 
+    def _unavailable(self, what: str, exc: Exception) -> StoreUnavailable:
+        return StoreUnavailable(f"sqlite store {self.path}: {what} failed: {exc}")
+
     async def read(self, key: str) -> tuple[Session | None, float]:
-        with self._errors("read"):
-            row = self.db.execute(_SELECT + " WHERE key = ?", (_pack_key(key),)).fetchone()
+        try:  # inline, not _errors(): this is the hot path
+            row = self.db.execute(_SELECT_ONE, (_pack_key(key),)).fetchone()
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise self._unavailable("read", exc) from exc
         return (None if row is None else _session(row)), self._clock()
 
     async def create(self, session: Session) -> None:
@@ -307,25 +326,31 @@ class SqliteStore:
             "before_activity": _pack_activity(before.activity),
             "before_auth": before.auth_time,
         }
-        with self._errors("write"):
+        try:  # inline, not _errors(): this is the hot path
             if after.ended:
                 ended = {"ended_at": _float(after.ended_at), "end_reason": after.end_reason}  # type: ignore[arg-type]
                 cur = self.db.execute(_END, {**guard, **ended})
             else:
-                cur = self.db.execute(
-                    _MERGE_FORWARD,
-                    {
-                        **guard,
-                        "activity": _pack_activity(merge_activity(before.activity, after.activity)),
-                        "last_seen_at": _float(after.last_seen_at),
-                        "expires_at": _float(after.expires_at),
-                        "ip": after.ip,
-                        "end_reason": after.end_reason,
-                    },
+                guard["activity"] = (
+                    guard["before_activity"]
+                    if after.activity == before.activity
+                    else _pack_activity(merge_activity(before.activity, after.activity))
                 )
+                guard["last_seen_at"] = _float(after.last_seen_at)
+                guard["ip"] = after.ip
+                guard["end_reason"] = after.end_reason
+                if after.expires_at == before.expires_at:
+                    cur = self.db.execute(_MERGE_FORWARD, guard)
+                else:
+                    guard["expires_at"] = _float(after.expires_at)
+                    cur = self.db.execute(_MERGE_FORWARD_DEADLINE, guard)
             if cur.rowcount == 1:
                 return WriteResult.APPLIED
             return self._write_locked(before, after)
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise self._unavailable("write", exc) from exc
 
     def _write_locked(self, before: Session, after: Session) -> WriteResult:
         """The slow path: the clocks moved (or the session ended): judge against the stored record."""
@@ -456,10 +481,55 @@ class SqliteStore:
             self.db.execute("SELECT 1").fetchone()
 
     async def close(self) -> None:
+        self._checkpointer.stop()
         db, self._db = self._db, None
         if db is not None:
             with self._errors("close"):
                 db.close()
+
+
+def _tune(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute("PRAGMA journal_size_limit = 67108864")  # trim the WAL to 64 MiB after checkpoints
+    db.execute("PRAGMA wal_autocheckpoint = 0")  # the _Checkpointer thread does it, off the request path
+    db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+    db.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
+
+
+class _Checkpointer:
+    """Copies the WAL back into the database once a second, on its own connection and thread.
+
+    A checkpoint syncs the disk; in a thread, it releases the GIL and keeps
+    the wait out of every request. If it fails (say, a long reader), the next
+    tick tries again; the WAL only grows meanwhile.
+    """
+
+    def __init__(self, path: Path, busy_timeout: float) -> None:
+        self._path = path
+        self._timeout = busy_timeout
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lapse-checkpoint {path.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            db = sqlite3.connect(self._path, isolation_level=None, timeout=self._timeout, check_same_thread=False)
+        except sqlite3.Error:
+            return
+        try:
+            db.execute("PRAGMA wal_autocheckpoint = 0")
+            while not self._stopped.wait(CHECKPOINT_EVERY):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error:
+                    continue
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=self._timeout + CHECKPOINT_EVERY)
 
 
 def _user(row: tuple[Any, ...]) -> User:
