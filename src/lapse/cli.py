@@ -55,9 +55,7 @@ def _config_path() -> str | None:
 
 def _load(path: str | None = None) -> LoadedConfig:
     """The config from ``--config``, ``$LAPSE_CONFIG``, ``./lapse.toml``, else built-in defaults."""
-    path = path or _config_path() or os.environ.get("LAPSE_CONFIG")
-    if path is None and Path("lapse.toml").is_file():
-        path = "lapse.toml"
+    path = path or _config_source()
     try:
         loaded = load_config(path)
     except ConfigError as exc:
@@ -150,6 +148,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (SecretError, UserError) as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_USAGE) from None
+
+
+# ------------------------------------------------------------------ serve
+
+
+@cli.command("serve")
+def serve_command() -> None:
+    """Run the gateway (forward-auth and/or proxy, per config). SIGHUP reloads the policy; SIGTERM drains."""
+    from .web.serve import serve
+
+    loaded = _load()
+    serve(loaded, _config_source())
+
+
+def _config_source() -> str | None:
+    """The config file in use (for reloads), or None for built-in defaults."""
+    path = _config_path() or os.environ.get("LAPSE_CONFIG")
+    if path is None and Path("lapse.toml").is_file():
+        path = "lapse.toml"
+    return path
 
 
 # ----------------------------------------------------------------- policy

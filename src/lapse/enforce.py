@@ -85,6 +85,7 @@ class Gate:
         groups: tuple[str, ...] = (),
         auth_time: float | None = None,
         replaces: str | None = None,
+        login: str | None = None,
     ) -> tuple[str, Decision]:
         """A new session with a new ID; the one it replaces (if any) ends with reason ``reauth``."""
         if replaces:
@@ -93,7 +94,8 @@ class Gate:
         limits = self.policy.resolve(host, path, "GET", ip).limits
         now = await self.store.now()
         decision = sign_in(
-            self.key_of(session_id), user, now, limits, auth_time=auth_time, ip=ip, mfa=mfa, groups=groups
+            self.key_of(session_id), user, now, limits, auth_time=auth_time, ip=ip, mfa=mfa, groups=groups,
+            login=login,
         )
         assert decision.session is not None
         await self.store.create(decision.session)

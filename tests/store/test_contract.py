@@ -298,6 +298,21 @@ async def test_users_crud(store: Any) -> None:
     assert [u.name for u in await store.users()] == ["bob"]
 
 
+# ------------------------------------------------------------ failures
+
+
+async def test_failures_count_within_a_window_and_clear(store: Any) -> None:
+    assert await store.failures("user:alice", T0, 60.0) == 0
+    for n in range(1, 4):
+        assert await store.failures("user:alice", T0 + n, 60.0, add=True) == n
+    assert await store.failures("ip:192.0.2.1", T0, 60.0) == 0  # keys are independent
+    assert await store.failures("user:alice", T0 + 59, 60.0) == 3
+    assert await store.failures("user:alice", T0 + 61, 60.0) == 0  # the window began at T0+1: still 3 until T0+61
+    assert await store.failures("user:alice", T0 + 62, 60.0, add=True) == 1  # a new window
+    await store.clear_failures("user:alice")
+    assert await store.failures("user:alice", T0 + 63, 60.0) == 0
+
+
 # --------------------------------------------------------------- audit
 
 

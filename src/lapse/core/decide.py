@@ -137,8 +137,14 @@ def sign_in(
     ip: str | None = None,
     mfa: bool = False,
     groups: tuple[str, ...] = (),
+    login: str | None = None,
 ) -> Decision:
-    """A new session. ``auth_time`` may be earlier than now (an IdP's), never later."""
+    """A new session. ``auth_time`` may be earlier than now (an IdP's), never later.
+
+    ``login`` names the request that authenticated (``"POST /_lapse/login"``): the
+    successful ``auth.login`` is then recorded with the new session's hash, before
+    its ``session.created``.
+    """
     auth = now if auth_time is None else min(auth_time, now)
     session = Session(
         key=key,
@@ -152,9 +158,11 @@ def sign_in(
         mfa=mfa,
         groups=groups,
     )
-    event = AuditEvent(now, ev.CREATED, ev.SUCCESS, user, key, limits.app, ip)
+    events = (AuditEvent(now, ev.CREATED, ev.SUCCESS, user, key, limits.app, ip),)
+    if login is not None:
+        events = (AuditEvent(now, ev.LOGIN, ev.SUCCESS, user, key, limits.app, ip, login),) + events
     idle, absolute = app_deadlines(session, limits)
-    return Decision(True, None, session, True, (event,), idle, absolute)
+    return Decision(True, None, session, True, events, idle, absolute)
 
 
 def end(session: Session, reason: str, now: float) -> Session:

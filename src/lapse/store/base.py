@@ -94,6 +94,14 @@ class SessionStore(Protocol):
     async def purge_audit(self, before: float) -> int:
         """Forget audit events older than this instant (``[audit] retention``); returns how many."""
 
+    async def failures(self, key: str, now: float, window: float, *, add: bool = False) -> int:
+        """Failed attempts under ``key`` (a user or an IP) in the current window, after adding one if ``add``.
+
+        A window starts at its first failure and lasts ``window`` seconds (login throttling).
+        """
+
+    async def clear_failures(self, key: str) -> None: ...
+
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""
 

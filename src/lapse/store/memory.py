@@ -19,6 +19,7 @@ class MemoryStore:
         self._sessions: dict[str, Session] = {}
         self._users: dict[str, User] = {}
         self._audit: deque[AuditEvent] = deque(maxlen=AUDIT_KEEP)
+        self._failures: dict[str, tuple[float, int]] = {}
 
     async def now(self) -> float:
         return self._clock()
@@ -75,6 +76,18 @@ class MemoryStore:
         gone = len(self._audit) - len(kept)
         self._audit = deque(kept, maxlen=AUDIT_KEEP)
         return gone
+
+    async def failures(self, key: str, now: float, window: float, *, add: bool = False) -> int:
+        start, count = self._failures.get(key, (now, 0))
+        if now - start >= window:
+            start, count = now, 0
+        if add:
+            count += 1
+            self._failures[key] = (start, count)
+        return count
+
+    async def clear_failures(self, key: str) -> None:
+        self._failures.pop(key, None)
 
     async def ping(self) -> None:
         return None

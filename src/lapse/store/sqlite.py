@@ -109,6 +109,12 @@ CREATE TABLE IF NOT EXISTS audit (
     event TEXT NOT NULL                 -- AuditEvent.to_dict() as JSON
 );
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+
+CREATE TABLE IF NOT EXISTS failures (
+    key   TEXT PRIMARY KEY,             -- "user:NAME" or "ip:ADDRESS"
+    start REAL NOT NULL,                -- when the current window began
+    count INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 
 _COLUMNS = (
@@ -461,6 +467,25 @@ class SqliteStore:
         with self._errors("tail_audit"):
             rows = self.db.execute("SELECT ts, event FROM audit ORDER BY id DESC LIMIT ?", (n,)).fetchall()
         return [replace(AuditEvent.from_dict(json.loads(event)), ts=ts) for ts, event in reversed(rows)]
+
+    async def failures(self, key: str, now: float, window: float, *, add: bool = False) -> int:
+        with self._errors("failures"):
+            if not add:
+                row = self.db.execute("SELECT start, count FROM failures WHERE key = ?", (key,)).fetchone()
+                return 0 if row is None or now - row[0] >= window else int(row[1])
+            row = self.db.execute(
+                "INSERT INTO failures (key, start, count) VALUES (:key, :now, 1) "
+                "ON CONFLICT (key) DO UPDATE SET "
+                "count = CASE WHEN :now - start >= :window THEN 1 ELSE count + 1 END, "
+                "start = CASE WHEN :now - start >= :window THEN :now ELSE start END "
+                "RETURNING count",
+                {"key": key, "now": now, "window": window},
+            ).fetchone()
+            return int(row[0])
+
+    async def clear_failures(self, key: str) -> None:
+        with self._errors("clear_failures"):
+            self.db.execute("DELETE FROM failures WHERE key = ?", (key,))
 
     async def purge_audit(self, before: float) -> int:
         gone = 0

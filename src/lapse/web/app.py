@@ -1,0 +1,371 @@
+"""The gateway's ASGI app: CONTRACT.md §4 on the wire, thin over ``enforce.Gate``.
+
+Every handler gathers facts (cookie, trusted client IP, the original request),
+asks the gate, and turns the verdict into HTTP. Forward-auth is dispatched
+before any routing: it is the hot path. Any store failure becomes a 503 with a
+clear page or JSON and one log line: the gateway fails closed, never open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+from jinja2 import Environment, PackageLoader
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route, Router
+from starlette.types import Receive, Scope, Send
+
+from ..core import events as ev
+from ..core.decide import Reason
+from ..core.events import AuditEvent
+from ..enforce import Verdict
+from ..identity import verify_password
+from ..runtime import Runtime
+from ..store.base import StoreUnavailable
+from .net import Trust, client_ip, header_dict, original_request
+from .proxy import Upstream
+from .tokens import Cookies, Csrf, new_nonce, parse_cookies, valid_id
+
+log = logging.getLogger("lapse.web")
+
+NO_STORE = "no-store"
+MAX_FORM = 16 * 1024
+LOGIN = "/_lapse/login"
+
+
+def safe_next(value: str | None) -> str:
+    """Only a same-site relative path; anything else (``//evil``, ``https://``, ``/\\evil``) goes to ``/``."""
+    if not value or not value.startswith("/") or value.startswith(("//", "/\\")):
+        return "/"
+    if any(ord(c) < 0x20 or c == "\\" for c in value):
+        return "/"
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return "/"
+    return value
+
+
+def login_url(next_uri: str, reason: str | None) -> str:
+    query = "next=" + quote(next_uri, safe="/")
+    return f"{LOGIN}?{query}&reason={reason}" if reason else f"{LOGIN}?{query}"
+
+
+class Gateway:
+    """The ASGI application. ``runtime`` supplies the gate (policy, store, audit) and the config."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        cfg = runtime.loaded.config
+        self.trust = Trust(cfg.server.trusted_proxies)
+        self.cookies = Cookies(cfg.server.effective_cookie_name, cfg.server.cookie_secure)
+        self.csrf = Csrf(runtime.secrets.csrf_key)
+        self.login_cfg = cfg.login
+        self.pages = Environment(loader=PackageLoader("lapse.web"), autoescape=True)
+        self.upstream = Upstream(cfg.server.upstream) if cfg.server.mode == "proxy" and cfg.server.upstream else None
+        routes = [
+            Route(LOGIN, self.login_page, methods=["GET"]),
+            Route(LOGIN, self.login, methods=["POST"]),
+            Route("/_lapse/logout", self.logout, methods=["POST"]),
+            Route("/_lapse/session", self.session_status, methods=["GET"]),
+            Route("/_lapse/session/activity", self.session_activity, methods=["POST"]),
+            Route("/_lapse/healthz", self.healthz, methods=["GET"]),
+        ]
+        self.router = Router(routes)
+
+    @property
+    def gate(self):  # noqa: ANN201 - the runtime may swap the gate's policy on reload
+        return self.rt.gate
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path == "/_lapse/auth":
+                await self._respond(self.forward_auth, scope, receive, send)
+                return
+            if not path.startswith("/_lapse/") and self.upstream is not None:
+                await self._respond(self.proxy, scope, receive, send)
+                return
+            try:
+                await self.router(scope, receive, send)
+            except StoreUnavailable as exc:
+                await self._unavailable(exc, scope)(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            # WebSockets through the proxy come with the long-lived-connection work; refuse clearly until then.
+            await send({"type": "websocket.close", "code": 1008, "reason": "websockets are not proxied yet"})
+            return
+        if scope["type"] == "lifespan":
+            await self.router(scope, receive, send)
+
+    async def _respond(
+        self, handler: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        try:
+            response = await handler(Request(scope, receive))
+        except StoreUnavailable as exc:
+            response = self._unavailable(exc, scope)
+        await response(scope, receive, send)
+
+    def _unavailable(self, exc: Exception, scope: Scope) -> Response:
+        log.error("store unavailable, failing closed: %s", exc)
+        headers = {"Cache-Control": NO_STORE, "Retry-After": "5"}
+        if _wants_html(header_dict(scope["headers"])):
+            page = self.pages.get_template("unavailable.html").render(title="Sign-in service unavailable", retry_url="/")
+            return HTMLResponse(page, 503, headers)
+        return JSONResponse({"error": "unavailable", "detail": "the session store cannot answer"}, 503, headers)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _facts(self, request: Request) -> tuple[dict[str, str], bool, str | None, str | None]:
+        """(headers, peer trusted, trusted client IP, the session ID presented or None)."""
+        headers = header_dict(request.scope["headers"])
+        peer = request.scope["client"][0] if request.scope.get("client") else None
+        trusted = self.trust(peer)
+        ip = client_ip(peer, headers, self.trust)
+        sid = parse_cookies(headers.get("cookie", "")).get(self.cookies.name)
+        return headers, trusted, ip, sid
+
+    async def _check(
+        self, *, host: str, path: str, method: str, ip: str | None, passive: bool, sid: str | None
+    ) -> Verdict:
+        # A cookie lapse could never have issued is judged as unknown without hashing megabytes.
+        presented = sid if sid is None or valid_id(sid) else "invalid"
+        return await self.gate.check(
+            host=host, path=path, method=method, ip=ip, passive_header=passive, session_id=presented
+        )
+
+    def _verdict_headers(self, verdict: Verdict, sid: str | None) -> dict[str, str]:
+        d = verdict.decision
+        headers = {"Cache-Control": NO_STORE}
+        if not d.allowed:
+            headers["X-Lapse-Reason"] = d.reason.value if d.reason else "missing"
+            if sid is not None and d.reason is not Reason.FORBIDDEN and d.reason is not Reason.STEP_UP:
+                # The cookie of an ended or unknown session is cleared (a step-up keeps the session).
+                if d.session is None or d.session.ended or d.reason in (Reason.UNKNOWN,):
+                    headers["Set-Cookie"] = self.cookies.clear()
+        return headers
+
+    # ------------------------------------------------------------ forward-auth
+
+    async def forward_auth(self, request: Request) -> Response:
+        headers, trusted, ip, sid = self._facts(request)
+        original = original_request(headers, trusted)
+        passive = headers.get("x-lapse-activity", "").lower() == "passive"
+        verdict = await self._check(
+            host=original.host, path=original.path, method=original.method, ip=ip, passive=passive, sid=sid
+        )
+        d = verdict.decision
+        out = self._verdict_headers(verdict, sid)
+        if d.allowed and d.session is not None:
+            out["Remote-User"] = d.session.user
+            out["Remote-Groups"] = ",".join(d.session.groups)
+            deadline = d.deadline
+            if deadline is not None:
+                out["X-Lapse-Expires-In"] = str(max(0, int(deadline - verdict.now)))
+            return Response(b"", 200, out)
+        return Response(b"", d.status, out)
+
+    # ------------------------------------------------------------------- proxy
+
+    async def proxy(self, request: Request) -> Response:
+        assert self.upstream is not None
+        headers, _trusted, ip, sid = self._facts(request)
+        host = headers.get("host", "")
+        path = request.scope["path"]
+        passive = headers.get("x-lapse-activity", "").lower() == "passive"
+        if headers.get("upgrade"):
+            return JSONResponse({"error": "websocket and other upgrades are not proxied yet"}, 501)
+        verdict = await self._check(host=host, path=path, method=request.method, ip=ip, passive=passive, sid=sid)
+        d = verdict.decision
+        if d.allowed and d.session is not None:
+            return await self.upstream.forward(request, d.session, ip)
+        out = self._verdict_headers(verdict, sid)
+        reason = d.reason.value if d.reason else "missing"
+        if d.status == 403:
+            return self._error(403, "Forbidden", "You don't have access to this application.", out)
+        if _wants_html(headers):
+            uri = path + (("?" + request.scope["query_string"].decode("latin-1")) if request.scope["query_string"] else "")
+            out["Location"] = login_url(uri, reason)
+            return Response(b"", 303, out)
+        if d.reason is Reason.STEP_UP:
+            step = verdict.effective.step_up
+            max_age = int(step.max_auth_age) if step else 0
+            out["WWW-Authenticate"] = f'Bearer error="insufficient_user_authentication", max_age={max_age}'
+        return JSONResponse({"reason": reason}, 401, out)
+
+    # ------------------------------------------------------------------ login
+
+    def _render(self, name: str, code: int = 200, headers: dict[str, str] | None = None, **context: Any) -> Response:
+        page = self.pages.get_template(name).render(**context)
+        return HTMLResponse(page, code, {"Cache-Control": NO_STORE, **(headers or {})})
+
+    def _error(self, status: int, heading: str, detail: str, headers: dict[str, str] | None = None) -> Response:
+        return self._render("error.html", status, headers, title=heading, status=status, heading=heading, detail=detail)
+
+    async def login_page(self, request: Request, *, message: str | None = None, status: int = 200,
+                         username: str = "", next_: str | None = None, reason: str | None = None) -> Response:
+        headers, _trusted, _ip, sid = self._facts(request)
+        nonce = parse_cookies(headers.get("cookie", "")).get(self.cookies.csrf_name)
+        set_cookie = {}
+        if not valid_id(nonce):
+            nonce = new_nonce()
+            set_cookie["Set-Cookie"] = self.cookies.login_nonce(nonce)
+        reason = reason if reason is not None else request.query_params.get("reason")
+        target = safe_next(next_ if next_ is not None else request.query_params.get("next"))
+        return self._render(
+            "login.html",
+            status,
+            set_cookie,
+            title="Sign in",
+            reason=reason,
+            message=message,
+            next=target,
+            csrf_token=self.csrf.for_login(nonce),  # type: ignore[arg-type]
+            username=username,
+            need_totp=False,
+            step_up=reason == "step_up",
+            app=None,
+            action=LOGIN,
+        )
+
+    async def login(self, request: Request) -> Response:
+        headers, _trusted, ip, old_sid = self._facts(request)
+        form = await _form(request)
+        if form is None:
+            return self._error(400, "Bad request", "The sign-in form could not be read.")
+        username = form.get("username", "").strip()
+        password = form.get("password", "")
+        target = safe_next(form.get("next"))
+        nonce = parse_cookies(headers.get("cookie", "")).get(self.cookies.csrf_name)
+        if not valid_id(nonce) or not Csrf.same(form.get("csrf_token"), self.csrf.for_login(nonce)):  # type: ignore[arg-type]
+            return await self.login_page(request, message="The form expired. Please try again.", status=403,
+                                         username=username, next_=target, reason="")
+
+        store, audit = self.rt.store, self.rt.audit
+        now = await store.now()
+        resource = f"POST {LOGIN}"
+        window, limit = self.login_cfg.window, self.login_cfg.max_attempts
+        keys = ([f"user:{username.lower()}"] if username else []) + ([f"ip:{ip}"] if ip else [])
+        for key in keys:
+            if await store.failures(key, now, window) >= limit:
+                await audit.emit([AuditEvent(now, ev.THROTTLED, ev.FAILURE, username or None, None, None, ip,
+                                             resource, key.split(":", 1)[0])])
+                page = await self.login_page(request, message="Too many attempts. Please wait a few minutes.",
+                                             status=429, username=username, next_=target, reason="")
+                page.headers["Retry-After"] = str(int(window))
+                return page
+
+        user = await store.get_user(username) if username else None
+        ok = await asyncio.to_thread(verify_password, user, password)  # argon2 takes ~50 ms: off the loop
+        if not ok or user is None or user.disabled:
+            for key in keys:
+                await store.failures(key, now, window, add=True)
+            why = "disabled" if ok and user is not None and user.disabled else "bad_credentials"
+            await audit.emit([AuditEvent(now, ev.LOGIN, ev.FAILURE, username or None, None, None, ip, resource, why)])
+            return await self.login_page(request, message="Wrong user name or password.", status=200,
+                                         username=username, next_=target, reason="")
+
+        await store.clear_failures(f"user:{username.lower()}")
+        host = headers.get("host", "")
+        sid, decision = await self.gate.sign_in(
+            user.name, host=host, path=target.split("?", 1)[0], ip=ip, groups=user.groups,
+            replaces=old_sid if valid_id(old_sid) else None, login=resource,
+        )
+        return Response(b"", 303, {"Location": target, "Set-Cookie": self.cookies.session(sid),
+                                   "Cache-Control": NO_STORE})
+
+    async def logout(self, request: Request) -> Response:
+        headers, _trusted, _ip, sid = self._facts(request)
+        form = await _form(request) or {}
+        token = headers.get("x-csrf-token") or form.get("csrf_token")
+        if valid_id(sid):
+            key = self.gate.key_of(sid)  # type: ignore[arg-type]
+            session, _ = await self.rt.store.read(key)
+            if session is not None and not session.ended:  # signing out twice is not an error
+                if not Csrf.same(token, self.csrf.for_session(key)):
+                    return self._error(403, "Sign-out refused", "The sign-out request could not be verified. "
+                                       "Reload the page and try again.")
+                await self.gate.revoke(key, "logout")
+        out = {"Set-Cookie": self.cookies.clear(), "Clear-Site-Data": '"cache", "storage"'}
+        return self._render("signed_out.html", 200, out, title="Signed out", login_url=LOGIN)
+
+    # ------------------------------------------------------------ session API
+
+    async def _session_body(self, request: Request, *, active: bool) -> tuple[dict[str, Any], Verdict, str | None]:
+        headers, trusted, ip, sid = self._facts(request)
+        host = (headers.get("x-forwarded-host") if trusted else None) or headers.get("host", "")
+        path = request.query_params.get("path") or "/"
+        path = path.split("?", 1)[0] if path.startswith("/") else "/"
+        verdict = await self._check(host=host, path=path, method="GET", ip=ip, passive=not active, sid=sid)
+        d = verdict.decision
+        if not d.allowed or d.session is None:
+            return {"authenticated": False, "reason": d.reason.value if d.reason else "missing"}, verdict, sid
+        limits = verdict.effective.limits
+        now = verdict.now
+        body = {
+            "authenticated": True,
+            "user": d.session.user,
+            "idle_expires_in": None if d.idle_deadline is None else round(max(0.0, d.idle_deadline - now), 3),
+            "absolute_expires_in": round(max(0.0, (d.absolute_deadline or now) - now), 3),
+            "warn_before": limits.warn_before,
+            "server_time": round(now, 3),
+            "csrf_token": self.csrf.for_session(d.session.key),
+        }
+        return body, verdict, sid
+
+    async def session_status(self, request: Request) -> Response:
+        body, verdict, sid = await self._session_body(request, active=False)
+        headers = self._verdict_headers(verdict, sid) if not body["authenticated"] else {"Cache-Control": NO_STORE}
+        headers.pop("X-Lapse-Reason", None)
+        return JSONResponse(body, 200, headers)
+
+    async def session_activity(self, request: Request) -> Response:
+        headers, _trusted, _ip, sid = self._facts(request)
+        if not valid_id(sid):
+            return JSONResponse({"authenticated": False, "reason": "missing" if sid is None else "unknown"}, 401,
+                                {"Cache-Control": NO_STORE})
+        expected = self.csrf.for_session(self.gate.key_of(sid))  # type: ignore[arg-type]
+        if not Csrf.same(headers.get("x-csrf-token"), expected):
+            return JSONResponse({"error": "csrf", "detail": "missing or wrong X-CSRF-Token"}, 403,
+                                {"Cache-Control": NO_STORE})
+        body, verdict, sid = await self._session_body(request, active=True)
+        status = 200 if body["authenticated"] else verdict.decision.status
+        return JSONResponse(body, status, self._verdict_headers(verdict, sid))
+
+    async def healthz(self, request: Request) -> Response:
+        started = time.perf_counter()
+        await self.rt.store.ping()
+        return JSONResponse({"status": "ok", "store_ms": round((time.perf_counter() - started) * 1000, 3)}, 200,
+                            {"Cache-Control": NO_STORE})
+
+
+def _wants_html(headers: dict[str, str]) -> bool:
+    return "text/html" in headers.get("accept", "")
+
+
+async def _form(request: Request) -> dict[str, str] | None:
+    """A small urlencoded form (login, logout), or None if it is not one or too large."""
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind not in ("application/x-www-form-urlencoded", ""):
+        return None
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM:
+            return None
+    try:
+        parsed = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=20)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return {k: v[0] for k, v in parsed.items()}
+
+
+__all__ = ["Gateway", "login_url", "safe_next"]

@@ -1,0 +1,117 @@
+"""Who is asking, and about which request: facts from the wire, trusting only trusted proxies.
+
+``X-Forwarded-For``, ``X-Real-IP``, ``X-Original-*`` and ``X-Forwarded-*`` are
+believed only when the TCP peer is in ``trusted_proxies``; from anyone else
+they are ignored, so a client cannot choose its own IP, network or path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_CACHE_MAX = 4096
+
+
+class Trust:
+    """Membership in ``trusted_proxies``, cached per peer address."""
+
+    def __init__(self, networks: Iterable[IpNetwork]) -> None:
+        self.networks = tuple(networks)
+        self._cache: dict[str, bool] = {}
+
+    def __call__(self, address: str | None) -> bool:
+        if not address:
+            return False
+        hit = self._cache.get(address)
+        if hit is None:
+            hit = _in(address, self.networks)
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[address] = hit
+        return hit
+
+
+def _in(address: str, networks: Sequence[IpNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in n for n in networks if n.version == ip.version)
+
+
+def _valid_ip(text: str) -> str | None:
+    text = text.strip().strip('"').strip("[]")
+    if text.count(":") == 1 and "." in text:  # "1.2.3.4:5678"
+        text = text.split(":", 1)[0]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def client_ip(peer: str | None, headers: dict[str, str], trusted: Trust) -> str | None:
+    """The client's address: the rightmost ``X-Forwarded-For`` hop that is not a trusted proxy.
+
+    Walking from the right stops at the first untrusted hop: everything left
+    of it was written by someone we do not trust. ``X-Real-IP`` is used when
+    there is no ``X-Forwarded-For``.
+    """
+    if not trusted(peer):
+        return peer
+    forwarded = headers.get("x-forwarded-for")
+    if forwarded:
+        hops = [h for h in (p.strip() for p in forwarded.split(",")) if h]
+        for hop in reversed(hops):
+            ip = _valid_ip(hop)
+            if ip is None:
+                break  # garbage: trust nothing further left
+            if not trusted(ip):
+                return ip
+        return peer
+    real = headers.get("x-real-ip")
+    if real:
+        return _valid_ip(real) or peer
+    return peer
+
+
+@dataclass(frozen=True, slots=True)
+class Original:
+    """The request a proxy asks forward-auth about."""
+
+    method: str
+    host: str
+    path: str  # without the query string
+    uri: str  # path and query, as the client sent them
+
+
+def original_request(headers: dict[str, str], peer_trusted: bool) -> Original:
+    """nginx sends ``X-Original-Method``/``-URI``; Caddy and Traefik ``X-Forwarded-Method``/``-Uri``/``-Host``."""
+    host = headers.get("host", "")
+    if not peer_trusted:
+        return Original("GET", host, "/", "/")
+    method = headers.get("x-original-method") or headers.get("x-forwarded-method") or "GET"
+    uri = headers.get("x-original-uri") or headers.get("x-forwarded-uri") or "/"
+    host = headers.get("x-forwarded-host") or host
+    if not uri.startswith("/"):
+        uri = "/" + uri
+    return Original(method.upper(), host, uri.split("?", 1)[0], uri)
+
+
+def header_dict(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """ASGI headers as a dict of lower-case names (the last value of a repeated header wins,
+    except ``X-Forwarded-For`` and ``Cookie``, which are joined as their grammars allow)."""
+    out: dict[str, str] = {}
+    for name, value in raw:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        if key in out and key in ("x-forwarded-for", "cookie"):
+            out[key] += (", " if key == "x-forwarded-for" else "; ") + text
+        else:
+            out[key] = text
+    return out
