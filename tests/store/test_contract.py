@@ -263,6 +263,16 @@ async def test_sessions_lists_live_ones_oldest_first(store: Any) -> None:
     assert (await store.sessions("alice"))[0] == make_session(3, user="alice", t=T0 + 10)
 
 
+async def test_count_live(store: Any) -> None:
+    assert await store.count_live() == 0
+    a, b = make_session(1), make_session(2)
+    await store.create(a)
+    await store.create(b)
+    assert await store.count_live() == 2
+    assert await store.write(a, end(a, "logout", T0 + 1)) is APPLIED
+    assert await store.count_live() == 1
+
+
 async def test_purge_forgets_records_ended_before(store: Any) -> None:
     await store.create(make_session(1, ended_at=T0 + 10, end_reason="idle"))
     await store.create(make_session(2, ended_at=T0 + 20, end_reason="logout"))

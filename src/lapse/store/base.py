@@ -74,6 +74,9 @@ class SessionStore(Protocol):
     async def sessions(self, user: str | None = None) -> list[Session]:
         """Live sessions, all or one user's, oldest first."""
 
+    async def count_live(self) -> int:
+        """How many sessions have not ended (for the live-sessions gauge)."""
+
     async def purge(self, ended_before: float) -> int:
         """Forget records that ended before this instant; returns how many."""
 

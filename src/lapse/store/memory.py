@@ -47,6 +47,9 @@ class MemoryStore:
         live = (s for s in self._sessions.values() if not s.ended and (user is None or s.user == user))
         return sorted(live, key=lambda s: s.created_at)
 
+    async def count_live(self) -> int:
+        return sum(not s.ended for s in self._sessions.values())
+
     async def purge(self, ended_before: float) -> int:
         gone = [k for k, s in self._sessions.items() if s.ended_at is not None and s.ended_at < ended_before]
         for k in gone:

@@ -392,6 +392,10 @@ class SqliteStore:
                 ).fetchall()
         return [_session(r) for r in rows]
 
+    async def count_live(self) -> int:
+        with self._errors("count_live"):
+            return int(self.db.execute("SELECT count(*) FROM sessions WHERE ended_at IS NULL").fetchone()[0])
+
     async def purge(self, ended_before: float) -> int:
         """In batches, yielding to the event loop between them, so a big purge never stalls requests."""
         total = 0

@@ -28,6 +28,7 @@ from ..enforce import Verdict
 from ..identity import verify_password
 from ..runtime import Runtime
 from ..store.base import StoreUnavailable
+from .metrics import Metrics
 from .net import Trust, client_ip, header_dict, original_request
 from .proxy import Upstream
 from .tokens import Cookies, Csrf, new_nonce, parse_cookies, valid_id
@@ -59,8 +60,9 @@ def login_url(next_uri: str, reason: str | None) -> str:
 class Gateway:
     """The ASGI application. ``runtime`` supplies the gate (policy, store, audit) and the config."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, metrics: Metrics | None = None) -> None:
         self.rt = runtime
+        self.metrics = metrics
         cfg = runtime.loaded.config
         self.trust = Trust(cfg.server.trusted_proxies)
         self.cookies = Cookies(cfg.server.effective_cookie_name, cfg.server.cookie_secure)
@@ -138,9 +140,14 @@ class Gateway:
     ) -> Verdict:
         # A cookie lapse could never have issued is judged as unknown without hashing megabytes.
         presented = sid if sid is None or valid_id(sid) else "invalid"
-        return await self.gate.check(
+        started = time.perf_counter()
+        verdict = await self.gate.check(
             host=host, path=path, method=method, ip=ip, passive_header=passive, session_id=presented
         )
+        if self.metrics is not None:
+            d = verdict.decision
+            self.metrics.decided(d.allowed, d.reason.value if d.reason else None, time.perf_counter() - started)
+        return verdict
 
     def _verdict_headers(self, verdict: Verdict, sid: str | None) -> dict[str, str]:
         d = verdict.decision

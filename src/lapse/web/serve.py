@@ -27,11 +27,13 @@ from typing import Any
 
 import uvicorn
 
-from ..config import ConfigError, LoadedConfig, build_policy, load_config
+from ..config import ConfigError, LoadedConfig, build_policy, load_config, parse_listen
 from ..core.events import rfc3339
 from ..enforce import run_sweeper
 from ..runtime import open_runtime
+from ..store.base import StoreUnavailable
 from .app import Gateway
+from .metrics import Metrics
 
 log = logging.getLogger("lapse.serve")
 
@@ -85,12 +87,13 @@ class Service:
             try:
                 rt = await stack.enter_async_context(open_runtime(self.loaded))
                 await rt.store.ping()
-                self.gateway = Gateway(rt)
+                metrics = self._metrics()
+                self.gateway = Gateway(rt, metrics)
                 stop = asyncio.Event()
-                sweeper = asyncio.create_task(
-                    run_sweeper(rt.gate, self.loaded.config.store.sweep_interval,
-                                self.loaded.config.audit.retention, stop)
-                )
+                tasks = [asyncio.create_task(run_sweeper(rt.gate, self.loaded.config.store.sweep_interval,
+                                                         self.loaded.config.audit.retention, stop))]
+                if metrics is not None:
+                    tasks.append(asyncio.create_task(_watch_store(rt.store, metrics, stop)))
                 self._install_reload()
             except Exception as exc:  # a store that cannot open: refuse to start, say why
                 log.error("cannot start: %s", exc)
@@ -101,11 +104,26 @@ class Service:
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown: uvicorn has drained the requests by now
             stop.set()
-            await sweeper
+            await asyncio.gather(*tasks)
             if self.gateway.upstream is not None:
                 await self.gateway.upstream.aclose()
             log.info("lapse stopped")
         await send({"type": "lifespan.shutdown.complete"})
+
+    def _metrics(self) -> Metrics | None:
+        listen = self.loaded.config.telemetry.metrics_listen
+        if listen is None:
+            return None
+        metrics = Metrics()
+        host, port = parse_listen(listen)
+        try:
+            metrics.serve(host, port)
+            log.info("metrics on http://%s:%d/metrics", host, port)
+        except OSError as exc:
+            # With several workers the first one binds the port; the others' counts are not exported
+            # (a known limit until metrics move to a shared registry).
+            log.warning("metrics listener %s not started in this worker: %s", listen, exc)
+        return metrics
 
     def _install_reload(self) -> None:
         try:
@@ -130,6 +148,20 @@ class Service:
         self.gateway.rt.gate.policy = policy
         self.loaded = fresh
         log.info("reload: policy replaced (%d apps, %d networks)", len(fresh.config.apps), len(fresh.config.networks))
+
+
+async def _watch_store(store: Any, metrics: Metrics, stop: asyncio.Event, every: float = 5.0) -> None:
+    """Keep the live-sessions and store-up gauges current without touching the request path."""
+    while not stop.is_set():
+        try:
+            metrics.live_sessions.set(await store.count_live())
+            metrics.store_up.set(1)
+        except StoreUnavailable:
+            metrics.store_up.set(0)
+        try:
+            await asyncio.wait_for(stop.wait(), every)
+        except TimeoutError:
+            pass
 
 
 def serve(loaded: LoadedConfig, config_path: str | None) -> None:

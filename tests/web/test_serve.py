@@ -1,0 +1,134 @@
+"""``lapse serve`` as a real process: JSON logs, SIGHUP reload, SIGTERM drain, fail closed at start."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+CONFIG = """
+[server]
+listen = "127.0.0.1:{port}"
+
+[store]
+url = "sqlite:///state/lapse.db"
+
+[defaults]
+idle = "{idle}"
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_up(port: int, proc: subprocess.Popen, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"lapse serve exited with {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/_lapse/healthz", timeout=0.5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise AssertionError("lapse serve did not come up")
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    port = _free_port()
+    conf = tmp_path / "lapse.toml"
+    conf.write_text(CONFIG.format(port=port, idle="5m"))
+    proc = subprocess.Popen([sys.executable, "-m", "lapse", "--config", str(conf), "serve"],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    _wait_up(port, proc)
+    yield proc, port, conf
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _explain_idle(port: int) -> str:
+    r = httpx.get(f"http://127.0.0.1:{port}/_lapse/auth", headers={"x-original-uri": "/"})
+    return r.headers["x-lapse-reason"]
+
+
+def test_sighup_reloads_a_good_file_and_refuses_a_bad_one(server):
+    proc, port, conf = server
+    conf.write_text(CONFIG.format(port=port, idle="7m") + "\n[[apps]]\nname = 'x'\nhosts = ['x.test']\n")
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(0.3)
+    conf.write_text(CONFIG.format(port=port, idle="0s"))  # invalid: refused, the old policy stays
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(0.3)
+    assert _explain_idle(port) == "missing"  # still serving
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after draining
+    lines = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    messages = [line["msg"] for line in lines]
+    assert any("policy replaced (1 apps" in m for m in messages)
+    refused = [m for m in messages if m.startswith("reload refused")]
+    assert len(refused) == 1 and "defaults.idle" in refused[0]
+    assert all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
+    assert messages[-1] == "lapse stopped" or "lapse stopped" in messages
+
+
+def test_sigterm_lets_in_flight_requests_finish(server):
+    proc, port, _ = server
+    with httpx.Client(timeout=10) as client:
+        # A slow client: the body arrives after SIGTERM; the request still gets its answer.
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /_lapse/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded"
+                         b"\r\nContent-Length: 13\r\n\r\nusername=ali")
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            sock.sendall(b"c")
+            answer = sock.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 403")  # no CSRF token: refused, but answered
+        assert proc.wait(10) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after draining
+        with pytest.raises(httpx.HTTPError):
+            client.get(f"http://127.0.0.1:{port}/_lapse/healthz")
+
+
+def test_a_store_that_cannot_open_stops_the_start_with_a_message(tmp_path: Path):
+    (tmp_path / "state").write_text("a file where the store's folder should be")
+    conf = tmp_path / "lapse.toml"
+    conf.write_text(CONFIG.format(port=_free_port(), idle="5m"))
+    r = subprocess.run([sys.executable, "-m", "lapse", "--config", str(conf), "serve"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=30,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode != 0
+    assert "cannot start" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_metrics_on_their_own_listener(tmp_path: Path):
+    port, metrics_port = _free_port(), _free_port()
+    conf = tmp_path / "lapse.toml"
+    conf.write_text(CONFIG.format(port=port, idle="5m") + f'\n[telemetry]\nmetrics_listen = "127.0.0.1:{metrics_port}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "lapse", "--config", str(conf), "serve"],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        _wait_up(port, proc)
+        for _ in range(3):
+            httpx.get(f"http://127.0.0.1:{port}/_lapse/auth", headers={"cookie": "__Host-lapse=" + "A" * 43})
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        assert 'lapse_decisions_total{reason="unknown",verdict="deny"} 3.0' in text
+        assert "lapse_decision_seconds_bucket" in text and "lapse_live_sessions 0.0" in text
+        assert "lapse_store_up 1.0" in text
+        public = httpx.get(f"http://127.0.0.1:{port}/metrics")
+        assert "lapse_decisions_total" not in public.text
+    finally:
+        proc.kill()
+        proc.wait()
