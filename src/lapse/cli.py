@@ -162,6 +162,55 @@ def serve_command() -> None:
     serve(loaded, _config_source())
 
 
+@cli.command("demo")
+@click.option("--port", default=8080, show_default=True, help="where the gateway listens (loopback)")
+@click.option("--app-port", default=8081, show_default=True, help="where the demo app listens (loopback)")
+@click.option("--state", default=".lapse-demo", show_default=True, help="folder for the demo's config, store, secret")
+def demo_command(port: int, app_port: int, state: str) -> None:
+    """Acme Billing behind lapse (proxy mode), a seeded user, short timeouts: see a session lapse."""
+    import secrets as random_source
+    import threading
+
+    import uvicorn
+
+    from .demo import create_demo_app, demo_config
+    from .web.serve import configure_logging, serve
+
+    folder = Path(state).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    text = demo_config(folder).replace("127.0.0.1:8080", f"127.0.0.1:{port}").replace(
+        "127.0.0.1:8081", f"127.0.0.1:{app_port}"
+    )
+    conf = folder / "lapse.toml"
+    conf.write_text(text)
+    loaded = _load(str(conf))
+    password = random_source.token_urlsafe(9)
+
+    async def seed(rt: Runtime) -> None:
+        user = await rt.store.get_user("demo")
+        now = await rt.store.now()
+        fresh = User("demo", hash_password(password), admin=True, groups=("finance",), created_at=now)
+        await rt.store.put_user(fresh if user is None else replace(user, password_hash=fresh.password_hash))
+
+    async def main() -> None:
+        async with open_runtime(loaded) as rt:
+            await seed(rt)
+
+    asyncio.run(main())
+    upstream = uvicorn.Server(uvicorn.Config(create_demo_app(), host="127.0.0.1", port=app_port,
+                                             log_level="warning", lifespan="off"))
+    threading.Thread(target=upstream.run, name="demo-app", daemon=True).start()
+    configure_logging()
+    click.echo(
+        f"\n  lapse demo: open http://127.0.0.1:{port}/ and sign in as  demo / {password}\n"
+        "  Idle limits: 1 minute (30 s under /payments), absolute 10 minutes. The notifications panel\n"
+        "  polls passively: it never keeps the session alive. Leave the tab alone and watch it lapse.\n"
+        f"  Config, store and audit log: {folder}   (audit: lapse --config {conf} audit tail)\n",
+        err=True,
+    )
+    serve(loaded, str(conf))
+
+
 def _config_source() -> str | None:
     """The config file in use (for reloads), or None for built-in defaults."""
     path = _config_path() or os.environ.get("LAPSE_CONFIG")
