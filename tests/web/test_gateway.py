@@ -141,8 +141,9 @@ def run(coro):
 def test_forward_auth_statuses_and_reasons(tmp_path: Path):
     async def main():
         async with harness(tmp_path) as h:
-            r = await h.auth(None)
+            r = await h.auth(None, "/docs?a=1&b=2")
             assert (r.status_code, r.headers["x-lapse-reason"]) == (401, "missing")
+            assert r.headers["location"] == "/_lapse/login?next=/docs%3Fa%3D1%26b%3D2&reason=missing"
             assert r.headers["cache-control"] == "no-store"
             sid = await h.sid()
             r = await h.auth(sid, "/docs?x=1")

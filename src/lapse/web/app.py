@@ -178,6 +178,9 @@ class Gateway:
             if deadline is not None:
                 out["X-Lapse-Expires-In"] = str(max(0, int(deadline - verdict.now)))
             return Response(b"", 200, out)
+        if d.status == 401:
+            # Where the proxy should send the browser: the original URI, URL-encoded (nginx cannot encode it).
+            out["Location"] = login_url(original.uri, out["X-Lapse-Reason"])
         return Response(b"", d.status, out)
 
     # ------------------------------------------------------------------- proxy
