@@ -6,6 +6,22 @@ cd "$(dirname "$0")/.."
 
 . scripts/venv.sh '.[test]'
 
+# tests/e2e runs real nginx and Caddy (Debian packages) in front of lapse: install them once.
+# Debian 12's "nginx" is the whole server (auth_request included); its "nginx-light" is just that
+# package plus the echo module, so "nginx" is the one to ask for.
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+if ! have nginx || ! have caddy; then
+    if [ "$(id -u)" -eq 0 ]; then as_root=(); elif sudo -n true 2>/dev/null; then as_root=(sudo -n); else as_root=(none); fi
+    if [ "${as_root[*]}" = none ]; then
+        echo "warning: nginx/caddy missing and not root: tests/e2e will skip (or fail under CI=true)" >&2
+    else
+        echo "installing nginx and caddy for the end-to-end tests (apt)..." >&2
+        "${as_root[@]}" apt-get update -qq
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends nginx caddy >/dev/null
+    fi
+fi
+
 if [ $# -eq 0 ]; then
     .venv/bin/ruff check src tests bench   # lint the whole tree when running the whole suite
 fi
