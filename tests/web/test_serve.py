@@ -132,3 +132,44 @@ def test_metrics_on_their_own_listener(tmp_path: Path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_audit_end_to_end_with_the_sweeper(tmp_path: Path):
+    """Login failure and success, created, denied, and an expiry the sweeper writes when nobody returns."""
+    import re
+
+    port = _free_port()
+    conf = tmp_path / "lapse.toml"
+    conf.write_text(CONFIG.format(port=port, idle="1s") + '\n[audit]\nsinks = ["store", "jsonl:audit.jsonl"]\n')
+    subprocess.run([sys.executable, "-m", "lapse", "--config", str(conf), "users", "add", "alice", "--password-stdin"],
+                   input="correct horse battery\n", text=True, check=True, cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "lapse", "--config", str(conf), "serve"],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        _wait_up(port, proc)
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base) as client:
+            page = client.get("/_lapse/login")
+            token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+            nonce = page.headers["set-cookie"].split(";", 1)[0]
+            for password in ("wrong password", "correct horse battery"):
+                r = client.post("/_lapse/login", headers={"cookie": nonce},
+                                data={"username": "alice", "password": password, "csrf_token": token})
+            session = r.headers["set-cookie"].split(";", 1)[0]
+            client.get("/_lapse/auth", headers={"cookie": "__Host-lapse=" + "B" * 43})
+        deadline = time.monotonic() + 10
+        events: list[dict] = []
+        while time.monotonic() < deadline:
+            events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+            if any(e["event"] == "session.expired" for e in events):
+                break
+            time.sleep(0.2)
+        names = [(e["event"], e["outcome"]) for e in events]
+        assert names == [("user.created", "success"), ("auth.login", "failure"), ("auth.login", "success"),
+                         ("session.created", "success"), ("session.denied", "failure"),
+                         ("session.expired", "success")]
+        assert events[-1]["reason"] == "idle" and events[-1]["user"] == "alice"
+        assert session.split("=", 1)[1] not in (tmp_path / "audit.jsonl").read_text()
+    finally:
+        proc.kill()
+        proc.wait()
