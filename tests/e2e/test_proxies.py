@@ -69,6 +69,14 @@ def test_no_session_redirects_to_the_login_page(stack: Stack, browser: Browser) 
     assert login_form(page.text) is not None, f"no login form\n{stack.diag(page)}"
 
 
+def test_an_unknown_cookie_is_cleared_on_the_way_to_the_login_page(stack: Stack, browser: Browser) -> None:
+    """CONTRACT §4: a request with a session lapse no longer knows gets the cookie cleared."""
+    browser.jar["__Host-lapse"] = "F" * 43
+    r = browser.get("/reports")
+    _refused(stack, r, "unknown", "/reports")
+    assert "__Host-lapse" not in browser.jar, f"the cookie was not cleared\n{stack.diag(r)}"
+
+
 def test_login_leads_to_the_page_as_alice(stack: Stack, browser: Browser) -> None:
     target = "/e2e/welcome?a=1&b=2"
     page = browser.login(target, stack=stack)
