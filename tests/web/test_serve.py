@@ -173,3 +173,35 @@ def test_audit_end_to_end_with_the_sweeper(tmp_path: Path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_several_workers_share_the_store(tmp_path: Path):
+    """workers = 2 on SQLite: sessions made through one worker are judged the same by the other."""
+    port = _free_port()
+    conf = tmp_path / "lapse.toml"
+    conf.write_text(CONFIG.format(port=port, idle="5m").replace("[server]", "[server]\nworkers = 2"))
+    proc = subprocess.Popen([sys.executable, "-m", "lapse", "--config", str(conf), "serve"],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        _wait_up(port, proc)
+        script = (
+            "import asyncio\nfrom lapse.config import load_config\nfrom lapse.runtime import open_runtime\n"
+            "async def main():\n"
+            f"    async with open_runtime(load_config({str(conf)!r})) as rt:\n"
+            "        sid, _ = await rt.gate.sign_in('carol')\n        print(sid)\n"
+            "asyncio.run(main())\n"
+        )
+        sid = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             cwd=tmp_path).stdout.strip()
+        pids = set()
+        for _ in range(40):  # new connections: both workers answer some of them
+            r = httpx.get(f"http://127.0.0.1:{port}/_lapse/auth", headers={"cookie": f"__Host-lapse={sid}"})
+            assert r.status_code == 200 and r.headers["remote-user"] == "carol", r.text
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        pids = {json.loads(line)["pid"] for line in proc.stderr.read().splitlines() if '"lapse serving' in line}
+        assert len(pids) == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
