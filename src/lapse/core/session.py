@@ -16,7 +16,6 @@ never reaches the store, the audit log or a log line.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import math
 from typing import NamedTuple
@@ -30,7 +29,7 @@ HANDLE_LEN = 12
 
 def session_key(secret: bytes, session_id: str) -> str:
     """The keyed hash the store, audit and handles know a session by (128 bits, hex)."""
-    return hmac.new(secret, session_id.encode(), hashlib.sha256).hexdigest()[:32]
+    return hmac.digest(secret, session_id.encode(), "sha256")[:16].hex()
 
 
 class Session(NamedTuple):

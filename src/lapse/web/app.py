@@ -36,6 +36,13 @@ from .tokens import Cookies, Csrf, new_nonce, parse_cookies, valid_id
 log = logging.getLogger("lapse.web")
 
 NO_STORE = "no-store"
+_NO_STORE = (b"cache-control", b"no-store")
+_EMPTY = (b"content-length", b"0")
+_AUTH_HEADERS = frozenset(
+    {b"host", b"cookie", b"x-forwarded-for", b"x-real-ip", b"x-original-method", b"x-original-uri",
+     b"x-forwarded-method", b"x-forwarded-uri", b"x-forwarded-host", b"x-lapse-activity"}
+)
+"""The request headers forward-auth reads; the rest are never decoded."""
 MAX_FORM = 16 * 1024
 LOGIN = "/_lapse/login"
 
@@ -90,7 +97,7 @@ class Gateway:
         if scope["type"] == "http":
             path = scope["path"]
             if path == "/_lapse/auth":
-                await self._respond(self.forward_auth, scope, receive, send)
+                await self.forward_auth(scope, receive, send)
                 return
             if not path.startswith("/_lapse/") and self.upstream is not None:
                 await self._respond(self.proxy, scope, receive, send)
@@ -162,26 +169,40 @@ class Gateway:
 
     # ------------------------------------------------------------ forward-auth
 
-    async def forward_auth(self, request: Request) -> Response:
-        headers, trusted, ip, sid = self._facts(request)
+    async def forward_auth(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The hot path, in plain ASGI: no request or response objects, only the headers it needs."""
+        try:
+            status, out = await self._forward_auth(scope)
+        except StoreUnavailable as exc:
+            await self._unavailable(exc, scope)(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _forward_auth(self, scope: Scope) -> tuple[int, list[tuple[bytes, bytes]]]:
+        headers = header_dict(scope["headers"], _AUTH_HEADERS)
+        peer = scope["client"][0] if scope.get("client") else None
+        trusted = self.trust(peer)
+        ip = client_ip(peer, headers, self.trust) if trusted else peer
         original = original_request(headers, trusted)
-        passive = headers.get("x-lapse-activity", "").lower() == "passive"
+        sid = _cookie(headers.get("cookie", ""), self.cookies.name)
         verdict = await self._check(
-            host=original.host, path=original.path, method=original.method, ip=ip, passive=passive, sid=sid
+            host=original.host, path=original.path, method=original.method, ip=ip,
+            passive=headers.get("x-lapse-activity", "").lower() == "passive", sid=sid,
         )
         d = verdict.decision
-        out = self._verdict_headers(verdict, sid)
         if d.allowed and d.session is not None:
-            out["Remote-User"] = d.session.user
-            out["Remote-Groups"] = ",".join(d.session.groups)
+            out = [_NO_STORE, (b"remote-user", d.session.user.encode()),
+                   (b"remote-groups", ",".join(d.session.groups).encode()), _EMPTY]
             deadline = d.deadline
             if deadline is not None:
-                out["X-Lapse-Expires-In"] = str(max(0, int(deadline - verdict.now)))
-            return Response(b"", 200, out)
+                out.append((b"x-lapse-expires-in", str(max(0, int(deadline - verdict.now))).encode()))
+            return 200, out
+        named = self._verdict_headers(verdict, sid)
         if d.status == 401:
             # Where the proxy should send the browser: the original URI, URL-encoded (nginx cannot encode it).
-            out["Location"] = login_url(original.uri, out["X-Lapse-Reason"])
-        return Response(b"", d.status, out)
+            named["Location"] = login_url(original.uri, named["X-Lapse-Reason"])
+        return d.status, [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in named.items()] + [_EMPTY]
 
     # ------------------------------------------------------------------- proxy
 
@@ -355,6 +376,13 @@ class Gateway:
         await self.rt.store.ping()
         return JSONResponse({"status": "ok", "store_ms": round((time.perf_counter() - started) * 1000, 3)}, 200,
                             {"Cache-Control": NO_STORE})
+
+
+def _cookie(header: str, name: str) -> str | None:
+    """One cookie's value, without building a dict of all of them."""
+    if name not in header:
+        return None
+    return parse_cookies(header).get(name)
 
 
 def _wants_html(headers: dict[str, str]) -> bool:

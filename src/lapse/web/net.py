@@ -103,11 +103,14 @@ def original_request(headers: dict[str, str], peer_trusted: bool) -> Original:
     return Original(method.upper(), host, uri.split("?", 1)[0], uri)
 
 
-def header_dict(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    """ASGI headers as a dict of lower-case names (the last value of a repeated header wins,
-    except ``X-Forwarded-For`` and ``Cookie``, which are joined as their grammars allow)."""
+def header_dict(raw: Iterable[tuple[bytes, bytes]], wanted: frozenset[bytes] | None = None) -> dict[str, str]:
+    """ASGI headers as a dict of lower-case names, only the ``wanted`` ones if given (the rest are
+    never decoded). A repeated header's last value wins, except ``X-Forwarded-For`` and ``Cookie``,
+    which are joined as their grammars allow."""
     out: dict[str, str] = {}
     for name, value in raw:
+        if wanted is not None and name not in wanted:
+            continue
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         if key in out and key in ("x-forwarded-for", "cookie"):
