@@ -49,9 +49,7 @@ import argparse
 import asyncio
 import collections
 import datetime
-import hashlib
 import os
-import platform
 import random
 import re
 import resource
@@ -64,6 +62,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from machine import code_hash, machine  # bench/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -747,25 +747,6 @@ def _short(frame: str) -> str:
 
 
 # ------------------------------------------------------------------------- main
-
-
-def machine() -> str:
-    model = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}; {platform.platform()}"
-
-
-def code_hash() -> str:
-    h = hashlib.sha256()
-    for p in sorted((ROOT / "src" / "lapse").rglob("*.py")):
-        h.update(p.read_bytes())
-    return h.hexdigest()[:12]
 
 
 def versions() -> str:

@@ -30,7 +30,6 @@ import datetime
 import gc
 import ipaddress
 import os
-import platform
 import random
 import statistics
 import sys
@@ -44,6 +43,8 @@ try:
     import lapse  # noqa: F401
 except ImportError:  # running from a checkout without `pip install -e`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from machine import code_hash, loadavg, machine  # noqa: E402  (bench/ is on sys.path)
 
 from lapse.audit import AuditLog
 from lapse.core.decide import Request, decide, expires_at, sign_in
@@ -454,39 +455,6 @@ def db_bytes(path: Path) -> int:
 # ----------------------------------------------------------------------- main
 
 
-def source_fingerprint() -> str:
-    """A short hash of src/lapse/**/*.py: which code these numbers belong to (the tree has no commits yet)."""
-    import hashlib
-
-    import lapse
-
-    root = Path(lapse.__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:12]
-
-
-def machine() -> str:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}; {platform.platform()}"
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
-
-
 def row(label: str, rate: float, base: float, wrote: float | None = None, allowed: float | None = None) -> str:
     extra = "" if wrote is None else f"  {wrote:>6.1%}  {allowed:>7.1%}"
     return f"{label:<42}{fmt_rate(rate, base):>36}  {1e6 / rate:>8.2f}{extra}"
@@ -503,7 +471,7 @@ def main() -> int:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     log(f"lapse bench ({'quick' if quick else 'full'}) — {datetime.datetime.now().isoformat(timespec='seconds')}")
     log(f"machine: {machine()}; {pinned}; load average {loadavg()}")
-    log(f"code: src/lapse sha256 {source_fingerprint()}")
+    log(f"code: src/lapse sha256 {code_hash()}")
 
     reps = 3 if quick else 9
     n_core = 100_000  # per repetition; 2 ms per call: the same 200 simulated seconds in both modes
