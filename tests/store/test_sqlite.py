@@ -403,3 +403,24 @@ def test_requests_leave_the_sweepers_index_alone(tmp_path: Path) -> None:
     assert run(store.write(s, after)) is WriteResult.APPLIED
     assert len(statements) == 1 and "expires_at" not in statements[0]
     run(store.close())
+
+
+def test_the_read_cache_never_serves_what_another_connection_changed(tmp_path: Path) -> None:
+    """Another worker or the CLI revokes a session: this connection sees it at once (data_version)."""
+    path = tmp_path / "x.db"
+    ours, theirs = SqliteStore(path, clock), SqliteStore(path, clock)
+    s = make_session(1)
+    run(ours.create(s))
+    cached = run(ours.read(s.key))[0]
+    assert run(ours.read(s.key))[0] is cached  # served from memory
+    assert run(theirs.write(s, end(s, "admin", T0 + 1))) is WriteResult.APPLIED
+    again = run(ours.read(s.key))[0]
+    assert again.ended and again.end_reason == "admin"
+    # Our own writes keep the memory exact.
+    t = make_session(2)
+    run(ours.create(t))
+    moved = t.with_(activity=record_activity(t.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+    assert run(ours.write(run(ours.read(t.key))[0], moved)) is WriteResult.APPLIED
+    assert run(ours.read(t.key))[0] == run(theirs.read(t.key))[0] == moved
+    run(ours.close())
+    run(theirs.close())

@@ -66,6 +66,7 @@ GROUP_SEP = "\x1f"  # ASCII unit separator: never part of a sane group name
 PURGE_BATCH = 1000
 CHECKPOINT_EVERY = 1.0  # seconds between background WAL checkpoints
 CACHE_KIB = 65536  # page cache per connection (SQLite's default is 2 MiB)
+CACHE_SESSIONS = 100_000  # decoded sessions kept per connection (forgotten at once when full)
 MMAP_BYTES = 1 << 30  # map the file (up to 1 GiB): reads without a syscall per page
 
 _SCHEMA = """
@@ -257,6 +258,10 @@ class SqliteStore:
                 db.close()
                 raise
         self._checkpointer = _Checkpointer(self.path, busy_timeout)
+        # Sessions as this connection last read or wrote them, trusted only while no other
+        # connection (another worker, the CLI) has committed: PRAGMA data_version says so.
+        self._cache: dict[str, Session] = {}
+        self._version: int | None = None
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         db.execute("BEGIN IMMEDIATE")  # two processes opening a fresh file at once: one creates
@@ -309,12 +314,28 @@ class SqliteStore:
 
     async def read(self, key: str) -> tuple[Session | None, float]:
         try:  # inline, not _errors(): this is the hot path
-            row = self.db.execute(_SELECT_ONE, (_pack_key(key),)).fetchone()
+            db = self.db
+            version = db.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._version:  # another connection committed: what we remember may be stale
+                self._cache.clear()
+                self._version = version
+            session = self._cache.get(key)
+            if session is None:
+                row = db.execute(_SELECT_ONE, (_pack_key(key),)).fetchone()
+                if row is None:
+                    return None, self._clock()
+                session = self._remember(_session(row))
         except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
             raise
         except sqlite3.DatabaseError as exc:
             raise self._unavailable("read", exc) from exc
-        return (None if row is None else _session(row)), self._clock()
+        return session, self._clock()
+
+    def _remember(self, session: Session) -> Session:
+        if len(self._cache) >= CACHE_SESSIONS:
+            self._cache.clear()
+        self._cache[session.key] = session
+        return session
 
     async def create(self, session: Session) -> None:
         for x in (session.auth_time, session.created_at, session.last_seen_at, session.expires_at):
@@ -325,6 +346,7 @@ class SqliteStore:
                 self.db.execute(_INSERT, row)
             except sqlite3.IntegrityError as exc:
                 raise SessionExists("session key already exists") from exc
+        self._remember(session)
 
     async def write(self, before: Session, after: Session) -> WriteResult:
         guard = {
@@ -351,7 +373,14 @@ class SqliteStore:
                     guard["expires_at"] = _float(after.expires_at)
                     cur = self.db.execute(_MERGE_FORWARD_DEADLINE, guard)
             if cur.rowcount == 1:
+                if self._cache.get(before.key) == before:
+                    # The row was ``before`` exactly (unless another connection wrote it meanwhile;
+                    # then data_version tells the next read to forget this), so now it is:
+                    self._remember(apply_write(before, before, after)[1])  # type: ignore[arg-type]
+                else:
+                    self._cache.pop(before.key, None)
                 return WriteResult.APPLIED
+            self._cache.pop(before.key, None)
             return self._write_locked(before, after)
         except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
             raise
@@ -398,6 +427,7 @@ class SqliteStore:
 
     async def purge(self, ended_before: float) -> int:
         """In batches, yielding to the event loop between them, so a big purge never stalls requests."""
+        self._cache.clear()
         total = 0
         while True:
             with self._errors("purge"):
