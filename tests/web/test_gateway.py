@@ -402,3 +402,122 @@ def test_proxy_mode_upstream_down_is_502(tmp_path: Path):
             assert r.status_code == 502 and json.loads(r.text)["error"] == "bad_gateway"
 
     run(main())
+
+
+# ------------------------------------------------------- widget, events, injection
+
+
+def test_widget_is_served_with_caching_headers(tmp_path: Path):
+    async def main():
+        async with harness(tmp_path) as h:
+            r = await h.client.get("/_lapse/widget.js")
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript")
+            assert "max-age" in r.headers["cache-control"] and r.headers["etag"]
+            again = await h.client.get("/_lapse/widget.js", headers={"if-none-match": r.headers["etag"]})
+            assert again.status_code == 304
+
+    run(main())
+
+
+def test_warning_is_audited_once_per_deadline(tmp_path: Path):
+    async def main():
+        async with harness(tmp_path) as h:
+            sid = await h.sid()
+            cookie = {"cookie": f"__Host-lapse={sid}"}
+            status = "/_lapse/session?path=/docs"
+            await h.client.get(status, headers=cookie)
+            assert not [e for e in await h.events() if e["event"] == "session.warning"]
+            h.clock.now += 490  # the 10-minute app's deadline is 110 s away (warn_before: 2 minutes)
+            for _ in range(3):
+                await h.client.get(status, headers=cookie)
+                h.clock.now += 1
+            warnings = [e for e in await h.events() if e["event"] == "session.warning"]
+            assert len(warnings) == 1 and warnings[0]["reason"] == "idle" and warnings[0]["app"] == "main"
+            token = (await h.client.get(status, headers=cookie)).json()["csrf_token"]
+            await h.client.post("/_lapse/session/activity?path=/docs", headers={**cookie, "x-csrf-token": token})
+            h.clock.now += 490  # a new deadline: a new warning
+            await h.client.get(status, headers=cookie)
+            assert len([e for e in await h.events() if e["event"] == "session.warning"]) == 2
+
+    run(main())
+
+
+def test_event_stream_sends_deadlines_then_expiry(tmp_path: Path, monkeypatch):
+    import lapse.web.app as web
+
+    monkeypatch.setattr(web, "EVENTS_EVERY", 0.01)
+
+    async def main():
+        async with harness(tmp_path) as h:
+            assert (await h.client.get("/_lapse/events")).text == 'event: expired\ndata: {"reason": "missing"}\n\n'
+            sid = await h.sid()
+            seen: list[tuple[str, dict]] = []
+
+            async def lapse_later():
+                await asyncio.sleep(0.1)
+                h.clock.now += 61  # the 1-minute app lapses while the stream is open
+
+            later = asyncio.create_task(lapse_later())
+            r = await h.client.get("/_lapse/events?path=/pay/x", headers={"cookie": f"__Host-lapse={sid}"})
+            await later
+            assert r.headers["content-type"].startswith("text/event-stream")
+            event = None
+            for line in r.text.splitlines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    seen.append((event, json.loads(line[6:])))
+            assert [e for e, _ in seen] == ["session", "expired"]
+            assert seen[0][1]["authenticated"] and seen[0][1]["idle_timeout"] == 60
+            assert seen[1][1] == {"reason": "idle"}
+
+    run(main())
+
+
+async def _html_page(request: Request):
+    from starlette.responses import HTMLResponse
+
+    csp = {"content-security-policy": "script-src 'nonce-abc123'"} if "csp" in request.url.path else {}
+    head = "<html><head><title>t</title>" + ("<script src='/_lapse/widget.js'></script>" if "own" in request.url.path else "")
+    return HTMLResponse(head + "</head><body>hello</body></html>", headers=csp)
+
+
+@pytest.fixture(scope="module")
+def html_upstream():
+    app = Starlette(routes=[Route("/{path:path}", _html_page)])
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(5)
+
+
+def test_proxy_injects_the_widget_into_html(tmp_path: Path, html_upstream: str):
+    async def main():
+        (tmp_path / "inject").mkdir()
+        loaded = parse_config(CONFIG.format(mode="proxy", upstream=html_upstream) .replace(
+            '[server]', '[server]\ninject_widget = true'), "lapse.toml", tmp_path / "inject")
+        async with open_runtime(loaded, clock=Clock(T0)) as rt:
+            await rt.store.put_user(User("alice", HASH, groups=("finance",)))
+            app = Gateway(rt)
+            transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://app.test") as client:
+                h = Harness(rt, Clock(T0), client)
+                sid = await h.sid()
+                cookie = {"cookie": f"__Host-lapse={sid}", "accept-encoding": "gzip"}
+                page = (await client.get("/page", headers=cookie)).text
+                assert page.count("/_lapse/widget.js") == 1
+                assert page.index('<script src="/_lapse/widget.js" defer></script>') < page.index("</head>")
+                csp = (await client.get("/csp", headers=cookie)).text
+                assert '<script src="/_lapse/widget.js" defer nonce="abc123"></script>' in csp
+                own = (await client.get("/own", headers=cookie)).text
+                assert own.count("/_lapse/widget.js") == 1  # the page has it already
+            await app.upstream.aclose()
+
+    run(main())

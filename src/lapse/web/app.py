@@ -9,15 +9,18 @@ clear page or JSON and one log line: the gateway fails closed, never open.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from jinja2 import Environment, PackageLoader
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
@@ -45,6 +48,10 @@ _AUTH_HEADERS = frozenset(
 """The request headers forward-auth reads; the rest are never decoded."""
 MAX_FORM = 16 * 1024
 LOGIN = "/_lapse/login"
+EVENTS_EVERY = 1.0  # seconds between an event stream's looks at its session
+KEEPALIVE = 15.0  # a comment line at least this often, so proxies keep the stream open
+STREAM_LIFETIME = 300.0  # then the client reconnects (and may land on another replica)
+WIDGET = Path(__file__).with_name("static") / "widget.js"
 
 
 def safe_next(value: str | None) -> str:
@@ -76,7 +83,11 @@ class Gateway:
         self.csrf = Csrf(runtime.secrets.csrf_key)
         self.login_cfg = cfg.login
         self.pages = Environment(loader=PackageLoader("lapse.web"), autoescape=True)
-        self.upstream = Upstream(cfg.server.upstream) if cfg.server.mode == "proxy" and cfg.server.upstream else None
+        self.upstream = (
+            Upstream(cfg.server.upstream, inject_widget=cfg.server.inject_widget)
+            if cfg.server.mode == "proxy" and cfg.server.upstream
+            else None
+        )
         routes = [
             Route(LOGIN, self.login_page, methods=["GET"]),
             Route(LOGIN, self.login, methods=["POST"]),
@@ -84,7 +95,13 @@ class Gateway:
             Route("/_lapse/session", self.session_status, methods=["GET"]),
             Route("/_lapse/session/activity", self.session_activity, methods=["POST"]),
             Route("/_lapse/healthz", self.healthz, methods=["GET"]),
+            Route("/_lapse/events", self.events, methods=["GET"]),
+            Route("/_lapse/widget.js", self.widget, methods=["GET"]),
         ]
+        self._widget = WIDGET.read_bytes() if WIDGET.exists() else b"/* lapse widget: not built */\n"
+        self._widget_tag = hashlib.sha256(self._widget).hexdigest()[:16]
+        self._warned: set[tuple[str, str, int]] = set()  # (session, deadline kind, deadline): told once
+        self.closing = asyncio.Event()  # set on shutdown: event streams end so draining does not wait
         self.router = Router(routes)
 
     @property
@@ -347,10 +364,30 @@ class Gateway:
             "idle_expires_in": None if d.idle_deadline is None else round(max(0.0, d.idle_deadline - now), 3),
             "absolute_expires_in": round(max(0.0, (d.absolute_deadline or now) - now), 3),
             "warn_before": limits.warn_before,
+            "idle_timeout": limits.idle,
             "server_time": round(now, 3),
             "csrf_token": self.csrf.for_session(d.session.key),
         }
+        await self._maybe_warn(verdict, request)
         return body, verdict, sid
+
+    async def _maybe_warn(self, verdict: Verdict, request: Request) -> None:
+        """``session.warning`` the first time a client is told that a deadline is near (once per deadline)."""
+        d = verdict.decision
+        assert d.session is not None
+        limits, now = verdict.effective.limits, verdict.now
+        for reason, deadline in (("idle", d.idle_deadline), ("absolute", d.absolute_deadline)):
+            if deadline is None or deadline - now > limits.warn_before:
+                continue
+            mark = (d.session.key, reason, round(deadline))
+            if mark in self._warned:
+                continue
+            if len(self._warned) >= 100_000:
+                self._warned.clear()
+            self._warned.add(mark)
+            resource = f"{request.method} {request.url.path}"
+            await self.rt.audit.emit([AuditEvent(now, ev.WARNING, ev.SUCCESS, d.session.user, d.session.key,
+                                                 limits.app, verdict.decision.session.ip, resource, reason)])
 
     async def session_status(self, request: Request) -> Response:
         body, verdict, sid = await self._session_body(request, active=False)
@@ -371,11 +408,64 @@ class Gateway:
         status = 200 if body["authenticated"] else verdict.decision.status
         return JSONResponse(body, status, self._verdict_headers(verdict, sid))
 
+    async def events(self, request: Request) -> Response:
+        """Server-sent events: the session's deadlines when they change, then ``expired`` (passive)."""
+        first, _, _ = await self._session_body(request, active=False)
+
+        async def stream() -> AsyncIterator[str]:
+            body: dict[str, Any] = first
+            last: tuple[float, float] | None = None
+            quiet = 0.0
+            started = time.monotonic()
+            while True:
+                if not body["authenticated"]:
+                    yield f"event: expired\ndata: {json.dumps({'reason': body['reason']})}\n\n"
+                    return
+                mark = (_deadline(body, "idle_expires_in"), _deadline(body, "absolute_expires_in"))
+                if mark != last:
+                    yield f"event: session\ndata: {json.dumps(body)}\n\n"
+                    last, quiet = mark, 0.0
+                elif quiet >= KEEPALIVE:
+                    yield ": keep-alive\n\n"
+                    quiet = 0.0
+                if self.closing.is_set() or time.monotonic() - started > STREAM_LIFETIME:
+                    yield "event: reconnect\ndata: {}\n\n"  # EventSource comes back, maybe to another replica
+                    return
+                try:
+                    await asyncio.wait_for(self.closing.wait(), EVENTS_EVERY)
+                except TimeoutError:
+                    pass
+                quiet += EVENTS_EVERY
+                if await request.is_disconnected():
+                    return
+                try:
+                    body, _, _ = await self._session_body(request, active=False)
+                except StoreUnavailable as exc:
+                    log.error("event stream: store unavailable: %s", exc)
+                    yield "event: unavailable\ndata: {}\n\n"
+                    return
+
+        headers = {"Cache-Control": NO_STORE, "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    async def widget(self, request: Request) -> Response:
+        etag = f'"{self._widget_tag}"'
+        headers = {"Cache-Control": "public, max-age=300", "ETag": etag}
+        if request.headers.get("if-none-match") == etag:
+            return Response(b"", 304, headers)
+        return Response(self._widget, 200, headers, media_type="text/javascript; charset=utf-8")
+
     async def healthz(self, request: Request) -> Response:
         started = time.perf_counter()
         await self.rt.store.ping()
         return JSONResponse({"status": "ok", "store_ms": round((time.perf_counter() - started) * 1000, 3)}, 200,
                             {"Cache-Control": NO_STORE})
+
+
+def _deadline(body: dict[str, Any], field: str) -> float:
+    """A deadline as an instant (to the tenth of a second), so a stream speaks only when it moves."""
+    value = body.get(field)
+    return -1.0 if value is None else round(body["server_time"] + value, 1)
 
 
 def _cookie(header: str, name: str) -> str | None:

@@ -7,6 +7,7 @@ are replaced by lapse's own, so an app can trust them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -23,8 +24,15 @@ HOP_BY_HOP = frozenset(
 IDENTITY = frozenset({"remote-user", "remote-groups", "x-lapse-expires-in"})
 
 
+WIDGET_TAG = '<script src="/_lapse/widget.js" defer{nonce}></script>'
+HEAD_LIMIT = 64 * 1024  # look this far into an HTML page for </head>; past it, pass the page on untouched
+_NONCE = re.compile(r"'nonce-([A-Za-z0-9+/=_-]+)'")
+_HEAD_END = re.compile(rb"</head\s*>", re.IGNORECASE)
+
+
 class Upstream:
-    def __init__(self, base_url: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: str, *, timeout: float = 60.0, inject_widget: bool = False) -> None:
+        self.inject_widget = inject_widget
         self.base_url = base_url.rstrip("/")
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
@@ -44,6 +52,9 @@ class Upstream:
             if k not in HOP_BY_HOP and k not in IDENTITY and k not in connection_tokens and k != "host"
         ]
         headers += [("remote-user", session.user), ("remote-groups", ",".join(session.groups))]
+        if self.inject_widget:
+            # Pages come back uncompressed, so the script tag can go in without re-encoding them.
+            headers = [(k, v) for k, v in headers if k != "accept-encoding"] + [("accept-encoding", "identity")]
         peer = scope["client"][0] if scope.get("client") else ""
         forwarded_for = request.headers.get("x-forwarded-for")
         headers = [(k, v) for k, v in headers if not k.startswith("x-forwarded-")]
@@ -61,14 +72,17 @@ class Upstream:
             answer = await self.client.send(upstream_request, stream=True)
         except httpx.HTTPError as exc:
             return JSONResponse({"error": "bad_gateway", "detail": f"upstream unreachable: {type(exc).__name__}"}, 502)
-        response = StreamingResponse(
-            answer.aiter_raw(), status_code=answer.status_code, background=BackgroundTask(answer.aclose)
-        )
+        body = answer.aiter_raw()
+        drop = HOP_BY_HOP
+        if self.inject_widget and _injectable(answer):
+            body = _inject(body, _script_tag(answer.headers.get("content-security-policy", "")))
+            drop = HOP_BY_HOP | {"content-length"}  # the page grows by one tag
+        response = StreamingResponse(body, status_code=answer.status_code, background=BackgroundTask(answer.aclose))
         # Raw bytes pass through as they came (encoding, length); only hop-by-hop headers stop here.
         response.raw_headers = [
             (k.encode("latin-1"), v.encode("latin-1"))
             for k, v in answer.headers.multi_items()
-            if k.lower() not in HOP_BY_HOP
+            if k.lower() not in drop
         ]
         return response
 
@@ -80,3 +94,33 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
     async for chunk in request.stream():
         if chunk:
             yield chunk
+
+
+def _injectable(answer: httpx.Response) -> bool:
+    kind = answer.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    encoding = answer.headers.get("content-encoding", "identity").lower()
+    return kind == "text/html" and encoding == "identity" and answer.request.method != "HEAD"
+
+
+def _script_tag(csp: str) -> bytes:
+    """The widget's script tag, with the page's CSP nonce when it has one (else the CSP would block it)."""
+    found = _NONCE.search(csp)
+    return WIDGET_TAG.format(nonce=f' nonce="{found.group(1)}"' if found else "").encode()
+
+
+async def _inject(body: AsyncIterator[bytes], tag: bytes) -> AsyncIterator[bytes]:
+    """Stream the page, putting ``tag`` before ``</head>``; chunk boundaries may fall anywhere."""
+    head, passing = b"", False
+    async for chunk in body:
+        if passing:
+            yield chunk
+            continue
+        head += chunk
+        found = _HEAD_END.search(head)
+        if found or len(head) > HEAD_LIMIT:
+            if found and b"/_lapse/widget.js" not in head[: found.start()]:
+                head = head[: found.start()] + tag + head[found.start() :]
+            yield head
+            passing = True
+    if not passing and head:
+        yield head

@@ -126,10 +126,22 @@ class Service:
         return metrics
 
     def _install_reload(self) -> None:
+        """SIGHUP reloads; SIGTERM/SIGINT also tell event streams to end, so draining is quick."""
+        loop = asyncio.get_running_loop()
         try:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests), or no signals here
-            pass
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)  # uvicorn's own handler: keep it, run it after ours
+
+            def closing(signum: int, frame: Any, previous: Any = previous) -> None:
+                if self.gateway is not None:
+                    loop.call_soon_threadsafe(self.gateway.closing.set)
+                if callable(previous):
+                    previous(signum, frame)
+
+            signal.signal(sig, closing)
 
     def reload(self) -> None:
         """Read the config again; keep the old policy unless the new file is valid."""
