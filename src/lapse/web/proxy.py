@@ -63,8 +63,9 @@ class Upstream:
             ("x-forwarded-proto", scope.get("scheme", "http")),
             ("x-forwarded-host", request.headers.get("host", "")),
         ]
-        url = httpx.URL(path=scope.get("raw_path", scope["path"].encode()).decode("latin-1"),
-                        query=scope.get("query_string", b""))
+        query = scope.get("query_string", b"")
+        path = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+        url = httpx.URL(path=path, query=query) if query else httpx.URL(path=path)
         upstream_request = self.client.build_request(
             request.method, url, headers=headers, content=_body(request),
         )
