@@ -133,7 +133,7 @@ class _Page(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def upstream_port() -> Iterator[int]:
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Page)
     server.daemon_threads = True
@@ -159,7 +159,7 @@ class Gateway:
         return f"--- lapse log (tail)\n{tail(self.log, 30)}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gateway(upstream_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     workdir = tmp_path_factory.mktemp("browser-lapse")
     port = free_port()
@@ -197,7 +197,7 @@ def gateway(upstream_port: int, tmp_path_factory: pytest.TempPathFactory) -> Ite
 # --------------------------------------------------------------------------- browser
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     if not os.access(CHROMIUM, os.X_OK):
         missing(f"{CHROMIUM} is not installed (scripts/test.sh installs it: apt-get install chromium)")
@@ -223,7 +223,7 @@ def context(chromium: Any) -> Iterator[Any]:
         ctx.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def axe_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """axe-core from npm, installed once into a temporary folder."""
     npm = shutil.which("npm")
