@@ -205,10 +205,17 @@ def demo_command(port: int, app_port: int, state: str) -> None:
         f"\n  lapse demo: open http://127.0.0.1:{port}/ and sign in as  demo / {password}\n"
         "  Idle limits: 1 minute (30 s under /payments), absolute 10 minutes. The notifications panel\n"
         "  polls passively: it never keeps the session alive. Leave the tab alone and watch it lapse.\n"
-        f"  Config, store and audit log: {folder}   (audit: lapse --config {conf} audit tail)\n",
+        f"  Config, store and audit log: {folder}\n"
+        f"  Audit trail: {_self_command()} --config {conf} audit tail\n",
         err=True,
     )
     serve(loaded, str(conf))
+
+
+def _self_command() -> str:
+    """How to run this lapse again: the script beside this Python (a venv's), else ``python -m lapse``."""
+    beside = Path(sys.executable).with_name("lapse")
+    return str(beside) if beside.exists() else f"{sys.executable} -m lapse"
 
 
 def _config_source() -> str | None:
