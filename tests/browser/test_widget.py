@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from .conftest import in_ci
+from ..support import in_ci
 
 try:
     from playwright.sync_api import expect

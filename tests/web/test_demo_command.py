@@ -10,11 +10,11 @@ from pathlib import Path
 
 import httpx
 
-from .test_serve import _free_port
+from ..support import free_port
 
 
 def test_demo_serves_acme_billing_behind_lapse(tmp_path: Path):
-    port, app_port = _free_port(), _free_port()
+    port, app_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lapse", "demo", "--port", str(port), "--app-port", str(app_port),
          "--state", str(tmp_path / "state")],

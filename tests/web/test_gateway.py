@@ -6,16 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -28,6 +24,7 @@ from lapse.store.base import User
 from lapse.web import Gateway, safe_next
 
 from ..core.helpers import Clock
+from ..support import free_port, serve_in_thread
 
 T0 = 1_800_000_000.0
 PASSWORD = "correct horse battery"
@@ -327,12 +324,6 @@ def test_session_status_is_passive_and_activity_needs_csrf(tmp_path: Path):
 # ------------------------------------------------------------------- proxy mode
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _echo(request: Request) -> JSONResponse:
     return JSONResponse({"path": request.url.path, "query": request.url.query,
                          "remote_user": request.headers.get("remote-user"),
@@ -351,17 +342,8 @@ async def _stream(request: Request) -> StreamingResponse:
 @pytest.fixture(scope="module")
 def upstream():
     app = Starlette(routes=[Route("/stream", _stream), Route("/{path:path}", _echo, methods=["GET", "POST"])])
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(5)
+    with serve_in_thread(app) as url:
+        yield url
 
 
 def test_proxy_mode(tmp_path: Path, upstream: str):
@@ -396,7 +378,7 @@ def test_proxy_mode(tmp_path: Path, upstream: str):
 
 def test_proxy_mode_upstream_down_is_502(tmp_path: Path):
     async def main():
-        async with harness(tmp_path, mode="proxy", upstream=f"http://127.0.0.1:{_free_port()}") as h:
+        async with harness(tmp_path, mode="proxy", upstream=f"http://127.0.0.1:{free_port()}") as h:
             sid = await h.sid()
             r = await h.client.get("/x", headers={"cookie": f"__Host-lapse={sid}"})
             assert r.status_code == 502 and json.loads(r.text)["error"] == "bad_gateway"
@@ -484,18 +466,8 @@ async def _html_page(request: Request):
 
 @pytest.fixture(scope="module")
 def html_upstream():
-    app = Starlette(routes=[Route("/{path:path}", _html_page)])
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(5)
+    with serve_in_thread(Starlette(routes=[Route("/{path:path}", _html_page)])) as url:
+        yield url
 
 
 def test_proxy_injects_the_widget_into_html(tmp_path: Path, html_upstream: str):

@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ..support import free_port
+
 CONFIG = """
 [server]
 listen = "127.0.0.1:{port}"
@@ -24,12 +26,6 @@ url = "sqlite:///state/lapse.db"
 [defaults]
 idle = "{idle}"
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_up(port: int, proc: subprocess.Popen, timeout: float = 15) -> None:
@@ -47,7 +43,7 @@ def _wait_up(port: int, proc: subprocess.Popen, timeout: float = 15) -> None:
 
 @pytest.fixture
 def server(tmp_path: Path):
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "lapse.toml"
     conf.write_text(CONFIG.format(port=port, idle="5m"))
     proc = subprocess.Popen([sys.executable, "-m", "lapse", "--config", str(conf), "serve"],
@@ -105,7 +101,7 @@ def test_sigterm_lets_in_flight_requests_finish(server):
 def test_a_store_that_cannot_open_stops_the_start_with_a_message(tmp_path: Path):
     (tmp_path / "state").write_text("a file where the store's folder should be")
     conf = tmp_path / "lapse.toml"
-    conf.write_text(CONFIG.format(port=_free_port(), idle="5m"))
+    conf.write_text(CONFIG.format(port=free_port(), idle="5m"))
     r = subprocess.run([sys.executable, "-m", "lapse", "--config", str(conf), "serve"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=30,
                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -114,7 +110,7 @@ def test_a_store_that_cannot_open_stops_the_start_with_a_message(tmp_path: Path)
 
 
 def test_metrics_on_their_own_listener(tmp_path: Path):
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     conf = tmp_path / "lapse.toml"
     conf.write_text(CONFIG.format(port=port, idle="5m") + f'\n[telemetry]\nmetrics_listen = "127.0.0.1:{metrics_port}"\n')
     proc = subprocess.Popen([sys.executable, "-m", "lapse", "--config", str(conf), "serve"],
@@ -138,7 +134,7 @@ def test_audit_end_to_end_with_the_sweeper(tmp_path: Path):
     """Login failure and success, created, denied, and an expiry the sweeper writes when nobody returns."""
     import re
 
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "lapse.toml"
     conf.write_text(CONFIG.format(port=port, idle="1s") + '\n[audit]\nsinks = ["store", "jsonl:audit.jsonl"]\n')
     subprocess.run([sys.executable, "-m", "lapse", "--config", str(conf), "users", "add", "alice", "--password-stdin"],
@@ -177,7 +173,7 @@ def test_audit_end_to_end_with_the_sweeper(tmp_path: Path):
 
 def test_several_workers_share_the_store(tmp_path: Path):
     """workers = 2 on SQLite: sessions made through one worker are judged the same by the other."""
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "lapse.toml"
     conf.write_text(CONFIG.format(port=port, idle="5m").replace("[server]", "[server]\nworkers = 2"))
     proc = subprocess.Popen([sys.executable, "-m", "lapse", "--config", str(conf), "serve"],
