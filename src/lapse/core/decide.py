@@ -120,7 +120,12 @@ def expires_at(auth_time: float, last_active: float, generous_idle: float, gener
 
 def app_deadlines(session: Session, limits: Limits) -> tuple[float | None, float]:
     """(idle deadline, absolute deadline) of one app for this session."""
-    idle = None if limits.idle is None else vouched(session.activity, limits.idle) + limits.idle
+    return _deadlines(session, limits, vouched(session.activity, limits.idle))
+
+
+def _deadlines(session: Session, limits: Limits, last_vouched: float) -> tuple[float | None, float]:
+    """The one place an app's deadlines are computed, from the newest activity that vouches for it."""
+    idle = None if limits.idle is None else last_vouched + limits.idle
     return idle, session.auth_time + limits.absolute
 
 
@@ -229,8 +234,7 @@ def decide(session: Session | None, request: Request, effective: Effective, now:
         return _end_and_deny(session, "network", Reason.NETWORK, request, limits, now)
 
     last_vouched = vouched(session.activity, limits.idle)
-    idle_deadline = None if limits.idle is None else last_vouched + limits.idle
-    absolute_deadline = session.auth_time + limits.absolute
+    idle_deadline, absolute_deadline = _deadlines(session, limits, last_vouched)
     if now >= absolute_deadline:
         return _deny(session, Reason.ABSOLUTE, request, limits, now)
     if idle_deadline is not None and now >= idle_deadline:
@@ -253,8 +257,7 @@ def decide(session: Session | None, request: Request, effective: Effective, now:
         updated = session.with_(
             activity=record_activity(session.activity, limits.idle, now), last_seen_at=max(now, session.last_seen_at)
         )
-        if limits.idle is not None:
-            idle_deadline = now + limits.idle
+        idle_deadline = _deadlines(updated, limits, now)[0]
     elif now - session.last_seen_at >= LAST_SEEN_RESOLUTION:
         updated = session.with_(last_seen_at=now)
     if ip_changed:

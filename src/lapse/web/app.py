@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 from ..core import events as ev
 from ..core.decide import Reason
 from ..core.events import AuditEvent
-from ..enforce import Verdict
+from ..enforce import Gate, Verdict
 from ..identity import verify_password
 from ..runtime import Runtime
 from ..store.base import StoreUnavailable
@@ -105,7 +105,8 @@ class Gateway:
         self.router = Router(routes)
 
     @property
-    def gate(self):  # noqa: ANN201 - the runtime may swap the gate's policy on reload
+    def gate(self) -> Gate:
+        """Always the runtime's gate (a reload swaps its policy in place)."""
         return self.rt.gate
 
     # ------------------------------------------------------------------ dispatch
@@ -178,10 +179,10 @@ class Gateway:
         headers = {"Cache-Control": NO_STORE}
         if not d.allowed:
             headers["X-Lapse-Reason"] = d.reason.value if d.reason else "missing"
-            if sid is not None and d.reason is not Reason.FORBIDDEN and d.reason is not Reason.STEP_UP:
-                # The cookie of an ended or unknown session is cleared (a step-up keeps the session).
-                if d.session is None or d.session.ended or d.reason in (Reason.UNKNOWN,):
-                    headers["Set-Cookie"] = self.cookies.clear()
+            if sid is not None and (d.session is None or d.session.ended):
+                # The cookie of an ended or unknown session is cleared; a refusal for one app
+                # (idle there, forbidden, step-up) leaves the session and its cookie alone.
+                headers["Set-Cookie"] = self.cookies.clear()
         return headers
 
     # ------------------------------------------------------------ forward-auth
