@@ -29,6 +29,7 @@ log = logging.getLogger("lapse.sweeper")
 ATTEMPTS = 5
 SWEEP_BATCH = 1000
 PURGE_EVERY = 60.0  # seconds between purges of ended records and old audit events
+ANSWERS_MAX = 100_000  # reusable answers kept (forgotten at once when full)
 SESSION_ID_BYTES = 32  # 256 bits from the OS CSPRNG; the cookie carries nothing else
 
 
@@ -43,12 +44,35 @@ class Verdict:
     now: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """An answer ``decide()`` said holds for a while, and what it was asked about."""
+
+    session: Session
+    effective: Effective
+    ip: str | None
+    decision: Decision
+
+
 class Gate:
     def __init__(self, store: SessionStore, policy: Policy, audit: AuditLog, hash_key: bytes) -> None:
         self.store = store
-        self.policy = policy  # replaced whole on reload; never mutated
         self.audit = audit
         self._hash_key = hash_key
+        # By (session key, identity of the resolved policy: ``resolve`` hands back one object per
+        # request shape): reused while it holds. An entry keeps its Effective alive, so its id is not reused.
+        self._answers: dict[tuple[str, int], _Answer] = {}
+        self.policy = policy
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        """Replaced whole on reload (never mutated); answers judged by the old one are forgotten."""
+        self._policy = policy
+        self._answers = {}
 
     def key_of(self, session_id: str) -> str:
         return session_key(self._hash_key, session_id)
@@ -65,13 +89,28 @@ class Gate:
     ) -> Verdict:
         """Judge one request (the path without its query string)."""
         effective = self.policy.resolve(host, path, method, ip, passive_header)
-        request = Request(method, path, ip, self.key_of(session_id) if session_id else None)
-        if request.session_key is None:
+        if not session_id:
             now = await self.store.now()
-            return Verdict(decide(None, request, effective, now), effective, now)
-        decision, now = await self._settle(
-            request.session_key, lambda s, now: decide(s, request, effective, now)
-        )
+            return Verdict(decide(None, Request(method, path, ip), effective, now), effective, now)
+        key = self.key_of(session_id)
+        session, now = await self.store.read(key)
+        # The steady state: the same record (stores hand back the object they hold until it
+        # changes), policy and IP as last time, before the instant decide() said it holds to.
+        reuse = self._answers.get((key, id(effective)))
+        if (
+            reuse is not None
+            and reuse.session is session
+            and reuse.effective is effective
+            and reuse.ip == ip
+            and now < reuse.decision.holds_until
+        ):
+            return Verdict(reuse.decision, effective, now)
+        request = Request(method, path, ip, key)
+        decision, now = await self._settle(key, lambda s, now: decide(s, request, effective, now), (session, now))
+        if decision.holds_until > now and decision.session is not None:
+            if len(self._answers) >= ANSWERS_MAX:
+                self._answers.clear()
+            self._answers[(key, id(effective))] = _Answer(decision.session, effective, ip, decision)
         return Verdict(decision, effective, now)
 
     async def sign_in(
@@ -134,10 +173,16 @@ class Gate:
             if len(due) < limit:
                 return ended
 
-    async def _settle(self, key: str, judge: Callable[[Session | None, float], Decision]) -> tuple[Decision, float]:
-        """Read, judge, write until the write holds; then audit what happened."""
+    async def _settle(
+        self,
+        key: str,
+        judge: Callable[[Session | None, float], Decision],
+        first: tuple[Session | None, float] | None = None,
+    ) -> tuple[Decision, float]:
+        """Read (or take ``first``, a read just made), judge, write until the write holds; then audit."""
         for _ in range(ATTEMPTS):
-            session, now = await self.store.read(key)
+            session, now = first if first is not None else await self.store.read(key)
+            first = None
             decision = judge(session, now)
             if decision.changed and session is not None and decision.session is not None:
                 if await self.store.write(session, decision.session) is not WriteResult.APPLIED:

@@ -209,3 +209,37 @@ def test_recording_activity_vouches_at_its_limit_and_above_only(a, limit, now):
             assert vouched(r, probe) == max(now, vouched(a, probe))
         else:
             assert vouched(r, probe) == vouched(a, probe)
+
+
+HOSTS = ["billing.test", "wiki.test", "ops.test", "other.test"]
+PATHS = ["/", "/admin/x", "/_lapse/session"]
+
+
+@given(
+    st.data(),
+    st.lists(st.tuples(st.sampled_from(HOSTS), st.sampled_from(PATHS), st.floats(0, 4000), st.booleans()),
+             max_size=8),
+)
+def test_an_answer_that_writes_nothing_holds_until_it_says(data, history):
+    """``holds_until`` is exact: before it, the same record, policy and IP get the very same answer
+    (what lets Gate reuse it); at it, something may change. Random histories over every app."""
+    s = start()
+    t = T0
+    for host, path, gap, passive in history:  # a random, plausible record: activity on several apps
+        t += gap
+        d = ask(s, host, path, t=t, passive=passive)
+        s = d.session if d.session is not None else s
+    host, path = data.draw(st.sampled_from(HOSTS)), data.draw(st.sampled_from(PATHS))
+    method, passive = data.draw(st.sampled_from(["GET", "POST"])), data.draw(st.booleans())
+    now = t + data.draw(st.floats(0, 5000))
+    first = ask(s, host, path, t=now, method=method, passive=passive)
+    if not first.allowed or first.changed:
+        assert first.holds_until == -math.inf  # nothing to reuse
+        return
+    assert first.holds_until > now
+    later = data.draw(st.floats(now, first.holds_until, exclude_max=True))
+    again = ask(s, host, path, t=later, method=method, passive=passive)
+    assert again == first
+    if math.isfinite(first.holds_until):
+        at = ask(s, host, path, t=first.holds_until, method=method, passive=passive)
+        assert at != first  # the instant it names is one where the answer moves

@@ -406,7 +406,7 @@ def test_requests_leave_the_sweepers_index_alone(tmp_path: Path) -> None:
 
 
 def test_the_read_cache_never_serves_what_another_connection_changed(tmp_path: Path) -> None:
-    """Another worker or the CLI revokes a session: this connection sees it at once (data_version)."""
+    """Another worker or the CLI revokes a session: this handle sees it at once (the shared change counter)."""
     path = tmp_path / "x.db"
     ours, theirs = SqliteStore(path, clock), SqliteStore(path, clock)
     s = make_session(1)

@@ -31,10 +31,16 @@ moves the absolute one. Activity under limit L vouches for L and laxer limits
 only (invariant 3, see ``session.py``). A write may be skipped when it would
 move an idle clock by less than ``coalesce_bound``: the session is then judged
 early by at most that much, never late (invariant 8).
+
+An allowed answer that writes nothing also says how long it holds
+(``holds_until``): the first instant at which any check above could come out
+otherwise. Until then the same record, effective policy and IP get the very
+same answer, so a caller may reuse it instead of asking again.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -98,6 +104,7 @@ class Decision:
     events: tuple[AuditEvent, ...] = ()
     idle_deadline: float | None = None  # this app's deadlines, for allowed requests
     absolute_deadline: float | None = None
+    holds_until: float = -math.inf  # the same inputs get this very answer before then (see ``decide``)
 
     @property
     def status(self) -> int:
@@ -244,25 +251,36 @@ def decide(session: Session | None, request: Request, effective: Effective, now:
     if not _allowed(session, limits):
         return _deny(session, Reason.FORBIDDEN, request, limits, now)
     step = effective.step_up
+    step_at = math.inf
     if step is not None:
-        if now - session.auth_time >= step.max_auth_age:
+        step_at = session.auth_time + step.max_auth_age
+        if now >= step_at:
             return _deny(session, Reason.STEP_UP, request, limits, now, step_up="max_auth_age")
         if step.mfa and not session.mfa:
             return _deny(session, Reason.STEP_UP, request, limits, now, step_up="mfa")
 
     # Allowed. Work out what, if anything, is worth writing back. ``expires_at`` stays:
     # activity only moves the end later, and the sweeper moves the bound when it gets there.
+    write_at = last_vouched + coalesce_bound(limits.idle) if effective.active else math.inf
+    seen_at = session.last_seen_at + LAST_SEEN_RESOLUTION
     updated = session
-    if effective.active and now - last_vouched >= coalesce_bound(limits.idle):
+    if now >= write_at:
         updated = session.with_(
             activity=record_activity(session.activity, limits.idle, now), last_seen_at=max(now, session.last_seen_at)
         )
         idle_deadline = _deadlines(updated, limits, now)[0]
-    elif now - session.last_seen_at >= LAST_SEEN_RESOLUTION:
+    elif now >= seen_at:
         updated = session.with_(last_seen_at=now)
     if ip_changed:
         updated = updated.with_(ip=request.ip)
-    return Decision(True, None, updated, updated is not session, (), idle_deadline, absolute_deadline)
+    if updated is not session:
+        return Decision(True, None, updated, True, (), idle_deadline, absolute_deadline)
+    # Nothing to write: every threshold above is an instant, so until the first of them is
+    # reached the same session, policy and IP get this same answer (callers may reuse it).
+    holds = min(over, absolute_deadline, write_at, seen_at, step_at)
+    if idle_deadline is not None:
+        holds = min(holds, idle_deadline)
+    return Decision(True, None, session, False, (), idle_deadline, absolute_deadline, holds)
 
 
 # -------------------------------------------------------------------- helpers

@@ -169,6 +169,7 @@ class _App:
 
 
 _CACHE_MAX = 4096
+_RESOLVED_MAX = 16_384  # (host, path, method, IP, passive) answers: ~5 MB when full
 
 
 class Policy:
@@ -207,6 +208,7 @@ class Policy:
                     self._exact.setdefault(h, []).append(i)
         self._host_cache: dict[str, tuple[_App, ...]] = {}
         self._net_cache: dict[str, int] = {}
+        self._resolved: dict[tuple[str, str, str, str | None, bool], Effective] = {}
 
         combos: dict[tuple[int, int], dict] = {}
         for ai in range(-1, len(spec.apps)):
@@ -294,7 +296,22 @@ class Policy:
         ip: str | None = None,
         passive_header: bool = False,
     ) -> Effective:
-        """The effective policy for one request (the path without its query string)."""
+        """The effective policy for one request (the path without its query string).
+
+        Answers are remembered (a bounded table, forgotten at once when full): a
+        repeated request gets the very same ``Effective`` object, which lets
+        callers recognise it by identity.
+        """
+        facts = (host, path, method, ip, passive_header)
+        found = self._resolved.get(facts)
+        if found is None:
+            found = self._resolve(host, path, method, ip, passive_header)
+            if len(self._resolved) >= _RESOLVED_MAX:
+                self._resolved.clear()
+            self._resolved[facts] = found
+        return found
+
+    def _resolve(self, host: str, path: str, method: str, ip: str | None, passive_header: bool) -> Effective:
         app = self._match_app(host, path)
         ni = self._match_network(ip) if ip else -1
         limits = self._limits[(app.index if app else -1, ni)]

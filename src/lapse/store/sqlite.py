@@ -43,8 +43,11 @@ once, in its primary-key b-tree.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import math
+import mmap
+import os
 import re
 import sqlite3
 import struct
@@ -258,10 +261,12 @@ class SqliteStore:
                 db.close()
                 raise
         self._checkpointer = _Checkpointer(self.path, busy_timeout)
-        # Sessions as this connection last read or wrote them, trusted only while no other
-        # connection (another worker, the CLI) has committed: PRAGMA data_version says so.
+        # Sessions as this handle last read or wrote them, trusted only while no other handle
+        # (another worker, the CLI) has changed sessions since: the shared counter says so.
+        with self._errors("open"):
+            self._changes = _Changes(self.path.with_name(self.path.name + "-changes"))
         self._cache: dict[str, Session] = {}
-        self._version: int | None = None
+        self._seen = self._changes.current()
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         db.execute("BEGIN IMMEDIATE")  # two processes opening a fresh file at once: one creates
@@ -315,10 +320,10 @@ class SqliteStore:
     async def read(self, key: str) -> tuple[Session | None, float]:
         try:  # inline, not _errors(): this is the hot path
             db = self.db
-            version = db.execute("PRAGMA data_version").fetchone()[0]
-            if version != self._version:  # another connection committed: what we remember may be stale
+            seen = self._changes.current()
+            if seen != self._seen:  # another handle changed sessions: what we remember may be stale
                 self._cache.clear()
-                self._version = version
+                self._seen = seen
             session = self._cache.get(key)
             if session is None:
                 row = db.execute(_SELECT_ONE, (_pack_key(key),)).fetchone()
@@ -330,6 +335,16 @@ class SqliteStore:
         except sqlite3.DatabaseError as exc:
             raise self._unavailable("read", exc) from exc
         return session, self._clock()
+
+    def _changed(self) -> bool:
+        """After every commit that touches sessions: tell the other handles. False (and what we
+        remember forgotten) if one of them had changed sessions since we last looked."""
+        before, after = self._changes.bump()
+        alone = before == self._seen
+        if not alone:
+            self._cache.clear()
+        self._seen = after
+        return alone
 
     def _remember(self, session: Session) -> Session:
         if len(self._cache) >= CACHE_SESSIONS:
@@ -346,6 +361,7 @@ class SqliteStore:
                 self.db.execute(_INSERT, row)
             except sqlite3.IntegrityError as exc:
                 raise SessionExists("session key already exists") from exc
+            self._changed()
         self._remember(session)
 
     async def write(self, before: Session, after: Session) -> WriteResult:
@@ -373,18 +389,21 @@ class SqliteStore:
                     guard["expires_at"] = _float(after.expires_at)
                     cur = self.db.execute(_MERGE_FORWARD_DEADLINE, guard)
             if cur.rowcount == 1:
-                if self._cache.get(before.key) == before:
-                    # The row was ``before`` exactly (unless another connection wrote it meanwhile;
-                    # then data_version tells the next read to forget this), so now it is:
+                cached = self._cache.get(before.key)
+                if self._changed() and cached == before:
+                    # The row was ``before`` exactly (unless another handle wrote it meanwhile;
+                    # then the counter tells the next read to forget this), so now it is:
                     self._remember(apply_write(before, before, after)[1])  # type: ignore[arg-type]
                 else:
                     self._cache.pop(before.key, None)
                 return WriteResult.APPLIED
             self._cache.pop(before.key, None)
-            return self._write_locked(before, after)
+            result = self._write_locked(before, after)
+            self._changed()
+            return result
         except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
             raise
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, OSError) as exc:
             raise self._unavailable("write", exc) from exc
 
     def _write_locked(self, before: Session, after: Session) -> WriteResult:
@@ -427,7 +446,6 @@ class SqliteStore:
 
     async def purge(self, ended_before: float) -> int:
         """In batches, yielding to the event loop between them, so a big purge never stalls requests."""
-        self._cache.clear()
         total = 0
         while True:
             with self._errors("purge"):
@@ -436,6 +454,9 @@ class SqliteStore:
                     "WHERE ended_at IS NOT NULL AND ended_at < ? LIMIT ?)",
                     (ended_before, PURGE_BATCH),
                 ).rowcount
+                if gone:
+                    self._changed()
+                    self._cache.clear()
             total += gone
             if gone < PURGE_BATCH:
                 return total
@@ -541,6 +562,7 @@ class SqliteStore:
 
     async def close(self) -> None:
         self._checkpointer.stop()
+        self._changes.close()
         db, self._db = self._db, None
         if db is not None:
             with self._errors("close"):
@@ -554,6 +576,49 @@ def _tune(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA wal_autocheckpoint = 0")  # the _Checkpointer thread does it, off the request path
     db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     db.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
+
+
+class _Changes:
+    """A counter beside the database file that every handle moves after it changes sessions.
+
+    Why not ``PRAGMA data_version``: it is a statement per request (a few
+    microseconds, more under load), while this is one read of a shared memory
+    page. Readers compare it with the value they saw when they last trusted
+    their memory. Writers increment it under an exclusive ``flock`` after their
+    commit, so no increment is ever lost: any commit after a reader's look is
+    followed by a value that reader has not seen. Changes made to the file by
+    other programs (the ``sqlite3`` shell) are not announced; change sessions
+    through lapse, or restart it after such surgery.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(self._fd).st_size < 8:
+                os.ftruncate(self._fd, 8)
+            self._map = mmap.mmap(self._fd, 8)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def current(self) -> bytes:
+        return self._map[:8]
+
+    def bump(self) -> tuple[bytes, bytes]:
+        """Increment; (the value before, the value after)."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            before = self._map[:8]
+            after = ((int.from_bytes(before, "little") + 1) % (1 << 64)).to_bytes(8, "little")
+            self._map[:8] = after
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return before, after
+
+    def close(self) -> None:
+        if not self._map.closed:
+            self._map.close()
+            os.close(self._fd)
 
 
 class _Checkpointer:
