@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,20 @@ def test_users_lifecycle_and_password_never_in_output(conf: Path):
         assert secret.encode() not in path.read_bytes()
     events = [json.loads(line)["event"] for line in (conf.parent / "state" / "audit.jsonl").read_text().splitlines()]
     assert events == ["user.created", "user.disabled", "user.enabled", "user.password_changed", "user.deleted"]
+
+
+def test_users_totp_prints_uri_qr_and_recovery_codes_once(conf: Path):
+    assert lapse("--config", str(conf), "users", "add", "bob", "--password-stdin", stdin="hunter2hunter2\n").returncode == 0
+    r = lapse("--config", str(conf), "users", "totp", "bob")
+    assert r.returncode == 0, r.stderr
+    uri = next(line for line in r.stdout.splitlines() if line.startswith("otpauth://totp/"))
+    assert "secret=" in uri and "issuer=lapse" in uri and "\u2588" in r.stdout  # the QR code's blocks
+    codes = [line.strip() for line in r.stdout.splitlines() if re.fullmatch(r"\s+[a-z0-9]{5}-[a-z0-9]{5}", line)]
+    assert len(codes) == 10
+    again = lapse("--config", str(conf), "users", "totp", "bob")
+    assert again.returncode == 1 and "--reset" in again.stderr
+    assert lapse("--config", str(conf), "users", "totp", "bob", "--remove").returncode == 0
+    assert lapse("--config", str(conf), "users", "totp", "bob").returncode == 0
 
 
 def test_passwords_only_from_stdin(conf: Path):

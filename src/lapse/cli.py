@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import io
 import json
 import math
 import os
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import qrcode
 
-from . import __version__
+from . import __version__, totp
 from .config import ConfigError, LoadedConfig, load_config
 from .core.decide import expires_at
 from .core.durations import format_duration
@@ -424,6 +426,47 @@ def users_passwd(name: str, password_stdin: bool, end_sessions: bool) -> None:
 
     ended = _run(body)
     click.echo(f"password changed for {name}" + (f"; ended {ended} session(s)" if end_sessions else ""))
+
+
+@users.command("totp")
+@click.argument("name")
+@click.option("--reset", is_flag=True, help="replace an existing factor (the old codes stop working)")
+@click.option("--remove", is_flag=True, help="remove the factor: the user signs in with the password alone")
+def users_totp(name: str, reset: bool, remove: bool) -> None:
+    """Enrol a one-time-code (TOTP) factor: prints the otpauth URI, a QR code and recovery codes."""
+
+    async def body(rt: Runtime) -> tuple[str, list[str]] | None:
+        user = await _existing(rt, name)
+        has = totp.Factor.from_extra(user.extra) is not None
+        if remove:
+            extra = {k: v for k, v in user.extra.items() if k != "totp"}
+            await rt.store.put_user(replace(user, extra=extra))
+            await _user_event(rt, "user.totp_removed", name)
+            return None
+        if has and not reset:
+            raise Fail(f"user {name!r} already has a one-time-code factor (--reset replaces it, --remove removes it)")
+        secret = totp.new_secret()
+        factor, codes = totp.enrol(secret)
+        await rt.store.put_user(replace(user, extra={**user.extra, "totp": factor.to_dict()}))
+        await _user_event(rt, "user.totp_enrolled", name)
+        return totp.uri(secret, name), codes
+
+    result = _run(body)
+    if result is None:
+        click.echo(f"removed the one-time-code factor of {name}")
+        return
+    link, codes = result
+    qr = qrcode.QRCode(border=1)
+    qr.add_data(link)
+    out = io.StringIO()
+    qr.print_ascii(out=out)
+    click.echo(out.getvalue().rstrip("\n"))
+    click.echo(link)
+    click.echo(f"\n{name} now signs in with a one-time code. Scan the QR code (or enter the URI) in an "
+               "authenticator app now; it is not shown again.")
+    click.echo("Recovery codes (each works once, instead of a code; keep them offline):")
+    for code in codes:
+        click.echo(f"  {code}")
 
 
 # --------------------------------------------------------------- sessions

@@ -957,5 +957,6 @@ def build_policy(config: Config) -> Policy:
         NetworkSpec(n.name, tuple(n.cidrs), n.idle_factor, n.absolute_factor) for n in config.networks
     )
     return compile_policy(
-        PolicySpec(_layer(config.defaults), apps, networks, config.org.max_idle, config.org.max_absolute)
+        PolicySpec(_layer(config.defaults), apps, networks, config.org.max_idle, config.org.max_absolute,
+                   config.defaults.max_sessions)
     )

@@ -126,19 +126,32 @@ class Gate:
         replaces: str | None = None,
         login: str | None = None,
     ) -> tuple[str, Decision]:
-        """A new session with a new ID; the one it replaces (if any) ends with reason ``reauth``."""
+        """A new session with a new ID; the one it replaces (if any) ends with reason ``reauth``.
+
+        Replacing a live session of the same user is a step-up (``session.step_up``).
+        Past ``max_sessions``, the user's oldest sessions end (reason ``max_sessions``).
+        """
+        step_up = False
         if replaces:
-            await self._settle(self.key_of(replaces), lambda s, now: revoke(s, "reauth", now, ip=ip) if s else NOTHING)
+            old, _ = await self._settle(
+                self.key_of(replaces), lambda s, now: revoke(s, "reauth", now, ip=ip) if s else NOTHING
+            )
+            step_up = bool(old.events) and old.session is not None and old.session.user == user
         session_id = new_session_id()
         limits = self.policy.resolve(host, path, "GET", ip).limits
         now = await self.store.now()
         decision = sign_in(
             self.key_of(session_id), user, now, limits, auth_time=auth_time, ip=ip, mfa=mfa, groups=groups,
-            login=login,
+            login=login, step_up=step_up,
         )
         assert decision.session is not None
         await self.store.create(decision.session)
         await self.audit.emit(decision.events)
+        limit = self.policy.spec.max_sessions
+        if limit:
+            others = [s for s in await self.store.sessions(user) if s.key != decision.session.key]
+            for oldest in others[: max(0, len(others) + 1 - limit)]:  # sessions() is oldest first
+                await self.revoke(oldest.key, "max_sessions")
         return session_id, decision
 
     async def revoke(self, key: str, reason: str) -> bool:

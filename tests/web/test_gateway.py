@@ -73,14 +73,14 @@ class Harness:
         self.rt, self.clock, self.client = rt, clock, client
 
     async def login(self, user: str = "alice", password: str = PASSWORD, next_: str = "/",
-                    cookies: dict[str, str] | None = None) -> httpx.Response:
+                    cookies: dict[str, str] | None = None, **fields: str) -> httpx.Response:
         page = await self.client.get("/_lapse/login", headers={"cookie": _jar(cookies or {})})
         nonce = _set_cookies(page).get("__Host-lapse-csrf") or (cookies or {}).get("__Host-lapse-csrf")
         token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
         jar = {**(cookies or {}), "__Host-lapse-csrf": nonce}
         return await self.client.post(
             "/_lapse/login",
-            data={"username": user, "password": password, "next": next_, "csrf_token": token},
+            data={"username": user, "password": password, "next": next_, "csrf_token": token, **fields},
             headers={"cookie": _jar(jar)},
         )
 
@@ -114,8 +114,8 @@ def _set_cookies(r: httpx.Response) -> dict[str, str]:
 
 @asynccontextmanager
 async def harness(tmp_path: Path, *, mode: str = "forward-auth", upstream: str = "http://127.0.0.1:9",
-                  peer: str = "127.0.0.1") -> AsyncIterator[Harness]:
-    loaded = parse_config(CONFIG.format(mode=mode, upstream=upstream), "lapse.toml", tmp_path)
+                  peer: str = "127.0.0.1", config: str = CONFIG) -> AsyncIterator[Harness]:
+    loaded = parse_config(config.format(mode=mode, upstream=upstream), "lapse.toml", tmp_path)
     clock = Clock(T0)
     async with open_runtime(loaded, clock=clock) as rt:
         await rt.store.put_user(User("alice", HASH, groups=("finance",)))

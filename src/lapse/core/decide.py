@@ -150,12 +150,14 @@ def sign_in(
     mfa: bool = False,
     groups: tuple[str, ...] = (),
     login: str | None = None,
+    step_up: bool = False,
 ) -> Decision:
     """A new session. ``auth_time`` may be earlier than now (an IdP's), never later.
 
     ``login`` names the request that authenticated (``"POST /_lapse/login"``): the
     successful ``auth.login`` is then recorded with the new session's hash, before
-    its ``session.created``.
+    its ``session.created``. ``step_up``: this sign-in re-authenticated a live
+    session of the same user (``session.step_up`` follows).
     """
     auth = now if auth_time is None else min(auth_time, now)
     session = Session(
@@ -173,6 +175,9 @@ def sign_in(
     events = (AuditEvent(now, ev.CREATED, ev.SUCCESS, user, key, limits.app, ip),)
     if login is not None:
         events = (AuditEvent(now, ev.LOGIN, ev.SUCCESS, user, key, limits.app, ip, login),) + events
+    if step_up:
+        why = "mfa" if mfa else "password"
+        events += (AuditEvent(now, ev.STEP_UP, ev.SUCCESS, user, key, limits.app, ip, login, why),)
     idle, absolute = app_deadlines(session, limits)
     return Decision(True, None, session, True, events, idle, absolute)
 

@@ -85,6 +85,7 @@ class PolicySpec:
     networks: tuple[NetworkSpec, ...] = ()
     max_idle: float | None = None  # org ceiling; None: no ceiling
     max_absolute: float | None = None
+    max_sessions: int = 0  # per user; 0: unlimited
 
 
 # ---------------------------------------------------------------------- results

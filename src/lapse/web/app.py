@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -25,12 +26,14 @@ from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from ..core import events as ev
-from ..core.decide import Reason
+from ..core.decide import Decision, Reason
 from ..core.events import AuditEvent
 from ..enforce import Gate, Verdict
 from ..identity import verify_password
 from ..runtime import Runtime
-from ..store.base import StoreUnavailable
+from ..store.base import StoreUnavailable, User
+from ..totp import Factor
+from ..totp import verify as verify_code
 from .metrics import Metrics
 from .net import Trust, client_ip, header_dict, original_request
 from .proxy import Upstream
@@ -48,6 +51,7 @@ _AUTH_HEADERS = frozenset(
 """The request headers forward-auth reads; the rest are never decoded."""
 MAX_FORM = 16 * 1024
 LOGIN = "/_lapse/login"
+UNKNOWN_COOKIE_LIMIT = 50  # unknown session cookies from one IP per login window before it is throttled
 EVENTS_EVERY = 1.0  # seconds between an event stream's looks at its session
 KEEPALIVE = 15.0  # a comment line at least this often, so proxies keep the stream open
 STREAM_LIFETIME = 300.0  # then the client reconnects (and may land on another replica)
@@ -101,6 +105,7 @@ class Gateway:
         self._widget = WIDGET.read_bytes() if WIDGET.exists() else b"/* lapse widget: not built */\n"
         self._widget_tag = hashlib.sha256(self._widget).hexdigest()[:16]
         self._warned: set[tuple[str, str, int]] = set()  # (session, deadline kind, deadline): told once
+        self._flooding: dict[str, float] = {}  # IP -> until when its session cookies go unread
         self.closing = asyncio.Event()  # set on shutdown: event streams end so draining does not wait
         self.router = Router(routes)
 
@@ -166,13 +171,39 @@ class Gateway:
         # A cookie lapse could never have issued is judged as unknown without hashing megabytes.
         presented = sid if sid is None or valid_id(sid) else "invalid"
         started = time.perf_counter()
-        verdict = await self.gate.check(
-            host=host, path=path, method=method, ip=ip, passive_header=passive, session_id=presented
-        )
+        if sid is not None and self._flooding and ip in self._flooding and await self._still_flooding(ip):  # type: ignore[arg-type]
+            # A throttled IP's cookie: refused as unknown without a look-up (or an audit event each).
+            now = await self.rt.store.now()
+            effective = self.gate.policy.resolve(host, path, method, ip, passive)
+            verdict = Verdict(Decision(False, Reason.UNKNOWN, None, False), effective, now)
+        else:
+            verdict = await self.gate.check(
+                host=host, path=path, method=method, ip=ip, passive_header=passive, session_id=presented
+            )
+            if verdict.decision.reason is Reason.UNKNOWN and ip is not None:
+                await self._count_unknown(ip, verdict.now)
         if self.metrics is not None:
             d = verdict.decision
             self.metrics.decided(d.allowed, d.reason.value if d.reason else None, time.perf_counter() - started)
         return verdict
+
+    async def _count_unknown(self, ip: str, now: float) -> None:
+        """Unknown session cookies from one IP, counted in the store (every replica adds to one count);
+        past ``UNKNOWN_COOKIE_LIMIT`` per login window, that IP's cookies go unread for a window."""
+        window = self.login_cfg.window
+        if await self.rt.store.failures(f"cookie:{ip}", now, window, add=True) < UNKNOWN_COOKIE_LIMIT:
+            return
+        if len(self._flooding) >= 10_000:
+            self._flooding.clear()
+        self._flooding[ip] = now + window
+        await self.rt.audit.emit([AuditEvent(now, ev.THROTTLED, ev.FAILURE, None, None, None, ip, None,
+                                             "unknown_cookies")])
+
+    async def _still_flooding(self, ip: str) -> bool:
+        if await self.rt.store.now() < self._flooding[ip]:
+            return True
+        del self._flooding[ip]
+        return False
 
     def _verdict_headers(self, verdict: Verdict, sid: str | None) -> dict[str, str]:
         d = verdict.decision
@@ -260,7 +291,8 @@ class Gateway:
         return self._render("error.html", status, headers, title=heading, status=status, heading=heading, detail=detail)
 
     async def login_page(self, request: Request, *, message: str | None = None, status: int = 200,
-                         username: str = "", next_: str | None = None, reason: str | None = None) -> Response:
+                         username: str = "", next_: str | None = None, reason: str | None = None,
+                         need_totp: bool = False) -> Response:
         headers, _trusted, _ip, sid = self._facts(request)
         nonce = parse_cookies(headers.get("cookie", "")).get(self.cookies.csrf_name)
         set_cookie = {}
@@ -269,6 +301,14 @@ class Gateway:
             set_cookie["Set-Cookie"] = self.cookies.login_nonce(nonce)
         reason = reason if reason is not None else request.query_params.get("reason")
         target = safe_next(next_ if next_ is not None else request.query_params.get("next"))
+        if not username and valid_id(sid):
+            # Signed in and asked to confirm (step-up): the account is known, only the secrets are asked.
+            session, _ = await self.rt.store.read(self.gate.key_of(sid))  # type: ignore[arg-type]
+            if session is not None and not session.ended:
+                username = session.user
+        if username and not need_totp:
+            user = await self.rt.store.get_user(username)
+            need_totp = user is not None and Factor.from_extra(user.extra) is not None and reason == "step_up"
         return self._render(
             "login.html",
             status,
@@ -279,7 +319,7 @@ class Gateway:
             next=target,
             csrf_token=self.csrf.for_login(nonce),  # type: ignore[arg-type]
             username=username,
-            need_totp=False,
+            need_totp=need_totp,
             step_up=reason == "step_up",
             app=None,
             action=LOGIN,
@@ -323,13 +363,53 @@ class Gateway:
                                          username=username, next_=target, reason="")
 
         await store.clear_failures(f"user:{username.lower()}")
+        mfa = False
+        if Factor.from_extra(user.extra) is not None:
+            checked = await self._second_factor(request, user, form.get("totp", ""), target, ip, now, resource)
+            if isinstance(checked, Response):
+                return checked
+            mfa = True
         host = headers.get("host", "")
         sid, decision = await self.gate.sign_in(
-            user.name, host=host, path=target.split("?", 1)[0], ip=ip, groups=user.groups,
+            user.name, host=host, path=target.split("?", 1)[0], ip=ip, groups=user.groups, mfa=mfa,
             replaces=old_sid if valid_id(old_sid) else None, login=resource,
         )
         return Response(b"", 303, {"Location": target, "Set-Cookie": self.cookies.session(sid),
                                    "Cache-Control": NO_STORE})
+
+    async def _second_factor(
+        self, request: Request, user: User, code: str, target: str, ip: str | None, now: float, resource: str
+    ) -> Response | None:
+        """The one-time code of a user who has one: None when accepted (and spent), else the page to show.
+
+        Wrong codes count towards their own lockout (``totp:NAME``), so guessing six
+        digits is bounded by the login throttle's numbers, and each is audited.
+        """
+        store, audit = self.rt.store, self.rt.audit
+        window, limit = self.login_cfg.window, self.login_cfg.max_attempts
+        key = f"totp:{user.name.lower()}"
+        ask = {"username": user.name, "next_": target, "reason": "", "need_totp": True}
+        if not code.strip():
+            return await self.login_page(request, message="Enter the one-time code from your authenticator app "
+                                         "(or a recovery code), with your password.", **ask)
+        if await store.failures(key, now, window) >= limit:
+            await audit.emit([AuditEvent(now, ev.THROTTLED, ev.FAILURE, user.name, None, None, ip, resource, "totp")])
+            page = await self.login_page(request, message="Too many wrong codes. Please wait a few minutes.",
+                                         status=429, **ask)
+            page.headers["Retry-After"] = str(int(window))
+            return page
+        # Read the factor afresh right before checking it, and spend the code at once:
+        # no other request can slip the same code in between (one event loop per store handle).
+        fresh = await store.get_user(user.name)
+        factor = Factor.from_extra(fresh.extra) if fresh is not None else None
+        spent = verify_code(factor, code, now) if factor is not None else None
+        if spent is None or fresh is None:
+            await store.failures(key, now, window, add=True)
+            await audit.emit([AuditEvent(now, ev.LOGIN, ev.FAILURE, user.name, None, None, ip, resource, "bad_totp")])
+            return await self.login_page(request, message="That code is not valid (or was already used).", **ask)
+        await store.put_user(replace(fresh, extra={**fresh.extra, "totp": spent.to_dict()}))
+        await store.clear_failures(key)
+        return None
 
     async def logout(self, request: Request) -> Response:
         headers, _trusted, _ip, sid = self._facts(request)

@@ -1,0 +1,42 @@
+"""One-time codes: a ±1 step window, never the same step twice, recovery codes once each."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lapse import totp
+
+SECRET = totp.new_secret()
+
+
+@given(st.integers(1_600_000_000, 2_000_000_000), st.integers(-3, 3))
+def test_codes_are_accepted_one_step_either_side_and_only_once(now, offset):
+    factor, _ = totp.enrol(SECRET)
+    code = totp.code_at(SECRET, now + offset * totp.STEP)
+    accepted = totp.verify(factor, code, now)
+    if abs(offset) <= totp.WINDOW:
+        assert accepted is not None
+        assert totp.verify(accepted, code, now) is None  # replayed
+        assert accepted.last_step >= (now // totp.STEP) - 1
+    elif accepted is not None:  # a code of another step may coincide with one in the window (1 in 10^6)
+        assert any(totp.code_at(SECRET, now + k * totp.STEP) == code for k in (-1, 0, 1))
+
+
+def test_an_older_code_after_a_newer_one_is_refused():
+    factor, _ = totp.enrol(SECRET)
+    now = 1_800_000_000
+    newer = totp.verify(factor, totp.code_at(SECRET, now), now)
+    assert newer is not None
+    assert totp.verify(newer, totp.code_at(SECRET, now - totp.STEP), now) is None
+
+
+def test_recovery_codes_are_stored_hashed_and_spent_once():
+    factor, codes = totp.enrol(SECRET)
+    assert len(set(codes)) == totp.RECOVERY_CODES and not set(codes) & set(factor.recovery)
+    spent = totp.verify(factor, codes[3].upper(), 0)  # case and spacing forgiven
+    assert spent is not None and len(spent.recovery) == totp.RECOVERY_CODES - 1
+    assert totp.verify(spent, codes[3], 0) is None
+    assert totp.verify(factor, "zzzzz-zzzzz", 0) is None
+    restored = totp.Factor.from_extra({"totp": spent.to_dict()})
+    assert restored == spent

@@ -1,0 +1,197 @@
+"""Defense in depth (issue 7): step-up with real TOTP codes, replay and lockout, recovery codes,
+session limits, fixation, a flood of unknown cookies, and the trusted client IP (hypothesis)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lapse import totp
+from lapse.core.policy import NetworkSpec, PolicySpec, compile_policy
+from lapse.web.app import UNKNOWN_COOKIE_LIMIT
+from lapse.web.net import Trust, client_ip
+
+from .test_gateway import CONFIG, T0, _set_cookies, harness, run
+
+MFA_CONFIG = CONFIG.replace('max_auth_age = "5m"', 'max_auth_age = "5m"\n  mfa = true').replace(
+    'passive_paths = ["/poll*"]', 'passive_paths = ["/poll*"]\nmax_sessions = 2'
+)
+
+
+async def enrol(h, name: str = "alice") -> tuple[str, list[str]]:
+    user = await h.rt.store.get_user(name)
+    secret = totp.new_secret()
+    factor, codes = totp.enrol(secret)
+    await h.rt.store.put_user(replace(user, extra={**user.extra, "totp": factor.to_dict()}))
+    return secret, codes
+
+
+def names(events: list[dict]) -> list[str]:
+    return [e["event"] for e in events]
+
+
+def test_step_up_with_totp_issues_a_new_id_and_codes_never_work_twice(tmp_path: Path):
+    """standards-checklist I.64 / NIST SP 800-63B-4 §5.2: privileged actions need a fresh, MFA-backed
+    authentication; success is a NEW session with every clock reset; a used code is refused (RFC 6238 §5.2)."""
+
+    async def main():
+        async with harness(tmp_path, config=MFA_CONFIG) as h:
+            secret, _ = await enrol(h)
+            # The password alone is not enough: the form comes back asking for the code.
+            first = await h.login()
+            assert first.status_code == 200 and 'name="totp"' in first.text and "__Host-lapse=" not in str(
+                first.headers.get_list("set-cookie"))
+            code = totp.code_at(secret, T0)
+            r = await h.login(totp=code)
+            assert r.status_code == 303, r.text
+            sid = _set_cookies(r)["__Host-lapse"]
+            assert (await h.auth(sid, "/pay/admin/x")).status_code == 200  # fresh, with MFA
+            # The same code again (a replay, within its 30 s) is refused and audited.
+            again = await h.login(totp=code)
+            assert again.status_code == 200 and "not valid" in again.text
+            assert any(e["event"] == "auth.login" and e.get("reason") == "bad_totp" for e in await h.events())
+
+            for t in (50, 100, 150, 200, 250, 300):  # active use keeps the pay app's 1 m idle clock fresh
+                h.clock.now = T0 + t
+                assert (await h.auth(sid, "/pay/other")).status_code == 200
+            h.clock.now = T0 + 301  # past max_auth_age: step-up needed, the session is otherwise fine
+            r = await h.auth(sid, "/pay/admin/x")
+            assert (r.status_code, r.headers["x-lapse-reason"]) == (401, "step_up")
+            assert (await h.auth(sid, "/pay/other")).status_code == 200
+            page = await h.client.get("/_lapse/login?reason=step_up", headers={"cookie": f"__Host-lapse={sid}"})
+            assert "Confirm it" in page.text and 'value="alice"' in page.text and 'name="totp"' in page.text
+
+            fresh_code = totp.code_at(secret, h.clock.now)
+            r = await h.login(totp=fresh_code, cookies={"__Host-lapse": sid})
+            assert r.status_code == 303
+            new = _set_cookies(r)["__Host-lapse"]
+            assert new != sid
+            assert (await h.auth(new, "/pay/admin/x")).status_code == 200
+            old = await h.auth(sid, "/pay/other")
+            assert (old.status_code, old.headers["x-lapse-reason"]) == (401, "revoked")
+            events = await h.events()
+            assert "session.step_up_required" in names(events)
+            ups = [e for e in events if e["event"] == "session.step_up"]
+            assert len(ups) == 1 and ups[0]["reason"] == "mfa" and ups[0]["user"] == "alice"
+            assert [e["reason"] for e in events if e["event"] == "session.revoked"] == ["reauth"]
+            # Every clock reset: the new session's absolute limit runs from the step-up.
+            stored = (await h.rt.store.read(h.rt.gate.key_of(new)))[0]
+            assert stored.auth_time == h.clock.now and stored.mfa
+
+    run(main())
+
+
+def test_recovery_codes_work_once_and_wrong_codes_lock_out(tmp_path: Path):
+    async def main():
+        async with harness(tmp_path, config=MFA_CONFIG) as h:
+            _, codes = await enrol(h)
+            assert (await h.login(totp=codes[0])).status_code == 303
+            assert (await h.login(totp=codes[0])).status_code == 200  # spent
+            stored = totp.Factor.from_extra((await h.rt.store.get_user("alice")).extra)
+            assert len(stored.recovery) == len(codes) - 1 and codes[0] not in str(stored.to_dict())
+            # max_attempts = 3 in the config: the spent code and two wrong ones, then none is even checked.
+            for _ in range(2):
+                assert (await h.login(totp="000000")).status_code == 200
+            locked = await h.login(totp=codes[1])
+            assert locked.status_code == 429 and locked.headers["retry-after"] == "60"
+            assert any(e["event"] == "auth.throttled" and e.get("reason") == "totp" for e in await h.events())
+            h.clock.now = T0 + 61
+            assert (await h.login(totp=codes[1])).status_code == 303
+
+    run(main())
+
+
+def test_max_sessions_ends_the_oldest(tmp_path: Path):
+    async def main():
+        async with harness(tmp_path, config=MFA_CONFIG) as h:
+            first = await h.sid(user="bob")
+            h.clock.now = T0 + 1
+            second = await h.sid(user="bob")
+            h.clock.now = T0 + 2
+            third = await h.sid(user="bob")
+            assert (await h.auth(first)).headers["x-lapse-reason"] == "revoked"
+            assert (await h.auth(second)).status_code == (await h.auth(third)).status_code == 200
+            revoked = [e for e in await h.events() if e["event"] == "session.revoked"]
+            assert [e["reason"] for e in revoked] == ["max_sessions"]
+            assert revoked[0]["session"] == h.rt.gate.key_of(first)
+
+    run(main())
+
+
+def test_the_pre_login_cookie_never_becomes_the_session(tmp_path: Path):
+    """Session fixation (OWASP ASVS 5.0 7.2.4): whatever cookie the browser brings, login issues a new ID."""
+
+    async def main():
+        async with harness(tmp_path) as h:
+            planted = "A" * 43  # shaped like an ID lapse issues, chosen by an attacker
+            r = await h.login(cookies={"__Host-lapse": planted})
+            issued = _set_cookies(r)["__Host-lapse"]
+            assert issued != planted
+            assert (await h.auth(planted)).headers["x-lapse-reason"] == "unknown"
+            assert (await h.auth(issued)).status_code == 200
+
+    run(main())
+
+
+def test_a_flood_of_unknown_cookies_from_one_ip_is_throttled_and_audited(tmp_path: Path):
+    async def main():
+        async with harness(tmp_path) as h:
+            good = await h.sid()
+            for i in range(UNKNOWN_COOKIE_LIMIT + 10):
+                r = await h.auth(f"guess{i:040d}", x_forwarded_for="198.51.100.9")
+                assert (r.status_code, r.headers["x-lapse-reason"]) == (401, "unknown")
+            events = await h.events()
+            throttled = [e for e in events if e["event"] == "auth.throttled"]
+            assert len(throttled) == 1 and throttled[0]["reason"] == "unknown_cookies"
+            assert throttled[0]["ip"] == "198.51.100.9"
+            # Once throttled, guesses are not looked up (nor each audited).
+            assert names(events).count("session.denied") == UNKNOWN_COOKIE_LIMIT
+            assert (await h.auth(good, x_forwarded_for="198.51.100.10")).status_code == 200  # others unaffected
+            h.clock.now = T0 + 61  # a login window later the IP is heard again
+            assert (await h.auth(good, x_forwarded_for="198.51.100.9")).status_code == 200
+
+    run(main())
+
+
+# ------------------------------------------------------------- trusted client IP and networks
+
+TRUST = Trust([ipaddress.ip_network(n) for n in ("127.0.0.1/32", "10.0.0.0/8", "::1/128")])
+public_v4 = st.ip_addresses(v=4).filter(lambda a: a.is_global).map(str)
+addresses = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str)
+
+
+@given(st.lists(addresses, max_size=6), public_v4, st.lists(st.sampled_from(["10.1.2.3", "127.0.0.1"]), max_size=3))
+def test_client_ip_is_the_rightmost_untrusted_hop(spoofed, client, proxies):
+    """Whatever a client writes into X-Forwarded-For, the answer is the hop our trusted proxies saw."""
+    header = ", ".join([*spoofed, client, *proxies])
+    assert client_ip("127.0.0.1", {"x-forwarded-for": header}, TRUST) == client
+    # From an untrusted peer the header means nothing at all.
+    assert client_ip(client, {"x-forwarded-for": header, "x-real-ip": "10.0.0.1"}, TRUST) == client
+
+
+@given(st.text(max_size=60))
+def test_garbage_forwarded_headers_never_raise_and_never_invent_an_ip(header):
+    got = client_ip("127.0.0.1", {"x-forwarded-for": header}, TRUST)
+    assert got == "127.0.0.1" or ipaddress.ip_address(got) is not None
+
+
+NETS = (
+    NetworkSpec("office6", (ipaddress.ip_network("2001:db8::/32"),), 2.0),
+    NetworkSpec("office", (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.168.0.0/16")), 2.0),
+    NetworkSpec("lab", (ipaddress.ip_network("10.1.0.0/16"),), 3.0),
+)
+POLICY = compile_policy(PolicySpec(networks=NETS))
+
+
+@given(addresses)
+def test_networks_match_by_cidr_first_match_wins(ip):
+    """Network rules by CIDR, IPv4 and IPv6 (IPv4-mapped IPv6 as IPv4), the first listed match wins."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    expected = next((n.name for n in NETS if any(addr.version == c.version and addr in c for c in n.cidrs)), None)
+    assert POLICY.resolve("any.test", "/", "GET", ip).limits.network == expected
