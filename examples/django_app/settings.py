@@ -25,6 +25,7 @@ MIDDLEWARE = [
     "lapse.middleware.django.LapseMiddleware",  # after AuthenticationMiddleware: it reads request.user
 ]
 TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "DIRS": [HERE / "templates"]}]
+(HERE / ".lapse").mkdir(exist_ok=True)  # the example's database and lapse's store live here
 DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3",
                          "NAME": os.environ.get("DJANGO_DB", str(HERE / ".lapse" / "django.sqlite3"))}}
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
