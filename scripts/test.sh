@@ -35,6 +35,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ $# -eq 0 ]; then
-    .venv/bin/ruff check src tests bench   # lint the whole tree when running the whole suite
+    .venv/bin/ruff check src tests bench examples   # lint the whole tree when running the whole suite
 fi
 exec .venv/bin/python -m pytest "$@"

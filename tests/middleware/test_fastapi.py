@@ -1,0 +1,313 @@
+"""The ASGI middleware in the FastAPI example app, through Starlette's TestClient, with the store's clock
+in the test's hand; then the same app under a real uvicorn with real (short) timeouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from examples.fastapi_app.app import create_app
+from lapse.identity import hash_password
+from lapse.middleware.asgi import LapseMiddleware
+from lapse.store.base import User
+
+from ..core.helpers import Clock
+from ..support import free_port, port_open
+from .common import ABSOLUTE, IDLE, T0, csrf_field, set_cookies, write_config
+
+HTML = {"accept": "text/html"}
+
+
+def audit(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def config(tmp_path: Path, **kw) -> Path:
+    path = write_config(tmp_path, **kw)
+    path.write_text(path.read_text().replace('sinks = ["store"]', 'sinks = ["store", "jsonl:audit.jsonl"]'))
+    return path
+
+
+def lapse_of(app) -> LapseMiddleware:
+    layer = app.middleware_stack
+    while not isinstance(layer, LapseMiddleware):
+        layer = layer.app
+    return layer
+
+
+@pytest.fixture
+def alongside(tmp_path: Path):
+    clock = Clock(T0)
+    app = create_app(config(tmp_path), mode="alongside", clock=clock)
+    with TestClient(app, base_url="https://testserver", follow_redirects=False) as client:
+        client.clock = clock
+        yield client
+
+
+def sign_in(client: TestClient, user: str = "alice", password: str = "wonderland") -> None:
+    r = client.post("/login", data={"username": user, "password": password, "next": "/private"})
+    assert r.status_code == 303, r.text
+
+
+def test_alongside_sign_in_is_adopted_and_active_requests_extend(alongside, tmp_path):
+    sign_in(alongside)
+    assert alongside.get("/private").status_code == 200
+    assert [e["event"] for e in audit(tmp_path)] == ["session.created"]
+    alongside.clock.now += IDLE - 100
+    assert alongside.get("/private").status_code == 200  # active: the idle clock starts again
+    alongside.clock.now += IDLE - 100
+    assert alongside.get("/private", headers=HTML).status_code == 200
+    assert alongside.get("/api/data").json() == {"user": "alice"}
+
+
+def test_alongside_idle_expiry_signs_out_through_the_starlette_session(alongside, tmp_path):
+    sign_in(alongside)
+    alongside.get("/private")
+    alongside.clock.now += IDLE
+    r = alongside.get("/private", headers=HTML)
+    assert r.status_code == 303
+    assert r.headers["location"] == "/login?next=/private&reason=idle"
+    assert r.headers["cache-control"] == "no-store"
+    # The Starlette session is empty now: the app itself sees nobody signed in.
+    after = alongside.get("/private")
+    assert after.status_code == 303 and after.headers["location"] == "/login?next=/private"
+    events = [(e["event"], e.get("reason")) for e in audit(tmp_path)]
+    # The request that discovers the lapse ends the session: one expiry, one refusal (in either order).
+    assert sorted(events) == [("session.created", None), ("session.denied", "idle"), ("session.expired", "idle")]
+    assert all("session" in e and len(e["session"]) < 100 for e in audit(tmp_path))
+
+
+def test_alongside_absolute_limit_holds_against_activity(alongside, tmp_path):
+    sign_in(alongside)
+    for _ in range(int(ABSOLUTE // 500)):
+        alongside.clock.now += 500
+        assert alongside.get("/private").status_code == 200
+    alongside.clock.now = T0 + ABSOLUTE
+    r = alongside.get("/api/data")
+    assert r.status_code == 401 and r.json() == {"reason": "absolute"}
+    assert r.headers["x-lapse-reason"] == "absolute"
+    assert ("session.expired", "absolute") in [(e["event"], e.get("reason")) for e in audit(tmp_path)]
+
+
+def test_passive_requests_never_extend(alongside):
+    sign_in(alongside)
+    alongside.get("/private")
+    alongside.clock.now += IDLE - 10
+    assert alongside.get("/api/poll").status_code == 200  # passive by path (passive_paths)
+    assert alongside.get("/private", headers={"x-lapse-activity": "passive"}).status_code == 200
+    status = alongside.get("/_lapse/session?path=/private").json()
+    assert status["authenticated"] and status["idle_expires_in"] == pytest.approx(10, abs=0.01)
+    alongside.clock.now += 10
+    assert alongside.get("/private").json() == {"reason": "idle"}  # none of the three moved the idle clock
+
+
+def test_session_api_and_activity_csrf(alongside, tmp_path):
+    sign_in(alongside)
+    alongside.get("/private")
+    body = alongside.get("/_lapse/session?path=/private").json()
+    assert body["user"] == "alice" and body["warn_before"] == 60 and body["idle_expires_in"] == IDLE
+    alongside.clock.now += 300
+    refused = alongside.post("/_lapse/session/activity?path=/private")
+    assert refused.status_code == 403
+    forged = alongside.post("/_lapse/session/activity?path=/private", headers={"x-csrf-token": "x" * 43})
+    assert forged.status_code == 403
+    ok = alongside.post("/_lapse/session/activity?path=/private", headers={"x-csrf-token": body["csrf_token"]})
+    assert ok.status_code == 200 and ok.json()["idle_expires_in"] == IDLE  # the active heartbeat extends
+    assert "set-cookie" not in ok.headers  # alongside: lapse sets no cookie of its own
+
+
+def test_app_logout_revokes_the_lapse_session(alongside, tmp_path):
+    sign_in(alongside)
+    alongside.get("/private")
+    assert alongside.post("/logout").status_code == 303
+    assert ("session.revoked", "logout") in [(e["event"], e.get("reason")) for e in audit(tmp_path)]
+    assert alongside.get("/private").headers["location"] == "/login?next=/private"
+
+
+def test_widget_sign_out_needs_csrf_and_goes_through_the_app(alongside, tmp_path):
+    sign_in(alongside)
+    alongside.get("/private")
+    token = alongside.get("/_lapse/session").json()["csrf_token"]
+    assert alongside.post("/_lapse/logout", data={"csrf_token": "wrong"}).status_code == 403
+    assert alongside.get("/private").status_code == 200  # still signed in
+    r = alongside.post("/_lapse/logout", data={"csrf_token": token})
+    assert r.status_code == 303 and r.headers["location"].startswith("/login?")
+    assert alongside.get("/private").status_code == 303  # the Starlette session was cleared
+    assert [(e["event"], e.get("reason")) for e in audit(tmp_path)][-1] == ("session.revoked", "logout")
+
+
+def test_widget_at_expiry_lands_on_the_apps_login(alongside):
+    sign_in(alongside)
+    alongside.get("/private")
+    alongside.clock.now += IDLE
+    r = alongside.get("/_lapse/login?next=/private&reason=idle")
+    assert r.status_code == 303 and r.headers["location"] == "/login?next=/private&reason=idle"
+    assert alongside.get("/private").headers["location"] == "/login?next=/private"
+
+
+def test_widget_is_served_and_in_the_page(alongside):
+    page = alongside.get("/")
+    assert '<script src="/_lapse/widget.js" defer></script>' in page.text
+    js = alongside.get("/_lapse/widget.js")
+    assert js.status_code == 200 and "alertdialog" in js.text
+    assert js.headers["content-type"].startswith("text/javascript")
+
+
+def test_another_user_signing_in_replaces_the_session(alongside, tmp_path):
+    sign_in(alongside)
+    alongside.get("/private")
+    # The app clears its session on sign-in; lapse sees the old one go (logout) and opens a new one.
+    sign_in(alongside)
+    alongside.get("/private")
+    events = [e["event"] for e in audit(tmp_path)]
+    assert events.count("session.created") == 2 and events.count("session.revoked") == 1
+
+
+# ------------------------------------------------------------------ standalone
+
+
+@pytest.fixture
+def standalone(tmp_path: Path):
+    clock = Clock(T0)
+    app = create_app(config(tmp_path, store="sqlite:///lapse.db"), mode="standalone", clock=clock)
+    with TestClient(app, base_url="https://testserver", follow_redirects=False) as client:
+        client.clock = clock
+        client.lapse = lapse_of(app)
+        client.portal.call(client.lapse.enforcer.rt.store.put_user,
+                           User("alice", hash_password("wonderland"), created_at=T0))
+        yield client
+
+
+def lapse_login(client: TestClient, password: str = "wonderland") -> str:
+    page = client.get("/_lapse/login?next=/private")
+    r = client.post("/_lapse/login", data={"username": "alice", "password": password, "next": "/private",
+                                          "csrf_token": csrf_field(page.text)})
+    assert r.status_code == 303 and r.headers["location"] == "/private", r.text
+    cookie = r.headers["set-cookie"]
+    assert cookie.startswith("__Host-lapse=") and "Secure" in cookie and "HttpOnly" in cookie and "Path=/" in cookie
+    return set_cookies(r.headers)["__Host-lapse"]
+
+
+def only(client: TestClient, sid: str) -> dict[str, str]:
+    """Present exactly this session cookie (the jar is emptied so it cannot add another)."""
+    client.cookies.clear()
+    return {"cookie": f"__Host-lapse={sid}"}
+
+
+def test_standalone_login_cookie_and_refusals(standalone, tmp_path):
+    r = standalone.get("/private", headers=HTML)
+    assert r.status_code == 303 and r.headers["location"] == "/_lapse/login?next=/private&reason=missing"
+    assert standalone.get("/api/data").json() == {"reason": "missing"}
+    assert standalone.get("/").status_code == 200  # public_paths
+    first = lapse_login(standalone)
+    assert standalone.get("/private").text.count("Hello alice") == 1
+    second = lapse_login(standalone)  # signing in again: a new ID, the old one ended (reauth)
+    assert second != first
+    old = standalone.get("/api/data", headers=only(standalone, first))
+    assert old.status_code == 401 and old.json() == {"reason": "revoked"}
+    events = [(e["event"], e.get("reason")) for e in audit(tmp_path)]
+    assert ("session.revoked", "reauth") in events
+
+
+@pytest.mark.parametrize("cookie", ["A" * 43, "not a valid id!", "x" * 5000, "", "%00%ff"])
+def test_standalone_forged_or_malformed_cookie_is_401_and_audited(standalone, tmp_path, cookie):
+    standalone.cookies.clear()
+    r = standalone.get("/api/data", headers={"cookie": f"__Host-lapse={cookie}"})
+    assert r.status_code == 401
+    assert r.json()["reason"] in ("unknown", "missing")
+    if cookie:
+        assert [(e["event"], e.get("reason")) for e in audit(tmp_path)][-1] == ("session.denied", "unknown")
+        assert "__Host-lapse=;" in r.headers["set-cookie"]  # cleared
+
+
+def test_standalone_idle_expiry_and_logout(standalone, tmp_path):
+    lapse_login(standalone)
+    standalone.clock.now += IDLE
+    r = standalone.get("/private", headers=HTML)
+    assert r.status_code == 303 and r.headers["location"].endswith("reason=idle")
+    sid = lapse_login(standalone)
+    token = standalone.get("/_lapse/session").json()["csrf_token"]
+    r = standalone.post("/_lapse/logout", data={"csrf_token": token})
+    assert r.status_code == 200 and "__Host-lapse=;" in r.headers["set-cookie"]
+    assert standalone.get("/api/data", headers=only(standalone, sid)).json() == {"reason": "revoked"}
+    events = [(e["event"], e.get("reason")) for e in audit(tmp_path)]
+    assert ("session.denied", "idle") in events and ("session.revoked", "logout") in events
+
+
+def test_store_down_fails_closed(standalone):
+    sid = lapse_login(standalone)
+    standalone.portal.call(standalone.lapse.enforcer.rt.store.close)
+    r = standalone.get("/api/data", headers=only(standalone, sid))
+    assert r.status_code == 503 and r.json()["error"] == "unavailable"
+    page = standalone.get("/private", headers={**HTML, **only(standalone, sid)})
+    assert page.status_code == 503 and "unavailable" in page.text
+    assert standalone.get("/_lapse/session", headers=only(standalone, sid)).status_code == 503
+
+
+def test_without_lifespan_the_middleware_refuses_to_run(tmp_path):
+    app = create_app(config(tmp_path), mode="standalone")
+    with pytest.raises(RuntimeError, match="lifespan"):
+        TestClient(app).get("/private")
+
+
+def test_sweeper_expires_sessions_whose_user_never_comes_back(tmp_path):
+    clock = Clock(T0)
+    app = create_app(config(tmp_path, sweep="1s"), mode="alongside", clock=clock)
+    with TestClient(app, base_url="https://testserver", follow_redirects=False) as client:
+        sign_in(client)
+        client.get("/private")
+        clock.now += IDLE + 1
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "session.expired" not in [e["event"] for e in audit(tmp_path)]:
+            time.sleep(0.1)
+    assert [(e["event"], e.get("reason")) for e in audit(tmp_path)][-1] == ("session.expired", "idle")
+
+
+# ----------------------------------------------------------------- real server
+
+
+def test_real_uvicorn_with_short_timeouts(tmp_path):
+    """The example under uvicorn as a user runs it, idle "2s": a live page, then expiry in real time."""
+    path = config(tmp_path)
+    path.write_text(path.read_text().replace('idle = "10m"', 'idle = "2s"').replace('warn_before = "1m"',
+                                                                                  'warn_before = "1s"'))
+    port = free_port()
+    env = {**os.environ, "LAPSE_CONFIG": str(path), "LAPSE_MODE": "alongside", "SESSION_SECRET": "s" * 32}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "examples.fastapi_app.app:create_app",
+         "--port", str(port), "--log-level", "warning"], cwd=root, env=env,
+    )
+    try:
+        for _ in range(100):
+            if port_open(port):
+                break
+            time.sleep(0.1)
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, follow_redirects=False) as c:
+            r = c.post("/login", data={"username": "alice", "password": "wonderland", "next": "/private"})
+            jar = {"cookie": f"__Host-app={set_cookies(r.headers)['__Host-app']}"}
+            assert c.get("/private", headers=jar).status_code == 200
+            time.sleep(1.2)
+            ok = c.get("/private", headers=jar)  # active: extends
+            assert ok.status_code == 200
+            jar = {"cookie": f"__Host-app={set_cookies(ok.headers).get('__Host-app', jar['cookie'].split('=', 1)[1])}"}
+            time.sleep(1.2)
+            assert c.get("/private", headers=jar).status_code == 200  # 2.4 s after sign-in, alive
+            time.sleep(2.2)
+            gone = c.get("/private", headers={**jar, **HTML})
+            assert gone.status_code == 303 and gone.headers["location"].endswith("reason=idle")
+        events = [(e["event"], e.get("reason")) for e in audit(tmp_path)]
+        assert ("session.expired", "idle") in events
+    finally:
+        proc.terminate()
+        proc.wait(10)
