@@ -3,7 +3,9 @@ session limits, fixation, a flood of unknown cookies, and the trusted client IP 
 
 from __future__ import annotations
 
+import html
 import ipaddress
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from lapse.core.policy import NetworkSpec, PolicySpec, compile_policy
 from lapse.web.app import UNKNOWN_COOKIE_LIMIT
 from lapse.web.net import Trust, client_ip
 
-from .test_gateway import CONFIG, T0, _set_cookies, harness, run
+from .test_gateway import CONFIG, PASSWORD, T0, _set_cookies, harness, run
 
 MFA_CONFIG = CONFIG.replace('max_auth_age = "5m"', 'max_auth_age = "5m"\n  mfa = true').replace(
     'passive_paths = ["/poll*"]', 'passive_paths = ["/poll*"]\nmax_sessions = 2'
@@ -195,3 +197,76 @@ def test_networks_match_by_cidr_first_match_wins(ip):
         addr = addr.ipv4_mapped
     expected = next((n.name for n in NETS if any(addr.version == c.version and addr in c for c in n.cidrs)), None)
     assert POLICY.resolve("any.test", "/", "GET", ip).limits.network == expected
+
+
+# ------------------------------------------------------------------ account pages
+
+
+def _csrf(page) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+
+
+def test_password_change_offers_to_end_every_other_session(tmp_path: Path):
+    """ASVS 5.0 7.4.3: after a password change the user can end all other sessions (ticked by default);
+    the current password is required, and the session in use stays."""
+
+    async def main():
+        async with harness(tmp_path) as h:
+            other = await h.sid()
+            sid = await h.sid()
+            jar = {"cookie": f"__Host-lapse={sid}"}
+            assert (await h.client.get("/_lapse/password")).status_code == 303  # signed out: sign in first
+            page = await h.client.get("/_lapse/password", headers=jar)
+            assert page.status_code == 200 and 'name="end_others" value="1" checked' in page.text
+            form = {"csrf_token": _csrf(page), "current": "wrong password", "new": "n3w password!",
+                    "confirm": "n3w password!", "end_others": "1"}
+            assert (await h.client.post("/_lapse/password", data={**form, "csrf_token": "x"}, headers=jar)).status_code == 403
+            r = await h.client.post("/_lapse/password", data=form, headers=jar)
+            assert "not right" in r.text
+            r = await h.client.post("/_lapse/password", data={**form, "current": PASSWORD}, headers=jar)
+            assert r.status_code == 200 and "1 other" in r.text, r.text
+            assert (await h.auth(other)).headers["x-lapse-reason"] == "revoked"
+            assert (await h.auth(sid)).status_code == 200
+            assert (await h.login()).status_code == 200  # the old password is gone
+            assert (await h.login(password="n3w password!")).status_code == 303
+            events = await h.events()
+            assert [e.get("reason") for e in events if e["event"] == "session.revoked"] == ["password_changed"]
+            assert "user.password_changed" in names(events)
+
+    run(main())
+
+
+def test_totp_enrolment_from_the_web_needs_the_password_and_a_working_code(tmp_path: Path):
+    async def main():
+        async with harness(tmp_path) as h:
+            sid = await h.sid()
+            jar = {"cookie": f"__Host-lapse={sid}"}
+            page = await h.client.get("/_lapse/totp", headers=jar)
+            token = _csrf(page)
+            wrong = await h.client.post("/_lapse/totp", data={"csrf_token": token, "step": "password",
+                                                               "current": "nope nope"}, headers=jar)
+            assert "not right" in wrong.text and "<svg" not in wrong.text
+            shown = await h.client.post("/_lapse/totp", data={"csrf_token": token, "step": "password",
+                                                               "current": PASSWORD}, headers=jar)
+            assert "<svg" in shown.text
+            secret = re.search(r'name="secret" value="([A-Z2-7]+)"', shown.text).group(1)
+            seal = html.unescape(re.search(r'name="seal" value="([^"]+)"', shown.text).group(1))
+            confirm = {"csrf_token": token, "step": "confirm", "secret": secret, "seal": seal}
+            # A secret swapped in the form is refused; a wrong code keeps nothing.
+            forged = {**confirm, "secret": totp.new_secret(), "code": totp.code_at(secret, T0)}
+            assert (await h.client.post("/_lapse/totp", data=forged, headers=jar)).status_code == 403
+            bad = await h.client.post("/_lapse/totp", data={**confirm, "code": "000000"}, headers=jar)
+            assert "did not match" in bad.text
+            assert totp.Factor.from_extra((await h.rt.store.get_user("alice")).extra) is None
+            done = await h.client.post("/_lapse/totp", data={**confirm, "code": totp.code_at(secret, T0)},
+                                       headers=jar)
+            codes = re.findall(r"<code>([a-z0-9]{5}-[a-z0-9]{5})</code>", done.text)
+            assert len(codes) == totp.RECOVERY_CODES
+            # From now on the password alone is not enough; the code used to confirm cannot be reused.
+            assert (await h.login()).status_code == 200
+            assert (await h.login(totp=totp.code_at(secret, T0))).status_code == 200
+            h.clock.now = T0 + 30
+            assert (await h.login(totp=totp.code_at(secret, h.clock.now))).status_code == 303
+            assert (await h.login(totp=codes[0])).status_code == 303
+
+    run(main())

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import quote, urlsplit
 
 from jinja2 import Environment, PackageLoader
 from starlette.requests import Request
@@ -34,6 +34,8 @@ from ..runtime import Runtime
 from ..store.base import StoreUnavailable, User
 from ..totp import Factor
 from ..totp import verify as verify_code
+from .account import PASSWORD, TOTP, Account
+from .forms import read_form
 from .metrics import Metrics
 from .net import Trust, client_ip, header_dict, original_request
 from .proxy import Upstream
@@ -49,7 +51,6 @@ _AUTH_HEADERS = frozenset(
      b"x-forwarded-method", b"x-forwarded-uri", b"x-forwarded-host", b"x-lapse-activity"}
 )
 """The request headers forward-auth reads; the rest are never decoded."""
-MAX_FORM = 16 * 1024
 LOGIN = "/_lapse/login"
 UNKNOWN_COOKIE_LIMIT = 50  # unknown session cookies from one IP per login window before it is throttled
 EVENTS_EVERY = 1.0  # seconds between an event stream's looks at its session
@@ -92,10 +93,15 @@ class Gateway:
             if cfg.server.mode == "proxy" and cfg.server.upstream
             else None
         )
+        self.account = Account(self)
         routes = [
             Route(LOGIN, self.login_page, methods=["GET"]),
             Route(LOGIN, self.login, methods=["POST"]),
             Route("/_lapse/logout", self.logout, methods=["POST"]),
+            Route(PASSWORD, self.account.password_page, methods=["GET"]),
+            Route(PASSWORD, self.account.change_password, methods=["POST"]),
+            Route(TOTP, self.account.totp_page, methods=["GET"]),
+            Route(TOTP, self.account.totp_enrol, methods=["POST"]),
             Route("/_lapse/session", self.session_status, methods=["GET"]),
             Route("/_lapse/session/activity", self.session_activity, methods=["POST"]),
             Route("/_lapse/healthz", self.healthz, methods=["GET"]),
@@ -327,7 +333,7 @@ class Gateway:
 
     async def login(self, request: Request) -> Response:
         headers, _trusted, ip, old_sid = self._facts(request)
-        form = await _form(request)
+        form = await read_form(request)
         if form is None:
             return self._error(400, "Bad request", "The sign-in form could not be read.")
         username = form.get("username", "").strip()
@@ -413,7 +419,7 @@ class Gateway:
 
     async def logout(self, request: Request) -> Response:
         headers, _trusted, _ip, sid = self._facts(request)
-        form = await _form(request) or {}
+        form = await read_form(request) or {}
         token = headers.get("x-csrf-token") or form.get("csrf_token")
         if valid_id(sid):
             key = self.gate.key_of(sid)  # type: ignore[arg-type]
@@ -560,21 +566,6 @@ def _wants_html(headers: dict[str, str]) -> bool:
     return "text/html" in headers.get("accept", "")
 
 
-async def _form(request: Request) -> dict[str, str] | None:
-    """A small urlencoded form (login, logout), or None if it is not one or too large."""
-    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if kind not in ("application/x-www-form-urlencoded", ""):
-        return None
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM:
-            return None
-    try:
-        parsed = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=20)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return {k: v[0] for k, v in parsed.items()}
 
 
 __all__ = ["Gateway", "login_url", "safe_next"]

@@ -69,6 +69,10 @@ class Csrf:
     def for_login(self, nonce: str) -> str:
         return self._mac("login", nonce)
 
+    def bind(self, purpose: str, value: str) -> str:
+        """A MAC tying ``value`` to this gateway's secret, for values a form carries and must get back unchanged."""
+        return self._mac(purpose, value)
+
     @staticmethod
     def same(given: str | None, expected: str) -> bool:
         return given is not None and hmac.compare_digest(given.encode(), expected.encode())
