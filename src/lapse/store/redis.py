@@ -94,7 +94,7 @@ def connect(target: RedisTarget) -> Client:
     )
     if target.kind == "cluster":
         nodes = [ClusterNode(host, port) for host, port in target.hosts]
-        return RedisCluster(startup_nodes=nodes, cluster_error_retry_attempts=1, **common)
+        return RedisCluster(startup_nodes=nodes, **common)
     if target.kind == "sentinel":
         sentinels = Sentinel(
             list(target.hosts),
@@ -227,7 +227,9 @@ class RedisStore:
                 if record is None:
                     if not guessed:
                         return result
-                    expected = await self._r.get(keys[0])  # a guess cannot prove a refusal: look
+                    # A guess cannot prove a refusal: look (with the read script, so every round trip
+                    # on the request path is one EVALSHA, which is how round trips are counted).
+                    _, expected = await self._eval(lua.READ, keys[:1])
                 elif stored is not None:
                     if record.ended_at is not None:
                         change, at = "end", score(record.ended_at)
