@@ -10,17 +10,19 @@ cd "$(dirname "$0")/.."
 # Debian 12's "nginx" is the whole server (auth_request included); its "nginx-light" is just that
 # package plus the echo module, so "nginx" is the one to ask for.
 # tests/browser drives Debian's Chromium (/usr/bin/chromium) with Playwright: never `playwright install`.
+# tests/store and tests/e2e start their own redis-server processes (free ports, no persistence): never the service.
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 missing=()
 have nginx || missing+=(nginx)
 have caddy || missing+=(caddy)
+have redis-server || missing+=(redis-server)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then as_root=(); elif sudo -n true 2>/dev/null; then as_root=(sudo -n); else as_root=(none); fi
     if [ "${as_root[*]}" = none ]; then
-        echo "warning: ${missing[*]} missing and not root: tests/e2e and tests/browser will skip (or fail under CI=true)" >&2
+        echo "warning: ${missing[*]} missing and not root: tests/e2e, tests/browser and the Redis tests will skip (or fail under CI=true)" >&2
     else
-        echo "installing ${missing[*]} for the end-to-end and browser tests (apt)..." >&2
+        echo "installing ${missing[*]} for the end-to-end, browser and Redis tests (apt)..." >&2
         "${as_root[@]}" apt-get update -qq
         servers=("${missing[@]/chromium}")
         if [ -n "${servers[*]// }" ]; then

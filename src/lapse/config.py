@@ -58,6 +58,7 @@ from lapse.core.durations import format_duration, parse_duration
 from lapse.core.presets import PRESETS
 
 from .core.policy import AppSpec, Layer, NetworkSpec, Policy, PolicySpec, PrivilegedSpec, compile_policy
+from .store.redis_url import is_redis_url, parse_redis_url
 
 __all__ = [
     "Problem",
@@ -472,20 +473,16 @@ class Store(_Section):
                 problem = 'sqlite needs a file: "sqlite:///PATH" (relative) or "sqlite:////ABSOLUTE/PATH"'
             else:
                 self._sqlite_path = _resolve(_base_dir(info), written)
-        elif url.startswith(("redis://", "rediss://")):
-            parts = urlsplit(url)
+        elif is_redis_url(url):
             try:
-                _ = parts.port  # raises on a bad port
-                if not parts.hostname:
-                    raise ValueError("no host")
-                if parts.path not in ("", "/") and not re.fullmatch(r"/\d+", parts.path):
-                    raise ValueError("the database must be a number")
+                parse_redis_url(url)
             except ValueError as exc:
-                problem = f'bad redis URL {json.dumps(url)} ({exc}): expected "redis://HOST:PORT/DB"'
+                problem = (f'bad redis URL {json.dumps(url)} ({exc}): expected "redis://HOST:PORT/DB", '
+                           '"redis+sentinel://HOST:PORT,.../NAME/DB" or "redis+cluster://HOST:PORT,..." (see docs/redis.md)')
         else:
             problem = (
                 f'unsupported store URL {json.dumps(url)}: expected "memory://", "sqlite:///PATH" '
-                'or "redis://HOST:PORT/DB" ("rediss://" for TLS)'
+                'or "redis://HOST:PORT/DB" ("rediss://" for TLS; redis+sentinel:// and redis+cluster:// too)'
             )
         if problem:
             raise _issues((("url",), problem))

@@ -7,7 +7,6 @@ one place that knows how the parts are put together.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ class Runtime:
 
 
 @asynccontextmanager
-async def open_runtime(loaded: LoadedConfig, *, clock: Callable[[], float] = time.time) -> AsyncIterator[Runtime]:
+async def open_runtime(loaded: LoadedConfig, *, clock: Callable[[], float] | None = None) -> AsyncIterator[Runtime]:
     cfg = loaded.config
     secrets, warnings = load_or_create(cfg.server.secret_path)
     for warning in warnings:

@@ -7,6 +7,7 @@ plain ``asyncio.run`` (the hook below): no pytest-asyncio.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,10 @@ from typing import Any
 import pytest
 
 from lapse.store.memory import MemoryStore
+from lapse.store.redis import RedisStore
 from lapse.store.sqlite import SqliteStore
+
+from ..redis_server import shared_server
 
 T0 = 1_700_000_000.25
 
@@ -41,9 +45,16 @@ class Adapter:
     shared: bool  # opening the same folder again gives a second handle on the same data
 
 
+def open_redis(place: Path, clock: FakeClock) -> RedisStore:
+    """On one real redis-server for the whole run; each folder gets its own key prefix (its own data)."""
+    prefix = "t" + hashlib.sha256(str(place).encode()).hexdigest()[:12] + ":"
+    return RedisStore(f"{shared_server().url}?prefix={prefix}", clock)
+
+
 ADAPTERS = [
     Adapter("memory", lambda place, clock: MemoryStore(clock), shared=False),
     Adapter("sqlite", lambda place, clock: SqliteStore(place / "x.db", clock), shared=True),
+    Adapter("redis", open_redis, shared=True),
 ]
 
 

@@ -8,20 +8,31 @@ from pathlib import Path
 
 from .base import SessionStore, StoreUnavailable, User, WriteResult
 from .memory import MemoryStore
+from .redis_url import is_redis_url
 
 
-def open_store(url: str, *, clock: Callable[[], float] = time.time, base_dir: Path | None = None) -> SessionStore:
-    """``memory://`` or ``sqlite:///PATH`` (relative paths from ``base_dir``)."""
+def open_store(url: str, *, clock: Callable[[], float] | None = None, base_dir: Path | None = None) -> SessionStore:
+    """``memory://``, ``sqlite:///PATH`` (relative paths from ``base_dir``) or a Redis URL (docs/redis.md).
+
+    ``clock`` is the store's clock: the host's by default; Redis judges by its own
+    ``TIME`` unless a clock is given (tests).
+    """
     if url == "memory://":
-        return MemoryStore(clock)
+        return MemoryStore(clock or time.time)
     if url.startswith("sqlite:///"):
         from .sqlite import SqliteStore
 
         path = Path(url[len("sqlite:///") :])
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
-        return SqliteStore(path, clock)
-    raise ValueError(f"unsupported store url {url!r}: use \"memory://\" or \"sqlite:///PATH\"")
+        return SqliteStore(path, clock or time.time)
+    if is_redis_url(url):
+        from .redis import RedisStore
+
+        return RedisStore(url, clock)
+    raise ValueError(
+        f"unsupported store url {url!r}: use \"memory://\", \"sqlite:///PATH\" or \"redis://HOST:PORT/DB\""
+    )
 
 
 __all__ = ["MemoryStore", "SessionStore", "StoreUnavailable", "User", "WriteResult", "open_store"]

@@ -1,0 +1,420 @@
+"""``redis://``, ``rediss://``, Sentinel and Cluster: the store for several gateway replicas.
+
+One round trip, one clock. ``read`` is one script call that returns the
+session's record together with Redis's ``TIME``, so every replica judges by
+Redis's clock (skewed hosts agree) and a decision that changes nothing costs
+exactly one round trip. ``decide()`` stays the only judge; the core already
+coalesces writes, so the steady state is about one round trip per decision
+and never more than two (read, then one compare-and-swap write).
+
+Writes. ``write`` carries out ``apply_write`` (store/base.py) as a
+compare-and-swap (see ``redis_scripts``): atomic on one record and its
+indexes, forward-only, never touching an ended record. A revocation is such a
+write, so every replica sees it at its next ``read``: there is no local cache.
+
+Expiry. Each shard's sorted set ``{NN}due`` holds the live sessions by their
+sweeper deadline (``expires_at``, the most generous one); every replica's
+sweeper reads all shards, and an end is a guarded write that exactly one
+sweeper wins, so each ended session yields one ``session.expired``. Key TTLs
+are a safety net only (``SAFETY``, ``ENDED_KEEP``): they matter only if no
+sweeper runs for days.
+
+Failure. Every connect and every reply has a timeout (``timeout`` in the URL);
+a connection error, a timeout or any Redis error becomes ``StoreUnavailable``
+(the gateway answers 503), logged once per outage; the client reconnects on
+the next call, so recovery needs no restart.
+
+What else lives here: users (one hash), login-failure counters (one small
+hash per user or IP, expiring with their window), and the ``store`` audit sink
+(a stream capped at ``audit_maxlen`` entries). docs/redis.md has the key list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+
+from ..core.events import AuditEvent
+from ..core.session import Session
+from . import redis_scripts as lua
+from .base import SessionExists, StoreUnavailable, User, WriteResult, apply_write
+from .redis_codec import (
+    SHARDS,
+    Damaged,
+    pack,
+    pack_member,
+    score,
+    session_keys,
+    shard_of,
+    tag,
+    unpack,
+    unpack_member,
+)
+from .redis_url import RedisTarget, parse_redis_url
+
+log = logging.getLogger("lapse.store")
+
+SAFETY = 7 * 86400 * 1000  # ms a live record outlives its sweeper deadline before its TTL removes it
+ENDED_KEEP = 35 * 86400 * 1000  # ms an ended record is kept at most (the sweeper purges it sooner)
+CAS_ATTEMPTS = 16  # compare-and-swap rounds before a write gives up (only under a storm on one session)
+BATCH = 1000  # keys per pipeline or purge step
+
+Client = Redis | RedisCluster
+
+
+def connect(target: RedisTarget) -> Client:
+    """A client for the target, with a timeout on every connect and reply and one immediate reconnect.
+
+    redis-py's default retries ten times with backoff up to a second: far too
+    long for a gateway that must answer 503 quickly. Only a broken connection
+    is retried (once, at once: a pooled connection Redis dropped on restart);
+    a timeout is not, so every call gives up within about ``timeout``.
+    """
+    common: dict[str, Any] = dict(
+        socket_timeout=target.timeout,
+        socket_connect_timeout=target.timeout,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        username=target.username,
+        password=target.password,
+        ssl=target.tls,
+        **target.tls_options,
+    )
+    if target.kind == "cluster":
+        nodes = [ClusterNode(host, port) for host, port in target.hosts]
+        return RedisCluster(startup_nodes=nodes, **common)
+    if target.kind == "sentinel":
+        sentinels = Sentinel(
+            list(target.hosts),
+            sentinel_kwargs={
+                "password": target.sentinel_password,
+                "socket_timeout": target.timeout,
+                "socket_connect_timeout": target.timeout,
+            },
+            **common,
+        )
+        return sentinels.master_for(target.service, db=target.db)
+    host, port = target.hosts[0]
+    return Redis(host=host, port=port, db=target.db, **common)
+
+
+class RedisStore:
+    """The ``SessionStore`` port on Redis. ``clock`` replaces Redis's ``TIME`` (tests only)."""
+
+    def __init__(self, url: str, clock: Callable[[], float] | None = None) -> None:
+        self.target = parse_redis_url(url)
+        self._r = connect(self.target)
+        self._clock = clock
+        self._prefix = self.target.prefix.encode()
+        self._users = self._prefix + b"users"
+        self._audit = self._prefix + b"audit"
+        self._sha = {script: hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS}
+        self._down = False
+
+    # ------------------------------------------------------------ plumbing
+
+    def _unavailable(self, what: str, exc: BaseException) -> StoreUnavailable:
+        message = f"redis store {self.target.redacted()}: {what} failed: {exc or type(exc).__name__}"
+        if not self._down:
+            log.error("%s (failing closed until it answers)", message)
+            self._down = True
+        return StoreUnavailable(message)
+
+    def _answered(self) -> None:
+        if self._down:
+            self._down = False
+            log.warning("redis store %s answers again", self.target.redacted())
+
+    async def _eval(self, script: str, keys: Sequence[bytes], args: Iterable[Any] = ()) -> Any:
+        sha = self._sha[script]
+        try:
+            return await self._r.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        except NoScriptError:  # a fresh or restarted Redis: load it (on every primary of a Cluster)
+            await self._r.script_load(script)
+            return await self._r.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+
+    async def _pipeline(self, what: str, commands: Iterable[tuple[Any, ...]]) -> list[Any]:
+        """Many single-key commands in one round trip per node (Cluster pipelines route each command)."""
+        out: list[Any] = []
+        batch = list(commands)
+        try:
+            for i in range(0, len(batch), BATCH):
+                pipe = self._r.pipeline(transaction=False)
+                for command in batch[i : i + BATCH]:
+                    pipe.execute_command(*command)
+                out.extend(await pipe.execute())
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(what, exc) from exc
+        return out
+
+    def _record_key(self, member: bytes) -> bytes:
+        return tag(self._prefix, shard_of(member)) + b"s" + member
+
+    def _user_key(self, user: str) -> bytes:
+        return self._prefix + b"u:" + user.encode()
+
+    def _decode(self, key: str, blob: bytes) -> Session:
+        try:
+            return unpack(key, blob)
+        except Damaged as exc:
+            raise StoreUnavailable(f"redis store: {exc}") from exc
+
+    # ------------------------------------------------------------ sessions
+
+    async def now(self) -> float:
+        if self._clock is not None:
+            return self._clock()
+        try:
+            sec, usec = await self._r.time()
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("now", exc) from exc
+        self._answered()
+        return sec + usec / 1_000_000
+
+    async def read(self, key: str) -> tuple[Session | None, float]:
+        try:
+            member = pack_member(key)
+        except ValueError:
+            return None, await self.now()
+        try:
+            (sec, usec), blob = await self._eval(lua.READ, (self._record_key(member),))
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("read", exc) from exc
+        if self._down:
+            self._answered()
+        now = self._clock() if self._clock is not None else int(sec) + int(usec) / 1_000_000
+        return (None if blob is None else self._decode(key, blob)), now
+
+    async def create(self, session: Session) -> None:
+        member = pack_member(session.key)
+        blob = pack(session)
+        ended = session.ended_at is not None
+        at = score(session.ended_at if ended else session.expires_at)  # type: ignore[arg-type]
+        try:
+            # The user's index first: a crash in between leaves an index entry without a record
+            # (skipped and cleaned later), never a session that revoking the user would miss.
+            await self._r.sadd(self._user_key(session.user), member)
+            created = await self._eval(
+                lua.CREATE, session_keys(self._prefix, member), (blob, member, int(ended), at, SAFETY, ENDED_KEEP)
+            )
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("create", exc) from exc
+        if not created:
+            raise SessionExists("session key already exists")
+
+    async def write(self, before: Session, after: Session) -> WriteResult:
+        member = pack_member(before.key)
+        keys = session_keys(self._prefix, member)
+        # First guess: the record is still ``before`` (the caller has just read it). The swap checks it.
+        stored: Session | None = before
+        expected: bytes | None = pack(before)
+        guessed = True
+        try:
+            for _ in range(CAS_ATTEMPTS):
+                result, record = apply_write(stored, before, after)
+                if record is None:
+                    if not guessed:
+                        return result
+                    # A guess cannot prove a refusal: look (with the read script, so every round trip
+                    # on the request path is one EVALSHA, which is how round trips are counted).
+                    _, expected = await self._eval(lua.READ, keys[:1])
+                elif stored is not None:
+                    if record.ended_at is not None:
+                        change, at = "end", score(record.ended_at)
+                    elif record.expires_at != stored.expires_at:
+                        change, at = "due", score(record.expires_at)
+                    else:
+                        change, at = "", ""
+                    reply = await self._eval(
+                        lua.WRITE, keys, (expected, pack(record), member, change, at, SAFETY, ENDED_KEEP)
+                    )
+                    if reply[0] == 1:
+                        return result
+                    expected = reply[1] if len(reply) > 1 else None
+                stored = None if expected is None else self._decode(before.key, expected)
+                guessed = False
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("write", exc) from exc
+        raise StoreUnavailable(f"redis store: a session kept changing under {CAS_ATTEMPTS} attempts to write it")
+
+    async def due(self, now: float, limit: int) -> list[Session]:
+        if limit <= 0:
+            return []
+        bound = score(now)
+        replies = await self._pipeline(
+            "due", (("ZRANGEBYSCORE", tag(self._prefix, n) + b"due", "-inf", bound, "WITHSCORES", "LIMIT", 0, limit)
+                    for n in range(SHARDS))
+        )
+        # redis-py pairs WITHSCORES replies up: [[member, score], ...] per shard.
+        candidates = sorted((float(at), unpack_member(m), m) for pairs in replies for m, at in pairs)[:limit]
+        found = await self._sessions([(key, member) for _, key, member in candidates], "due")
+        return [s for s in found if s.ended_at is None and s.expires_at <= now]
+
+    async def _sessions(self, wanted: list[tuple[str, bytes]], what: str) -> list[Session]:
+        """The records of these (key, member) pairs, in order; index entries without a record are dropped."""
+        blobs = await self._pipeline(what, (("GET", self._record_key(member)) for _, member in wanted))
+        found, dangling = [], []
+        for (key, member), blob in zip(wanted, blobs):
+            if blob is None:
+                dangling.append(member)  # its safety-net TTL ran out: forget the index entry
+            else:
+                found.append(self._decode(key, blob))
+        if dangling:
+            await self._pipeline(what, (("ZREM", session_keys(self._prefix, m)[1], m) for m in dangling))
+        return found
+
+    async def sessions(self, user: str | None = None) -> list[Session]:
+        if user is None:
+            shards = await self._pipeline(
+                "sessions", (("ZRANGE", tag(self._prefix, n) + b"due", 0, -1) for n in range(SHARDS))
+            )
+            members = [m for shard in shards for m in shard]
+            live = [s for s in await self._sessions([(unpack_member(m), m) for m in members], "sessions")
+                    if s.ended_at is None]
+        else:
+            index = self._user_key(user)
+            (members,) = await self._pipeline("sessions", [("SMEMBERS", index)])
+            wanted = [(unpack_member(m), m) for m in members]
+            blobs = await self._pipeline("sessions", (("GET", self._record_key(m)) for _, m in wanted))
+            live, stale = [], []
+            for (key, member), blob in zip(wanted, blobs):
+                session = None if blob is None else self._decode(key, blob)
+                if session is None or session.ended_at is not None or session.user != user:
+                    stale.append(member)  # ended, gone, or another user's (a create that found its key taken)
+                else:
+                    live.append(session)
+            if stale:
+                await self._pipeline("sessions", [("SREM", index, *stale)])
+        return sorted(live, key=lambda s: (s.created_at, s.key))
+
+    async def count_live(self) -> int:
+        counts = await self._pipeline("count_live", (("ZCARD", tag(self._prefix, n) + b"due") for n in range(SHARDS)))
+        return sum(counts)
+
+    async def purge(self, ended_before: float) -> int:
+        """Shard by shard, in batches, yielding between them, so a big purge never stalls requests."""
+        bound = b"(" + score(ended_before)
+        total = 0
+        for n in range(SHARDS):
+            ended_index = tag(self._prefix, n) + b"end"
+            while True:
+                (members,) = await self._pipeline(
+                    "purge", [("ZRANGEBYSCORE", ended_index, "-inf", bound, "LIMIT", 0, BATCH)]
+                )
+                if not members:
+                    break
+                blobs = await self._pipeline("purge", (("GET", self._record_key(m)) for m in members))
+                commands: list[tuple[Any, ...]] = [("UNLINK", self._record_key(m)) for m in members]
+                for member, blob in zip(members, blobs):
+                    if blob is not None:
+                        commands.append(("SREM", self._user_key(self._decode(unpack_member(member), blob).user), member))
+                commands.append(("ZREM", ended_index, *members))
+                await self._pipeline("purge", commands)
+                total += len(members)
+                await asyncio.sleep(0)
+                if len(members) < BATCH:
+                    break
+        return total
+
+    # --------------------------------------------------------------- users
+
+    async def get_user(self, name: str) -> User | None:
+        (raw,) = await self._pipeline("get_user", [("HGET", self._users, name)])
+        return None if raw is None else _user(name, raw)
+
+    async def put_user(self, user: User) -> None:
+        await self._pipeline("put_user", [("HSET", self._users, user.name, _user_json(user))])
+
+    async def delete_user(self, name: str) -> bool:
+        (gone,) = await self._pipeline("delete_user", [("HDEL", self._users, name)])
+        return bool(gone)
+
+    async def users(self) -> list[User]:
+        (everyone,) = await self._pipeline("users", [("HGETALL", self._users)])
+        return sorted((_user(name.decode(), raw) for name, raw in everyone.items()), key=lambda u: u.name)
+
+    # --------------------------------------------------------------- audit
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> None:
+        cap = self.target.audit_maxlen
+        await self._pipeline("append_audit", (
+            ("XADD", self._audit, "MAXLEN", "~", cap, "*", "ts", repr(e.ts),
+             "e", json.dumps(e.to_dict(), separators=(",", ":")))
+            for e in events
+        ))
+
+    async def tail_audit(self, n: int) -> list[AuditEvent]:
+        if n <= 0:
+            return []
+        (entries,) = await self._pipeline("tail_audit", [("XREVRANGE", self._audit, "+", "-", "COUNT", n)])
+        return [replace(AuditEvent.from_dict(json.loads(f[b"e"])), ts=float(f[b"ts"])) for _, f in reversed(entries)]
+
+    async def purge_audit(self, before: float) -> int:
+        gone = 0
+        while True:
+            try:
+                deleted, more = await self._eval(lua.PURGE_AUDIT, (self._audit,), (repr(before), BATCH))
+            except (RedisError, OSError) as exc:
+                raise self._unavailable("purge_audit", exc) from exc
+            gone += deleted
+            if not more:
+                return gone
+            await asyncio.sleep(0)
+
+    # ------------------------------------------------------------ failures
+
+    async def failures(self, key: str, now: float, window: float, *, add: bool = False) -> int:
+        try:
+            return int(await self._eval(lua.FAILURES, (self._prefix + b"f:" + key.encode(),),
+                                        (repr(now), repr(window), int(add))))
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("failures", exc) from exc
+
+    async def clear_failures(self, key: str) -> None:
+        await self._pipeline("clear_failures", [("DEL", self._prefix + b"f:" + key.encode())])
+
+    # ---------------------------------------------------------------- misc
+
+    async def ping(self) -> None:
+        try:
+            await self._r.ping()
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("ping", exc) from exc
+        self._answered()
+
+    async def close(self) -> None:
+        try:
+            await self._r.aclose()
+        except (RedisError, OSError, RuntimeError):
+            pass  # closing after the event loop that opened the connections ended: nothing left to flush
+
+
+_SCRIPTS = (lua.READ, lua.CREATE, lua.WRITE, lua.FAILURES, lua.PURGE_AUDIT)
+
+
+def _user_json(user: User) -> str:
+    return json.dumps({
+        "password_hash": user.password_hash, "admin": user.admin, "disabled": user.disabled,
+        "groups": list(user.groups), "created_at": user.created_at, "extra": user.extra,
+    }, separators=(",", ":"))
+
+
+def _user(name: str, raw: bytes) -> User:
+    data = json.loads(raw)
+    return User(name=name, password_hash=data["password_hash"], admin=data["admin"], disabled=data["disabled"],
+                groups=tuple(data["groups"]), created_at=data["created_at"], extra=data["extra"])
+
+
+__all__ = ["RedisStore", "connect"]

@@ -1,0 +1,170 @@
+"""How a session is laid out in Redis: one packed string per session, and its keys.
+
+Why a packed string and not a hash. A Redis hash of a dozen fields costs a
+few hundred bytes of listpack and field names per session; the same record
+packed with ``struct`` is ~80 bytes (target: at most 512 bytes of Redis
+memory per live session, indexes included). Nothing in Redis needs to look
+inside it: the write script compares and swaps whole records, so the layout
+is Python's business alone.
+
+Layout (little-endian): a version byte, flags (mfa, ended), the number of
+staircase steps, five float64 (auth_time, created_at, last_seen_at,
+expires_at, ended_at or 0), the staircase as float64 pairs, then four
+length-prefixed UTF-8 strings: user, ip, end_reason, groups (joined by
+U+001F, as in SQLite). ``None`` strings are a length of 0xFFFF.
+
+Keys. A session lives under ``PREFIX{NN}s<member>``, where ``{NN}`` is a hash
+tag naming one of ``SHARDS`` shards (from the session key) and ``member`` is
+the session key itself, packed: the keyed hash (32 lowercase hex digits) as
+its 16 raw bytes, anything else as its UTF-8 text. The shard's sweeper index
+``PREFIX{NN}due`` and ended index ``PREFIX{NN}end`` share the hash tag, so on a
+Cluster one script can update a session and its indexes atomically, and the
+indexes are spread over ``SHARDS`` slots instead of one hot key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+import zlib
+from functools import lru_cache
+
+from ..core.session import Session, Staircase
+
+VERSION = 1
+SHARDS = 64  # fixed: every replica must agree; more shards spread a Cluster's indexes over more slots
+GROUP_SEP = "\x1f"
+_NONE = 0xFFFF
+_HEAD = struct.Struct("<BBB5d")
+_LEN = struct.Struct("<H")
+_HEX = re.compile(r"[0-9a-f]{32}")
+_MFA, _ENDED = 1, 2
+
+
+class Damaged(ValueError):
+    """A stored record this code cannot read (written by another version, or by hand)."""
+
+
+def pack_member(key: str) -> bytes:
+    """The session key as stored: 16 raw bytes for the keyed hash, else its text.
+
+    A text key whose UTF-8 is exactly 16 bytes gets a trailing NUL so it never
+    reads back as a raw hash; NUL is refused in text keys.
+    """
+    if _HEX.fullmatch(key):
+        return bytes.fromhex(key)
+    if "\x00" in key:
+        raise ValueError("session keys may not contain NUL")
+    raw = key.encode()
+    return raw + b"\x00" if len(raw) == 16 else raw
+
+
+def unpack_member(member: bytes) -> str:
+    if len(member) == 16:
+        return member.hex()
+    if len(member) == 17 and member.endswith(b"\x00"):
+        return member[:-1].decode()
+    return member.decode()
+
+
+def shard_of(member: bytes) -> int:
+    """Which shard a session belongs to: a hash of its key, the same on every replica."""
+    if len(member) == 16:
+        return member[0] % SHARDS  # the keyed hash is uniform already
+    return zlib.crc32(member) % SHARDS
+
+
+def tag(prefix: bytes, shard: int) -> bytes:
+    return prefix + b"{%02d}" % shard
+
+
+def session_keys(prefix: bytes, member: bytes) -> tuple[bytes, bytes, bytes]:
+    """(record, due index, ended index) of one session: all three in one hash slot."""
+    t = tag(prefix, shard_of(member))
+    return t + b"s" + member, t + b"due", t + b"end"
+
+
+@lru_cache(maxsize=64)
+def _pairs(n: int) -> struct.Struct:
+    return struct.Struct(f"<{2 * n}d")
+
+
+def _text(value: str | None) -> bytes:
+    if value is None:
+        return _LEN.pack(_NONE)
+    raw = value.encode()
+    if len(raw) >= _NONE:
+        raise ValueError("string too long for a session record")
+    return _LEN.pack(len(raw)) + raw
+
+
+def _finite_or_inf(x: float) -> float:
+    if math.isnan(x):
+        raise ValueError("NaN is not a timestamp")
+    return x
+
+
+def pack(s: Session) -> bytes:
+    for group in s.groups:
+        if GROUP_SEP in group:
+            raise ValueError(f"group name {group!r} contains a control character (U+001F)")
+    flags = (_MFA if s.mfa else 0) | (_ENDED if s.ended_at is not None else 0)
+    head = _HEAD.pack(
+        VERSION, flags, len(s.activity),
+        _finite_or_inf(s.auth_time), _finite_or_inf(s.created_at), _finite_or_inf(s.last_seen_at),
+        _finite_or_inf(s.expires_at), 0.0 if s.ended_at is None else _finite_or_inf(s.ended_at),
+    )
+    steps = _pairs(len(s.activity)).pack(*(x for step in s.activity for x in step))
+    groups = GROUP_SEP.join(s.groups) if s.groups else None
+    return head + steps + _text(s.user) + _text(s.ip) + _text(s.end_reason) + _text(groups)
+
+
+def unpack(key: str, blob: bytes) -> Session:
+    try:
+        return _unpack(key, blob)
+    except (struct.error, UnicodeDecodeError, IndexError, ValueError) as exc:
+        raise Damaged(f"the session record under {key[:12]}... is damaged: {exc}") from exc
+
+
+def _unpack(key: str, blob: bytes) -> Session:
+    version, flags, n, auth, created, seen, expires, ended_at = _HEAD.unpack_from(blob)
+    if version != VERSION:
+        raise ValueError(f"record version {version}, this lapse reads {VERSION}")
+    at = _HEAD.size
+    flat = _pairs(n).unpack_from(blob, at)
+    at += 16 * n
+    activity: Staircase = tuple(zip(flat[::2], flat[1::2]))
+    strings: list[str | None] = []
+    for _ in range(4):
+        (length,) = _LEN.unpack_from(blob, at)
+        at += 2
+        if length == _NONE:
+            strings.append(None)
+        else:
+            strings.append(blob[at : at + length].decode())
+            at += length
+    if at != len(blob):
+        raise ValueError("trailing bytes")
+    user, ip, reason, groups = strings
+    return Session(
+        key=key,
+        user=user or "",
+        auth_time=auth,
+        created_at=created,
+        activity=activity,
+        last_seen_at=seen,
+        expires_at=expires,
+        ip=ip,
+        mfa=bool(flags & _MFA),
+        groups=() if groups is None else tuple(groups.split(GROUP_SEP)),
+        ended_at=ended_at if flags & _ENDED else None,
+        end_reason=reason,
+    )
+
+
+def score(x: float) -> bytes:
+    """A float as Redis reads a sorted-set score, exactly (``repr`` round-trips; inf as ``+inf``)."""
+    if math.isinf(x):
+        return b"+inf" if x > 0 else b"-inf"
+    return repr(float(x)).encode()

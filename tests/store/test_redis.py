@@ -1,0 +1,155 @@
+"""What the contract suite cannot see on Redis: its clock, its round trips, a Cluster, and an outage.
+
+The contract suite (test_contract.py) already holds the Redis adapter to the
+same rules as memory and SQLite; these tests run real ``redis-server``
+processes of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lapse.audit import AuditLog
+from lapse.core.events import AuditEvent
+from lapse.core.policy import Layer, PolicySpec, compile_policy
+from lapse.enforce import Gate
+from lapse.store.base import StoreUnavailable, User, WriteResult
+from lapse.store.redis import RedisStore
+
+from ..redis_server import RedisCluster, RedisServer, round_trips
+from .test_contract import T0, active, make_session
+
+HASH_KEY = b"k" * 32
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    s = RedisServer(tmp_path / "redis").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    c = RedisCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield c
+    c.stop()
+
+
+def _gate(store: RedisStore, idle: str = "30m") -> Gate:
+    from lapse.core.durations import parse_duration
+
+    policy = compile_policy(PolicySpec(defaults=Layer(settings={"idle": parse_duration(idle), "absolute": 8 * 3600.0})))
+    return Gate(store, policy, AuditLog([]), HASH_KEY)
+
+
+def _calls(server: RedisServer) -> int:
+    return round_trips(server.command("INFO", "commandstats").decode())
+
+
+def _redis_time(server: RedisServer) -> float:
+    lines = server.command("TIME")  # a two-element array: *2, $n, seconds, $n, microseconds
+    sec, usec = lines.split(b"\r\n")[2], lines.split(b"\r\n")[4]
+    return int(sec) + int(usec) / 1e6
+
+
+async def test_one_round_trip_per_decision_and_redis_clock(server: RedisServer, monkeypatch) -> None:
+    """A decision that changes nothing is one command, one that writes two; the host's clock is never read."""
+    store = RedisStore(server.url)
+    try:
+        gate = _gate(store)
+        monkeypatch.setattr(time, "time", lambda: 1e9)  # a host clock years off: Redis's TIME must win
+        sid, signed = await gate.sign_in("alice", host="app.test", ip="192.0.2.1")
+        assert abs(signed.session.created_at - _redis_time(server)) < 5
+        check = dict(host="app.test", path="/", ip="192.0.2.1", session_id=sid)
+        await gate.check(**check)  # the first visit after sign-in may write (its activity step)
+        before = _calls(server)
+        verdicts = [await gate.check(**check) for _ in range(50)]
+        spent = _calls(server) - before
+        writes = sum(v.decision.changed for v in verdicts)
+        assert all(v.decision.allowed for v in verdicts)
+        assert spent == 50 + writes and writes <= 2  # coalesced: at most one write per second of activity
+        t1 = _redis_time(server)
+        _, now = await store.read(gate.key_of(sid))
+        assert t1 <= now <= _redis_time(server)
+    finally:
+        await store.close()
+
+
+async def test_outage_fails_closed_fast_logs_once_and_recovers(server: RedisServer, caplog) -> None:
+    """Redis hung (SIGSTOP) or gone (stopped): StoreUnavailable within the timeout; back: served again."""
+    import os
+    import signal
+
+    store = RedisStore(server.url + "?timeout=0.3")
+    try:
+        gate = _gate(store)
+        sid, _ = await gate.sign_in("alice")
+        check = dict(host="app.test", path="/", session_id=sid)
+        assert (await gate.check(**check)).decision.allowed
+        caplog.set_level(logging.INFO, logger="lapse.store")
+
+        os.kill(server.proc.pid, signal.SIGSTOP)  # hung: every call must time out
+        try:
+            for _ in range(3):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable, match="read failed"):
+                    await gate.check(**check)
+                assert time.monotonic() - started < 1.0
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert (await gate.check(**check)).decision.allowed  # the same client, no restart
+
+        server.stop()  # gone: refused connections
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        with pytest.raises(StoreUnavailable):
+            await gate.check(**check)
+        server.start()  # the same port, empty (no persistence in tests)
+        await store.ping()
+        assert (await gate.check(**check)).decision.reason.value == "unknown"
+        sid2, _ = await gate.sign_in("alice")
+        assert (await gate.check(host="app.test", path="/", session_id=sid2)).decision.allowed
+
+        lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "lapse.store"]
+        assert [level for level, _ in lines] == ["ERROR", "WARNING", "ERROR", "WARNING"]  # once per outage
+        assert "failing closed" in lines[0][1] and "answers again" in lines[1][1]
+        assert sid not in " ".join(m for _, m in lines)
+    finally:
+        await store.close()
+
+
+async def test_a_three_master_cluster(cluster: RedisCluster) -> None:
+    """The whole port on a real Cluster: sessions on every master, their indexes sharded, one script per write."""
+    store = RedisStore(cluster.url, clock=lambda: T0)  # a fixed clock, so expiry is ours to move
+    other = RedisStore(cluster.url, clock=lambda: T0)
+    try:
+        sessions = [make_session(i, user=f"u{i % 3}", expires_in=100.0 + i) for i in range(60)]
+        for s in sessions:
+            await store.create(s)
+        assert all(b"keys=" in node.command("INFO", "keyspace") for node in cluster.nodes)  # spread over masters
+        assert await other.count_live() == 60
+        moved = active(sessions[0], T0 + 5)
+        assert await other.write(sessions[0], moved) is WriteResult.APPLIED
+        assert (await store.read(sessions[0].key))[0] == moved
+        assert [s.key for s in await store.sessions("u1")] == sorted(s.key for s in sessions if s.user == "u1")
+        due = await store.due(T0 + 130, 100)
+        assert [s.key for s in due] == [s.key for s in sessions[1:31]]  # [0] moved on: its bound is later
+        gate = _gate(store)
+        assert await gate.revoke_user("u2", "admin") == 20
+        assert await other.count_live() == 40
+        assert await store.purge(T0 + 1) == 20
+        await store.put_user(User("alice", "h", groups=("ops",), created_at=T0))
+        assert [u.name for u in await other.users()] == ["alice"]
+        await store.append_audit([AuditEvent(T0, "session.created", "success", "alice")])
+        assert (await other.tail_audit(5))[0].user == "alice"
+        assert await store.failures("ip:192.0.2.1", T0, 60.0, add=True) == 1
+        assert await other.failures("ip:192.0.2.1", T0 + 1, 60.0) == 1
+    finally:
+        await store.close()
+        await other.close()
