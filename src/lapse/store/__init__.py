@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import SessionStore, StoreUnavailable, User, WriteResult
+from .base import SessionStore, SsoLink, StoreUnavailable, User, WriteResult
 from .memory import MemoryStore
 
 
@@ -24,4 +24,4 @@ def open_store(url: str, *, clock: Callable[[], float] = time.time, base_dir: Pa
     raise ValueError(f"unsupported store url {url!r}: use \"memory://\" or \"sqlite:///PATH\"")
 
 
-__all__ = ["MemoryStore", "SessionStore", "StoreUnavailable", "User", "WriteResult", "open_store"]
+__all__ = ["MemoryStore", "SessionStore", "SsoLink", "StoreUnavailable", "User", "WriteResult", "open_store"]
