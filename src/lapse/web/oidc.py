@@ -146,12 +146,12 @@ class OidcWeb:
             return await self._fail("bad_state", ip)
         if params.get("error"):
             return await self._fail("idp_" + _word(params["error"]), ip)
-        if params.get("iss") is not None and params["iss"] != (await self.provider.metadata()).issuer:
-            return await self._fail("bad_iss", ip)  # RFC 9207 mix-up defence
         code = params.get("code")
         if not code:
             return await self._fail("missing_code", ip)
         try:
+            if params.get("iss") is not None and params["iss"] != (await self.provider.metadata()).issuer:
+                return await self._fail("bad_iss", ip)  # RFC 9207 mix-up defence
             tokens = await self.provider.exchange(code=code, verifier=self.flows.verifier(flow),
                                                   redirect_uri=self.redirect_uri)
             id_token = tokens.get("id_token")
