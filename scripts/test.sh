@@ -17,12 +17,14 @@ have nginx || missing+=(nginx)
 have caddy || missing+=(caddy)
 have redis-server || missing+=(redis-server)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+# tests/oidc runs a real OpenID provider (npm oidc-provider) on Node: Debian's nodejs (npm below).
+have node || missing+=(nodejs)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then as_root=(); elif sudo -n true 2>/dev/null; then as_root=(sudo -n); else as_root=(none); fi
     if [ "${as_root[*]}" = none ]; then
-        echo "warning: ${missing[*]} missing and not root: tests/e2e, tests/browser and the Redis tests will skip (or fail under CI=true)" >&2
+        echo "warning: ${missing[*]} missing and not root: tests/e2e, tests/browser, tests/oidc and the Redis tests will skip (or fail under CI=true)" >&2
     else
-        echo "installing ${missing[*]} for the end-to-end, browser and Redis tests (apt)..." >&2
+        echo "installing ${missing[*]} for the end-to-end, browser, OIDC and Redis tests (apt)..." >&2
         "${as_root[@]}" apt-get update -qq
         servers=("${missing[@]/chromium}")
         if [ -n "${servers[*]// }" ]; then
@@ -34,6 +36,21 @@ if [ ${#missing[@]} -gt 0 ]; then
             "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
         fi
     fi
+fi
+
+# npm after nodejs: where nodejs comes from NodeSource it already brings npm (and conflicts with Debian's).
+if ! have npm && have node; then
+    if [ "$(id -u)" -eq 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null || true
+    elif sudo -n true 2>/dev/null; then
+        sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null || true
+    fi
+fi
+
+# The test IdP's packages, from its lock file, once (tests/oidc/conftest.py does the same if this is skipped).
+if command -v npm >/dev/null 2>&1 && [ ! -d tests/oidc/idp/node_modules/oidc-provider ]; then
+    echo "installing the test OpenID provider (npm ci in tests/oidc/idp)..." >&2
+    (cd tests/oidc/idp && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
 
 if [ $# -eq 0 ]; then

@@ -226,6 +226,7 @@ async def run_sweeper(gate: Gate, interval: float, retention: float, stop: async
             if now - last_purge >= PURGE_EVERY:
                 await gate.store.purge(now - gate.policy.generous_absolute)
                 await gate.store.purge_audit(now - retention)
+                await gate.store.purge_links(now)  # OIDC links and jti markers past their time
                 last_purge = now
             if failing:
                 log.warning("sweeper: store answers again")

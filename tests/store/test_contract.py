@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from lapse.core.decide import end, revoke, sign_in, sweep
 from lapse.core.events import AuditEvent
 from lapse.core.policy import Limits
 from lapse.core.session import Session, merge, record_activity, session_key, vouched
-from lapse.store.base import SessionExists, User, WriteResult, apply_write
+from lapse.store.base import SessionExists, SsoLink, User, WriteResult, apply_write
 
 APPLIED, ENDED, CONFLICT = WriteResult.APPLIED, WriteResult.ENDED, WriteResult.CONFLICT
 T0 = 1_700_000_000.25  # not a whole second: timestamps must round-trip as exact floats
@@ -462,3 +463,50 @@ def test_random_histories_match_apply_write(
                 await h.close()
 
     run(scenario())
+
+
+# --------------------------------------------------------------- sso links
+
+
+def make_link(session: str, **changes: Any) -> SsoLink:
+    link = SsoLink(session, "https://idp.test", "sub-1", "sid-1", "id.token.x", "refresh-1", False, T0, T0 + 3600)
+    return replace(link, **changes)
+
+
+async def test_links_put_get_replace(store: Any) -> None:
+    assert await store.get_link("k1") is None
+    await store.put_link(make_link("k1"))
+    assert await store.get_link("k1") == make_link("k1")
+    await store.put_link(make_link("k1", refresh_token=None, checked_at=T0 + 5, admin=True))
+    assert await store.get_link("k1") == make_link("k1", refresh_token=None, checked_at=T0 + 5, admin=True)
+
+
+async def test_links_found_by_sid_else_subject_within_one_issuer(store: Any, twin: Any) -> None:
+    await store.put_link(make_link("k1"))
+    await store.put_link(make_link("k2", sid="sid-2"))
+    await store.put_link(make_link("k3", sid=None, subject="sub-2"))
+    await store.put_link(make_link("k4", issuer="https://other.test"))
+    assert [x.session for x in await twin.find_links("https://idp.test", sid="sid-1")] == ["k1"]
+    assert sorted(x.session for x in await twin.find_links("https://idp.test", subject="sub-1")) == ["k1", "k2"]
+    assert [x.session for x in await twin.find_links("https://other.test", sid="sid-1")] == ["k4"]
+    assert await twin.find_links("https://idp.test", sid="nope") == []
+    assert await twin.find_links("https://idp.test") == []
+
+
+async def test_first_use_once_until_it_expires(store: Any, twin: Any, clock: Any) -> None:
+    assert await store.first_use("jti:a", T0 + 10) is True
+    assert await twin.first_use("jti:a", T0 + 10) is False  # a replay, also through another handle
+    assert await store.first_use("jti:b", T0 + 10) is True
+    clock.advance(10)
+    assert await store.first_use("jti:a", T0 + 20) is True  # forgotten once its time is up
+
+
+async def test_purge_links_forgets_what_is_past_keeping(store: Any, clock: Any) -> None:
+    await store.put_link(make_link("old", keep_until=T0 + 1))
+    await store.put_link(make_link("new", keep_until=T0 + 100))
+    await store.first_use("jti:old", T0 + 1)
+    await store.first_use("jti:new", T0 + 100)
+    assert await store.purge_links(T0 + 50) == 2
+    assert await store.get_link("old") is None
+    assert await store.get_link("new") is not None
+    assert await store.first_use("jti:new", T0 + 100) is False

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import SessionStore, StoreUnavailable, User, WriteResult
+from .base import SessionStore, SsoLink, StoreUnavailable, User, WriteResult
 from .memory import MemoryStore
 from .redis_url import is_redis_url
 
@@ -35,4 +35,4 @@ def open_store(url: str, *, clock: Callable[[], float] | None = None, base_dir: 
     )
 
 
-__all__ = ["MemoryStore", "SessionStore", "StoreUnavailable", "User", "WriteResult", "open_store"]
+__all__ = ["MemoryStore", "SessionStore", "SsoLink", "StoreUnavailable", "User", "WriteResult", "open_store"]

@@ -46,8 +46,38 @@ class User:
     extra: dict = field(default_factory=dict, compare=False)  # room for later factors (TOTP, recovery codes)
 
 
+@dataclass(frozen=True, slots=True)
+class SsoLink:
+    """What lapse keeps about an OIDC sign-in, beside (never inside) its session record.
+
+    Keyed by the session key. ``issuer``+``sid`` and ``issuer``+``subject`` find
+    the sessions a back-channel logout names; ``id_token`` is the
+    ``id_token_hint`` for RP-initiated logout; ``refresh_token`` and
+    ``checked_at`` serve ``[oidc] revalidate_every``. The link may be forgotten
+    after ``keep_until`` (no later than the session could live).
+    """
+
+    session: str
+    issuer: str
+    subject: str
+    sid: str | None
+    id_token: str | None
+    refresh_token: str | None
+    admin: bool
+    checked_at: float
+    keep_until: float
+
+
 class SessionStore(Protocol):
-    """Every method may raise ``StoreUnavailable``."""
+    """Every method may raise ``StoreUnavailable``.
+
+    OIDC additions (small, for ``lapse.sso``): ``put_link``/``get_link``/
+    ``find_links`` keep one ``SsoLink`` per session and find them by the IdP's
+    ``sid`` or ``sub``; ``first_use`` is an atomic once-only marker with an
+    expiry (logout-token ``jti`` replay, across replicas); ``purge_links``
+    forgets links and markers past their time (a store with native expiry,
+    such as Redis, may make it a no-op).
+    """
 
     async def now(self) -> float:
         """The store's clock, in Unix seconds."""
@@ -104,6 +134,21 @@ class SessionStore(Protocol):
         """
 
     async def clear_failures(self, key: str) -> None: ...
+
+    async def put_link(self, link: SsoLink) -> None:
+        """Create or replace the link of ``link.session``."""
+
+    async def get_link(self, session: str) -> SsoLink | None: ...
+
+    async def find_links(self, issuer: str, *, sid: str | None = None, subject: str | None = None) -> list[SsoLink]:
+        """Links of this issuer with this ``sid`` if given, else with this ``subject`` (ended sessions included)."""
+
+    async def first_use(self, key: str, until: float) -> bool:
+        """True the first time ``key`` is offered (it is then remembered until ``until``, by the store's
+        clock); False while it is remembered. Atomic: of two concurrent offers exactly one gets True."""
+
+    async def purge_links(self, before: float) -> int:
+        """Forget links whose ``keep_until`` and markers whose ``until`` is before this instant; how many."""
 
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""

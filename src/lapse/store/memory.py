@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 from ..core.events import AuditEvent
 from ..core.session import Session
-from .base import SessionExists, User, WriteResult, apply_write
+from .base import SessionExists, SsoLink, User, WriteResult, apply_write
 
 AUDIT_KEEP = 100_000
 
@@ -20,6 +20,8 @@ class MemoryStore:
         self._users: dict[str, User] = {}
         self._audit: deque[AuditEvent] = deque(maxlen=AUDIT_KEEP)
         self._failures: dict[str, tuple[float, int]] = {}
+        self._links: dict[str, SsoLink] = {}
+        self._once: dict[str, float] = {}
 
     async def now(self) -> float:
         return self._clock()
@@ -91,6 +93,34 @@ class MemoryStore:
 
     async def clear_failures(self, key: str) -> None:
         self._failures.pop(key, None)
+
+    async def put_link(self, link: SsoLink) -> None:
+        self._links[link.session] = link
+
+    async def get_link(self, session: str) -> SsoLink | None:
+        return self._links.get(session)
+
+    async def find_links(self, issuer: str, *, sid: str | None = None, subject: str | None = None) -> list[SsoLink]:
+        if sid is not None:
+            return [x for x in self._links.values() if x.issuer == issuer and x.sid == sid]
+        if subject is not None:
+            return [x for x in self._links.values() if x.issuer == issuer and x.subject == subject]
+        return []
+
+    async def first_use(self, key: str, until: float) -> bool:
+        if self._once.get(key, -1.0) > self._clock():
+            return False
+        self._once[key] = until
+        return True
+
+    async def purge_links(self, before: float) -> int:
+        links = [k for k, x in self._links.items() if x.keep_until < before]
+        once = [k for k, t in self._once.items() if t < before]
+        for k in links:
+            del self._links[k]
+        for k in once:
+            del self._once[k]
+        return len(links) + len(once)
 
     async def ping(self) -> None:
         return None

@@ -36,7 +36,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -50,7 +50,7 @@ from redis.exceptions import NoScriptError, RedisError
 from ..core.events import AuditEvent
 from ..core.session import Session
 from . import redis_scripts as lua
-from .base import SessionExists, StoreUnavailable, User, WriteResult, apply_write
+from .base import SessionExists, SsoLink, StoreUnavailable, User, WriteResult, apply_write
 from .redis_codec import (
     SHARDS,
     Damaged,
@@ -385,6 +385,74 @@ class RedisStore:
     async def clear_failures(self, key: str) -> None:
         await self._pipeline("clear_failures", [("DEL", self._prefix + b"f:" + key.encode())])
 
+    # ------------------------------------------------------------- SSO links
+    # One JSON string per link, sets by (issuer, sid) and (issuer, subject) to find them, and sorted
+    # sets by expiry for purge_links (no native TTLs: they would follow Redis's clock, not the store's).
+
+    def _link_key(self, session: str) -> bytes:
+        return self._prefix + b"l:" + session.encode()
+
+    def _link_index(self, issuer: str, by: str, value: str) -> bytes:
+        return self._prefix + f"l{by}:{issuer}\x1f{value}".encode()
+
+    def _link_indexes(self, link: SsoLink) -> list[bytes]:
+        keys = [self._link_index(link.issuer, "u", link.subject)]
+        return keys + ([self._link_index(link.issuer, "s", link.sid)] if link.sid else [])
+
+    async def put_link(self, link: SsoLink) -> None:
+        old = await self.get_link(link.session)
+        commands: list[tuple[Any, ...]] = [("SREM", k, link.session) for k in self._link_indexes(old)] if old else []
+        commands += [("SET", self._link_key(link.session), json.dumps(asdict(link), separators=(",", ":")))]
+        commands += [("SADD", k, link.session) for k in self._link_indexes(link)]
+        commands += [("ZADD", self._prefix + b"links", repr(link.keep_until), link.session)]
+        await self._pipeline("put_link", commands)
+
+    async def get_link(self, session: str) -> SsoLink | None:
+        (raw,) = await self._pipeline("get_link", [("GET", self._link_key(session))])
+        return None if raw is None else SsoLink(**json.loads(raw))
+
+    async def find_links(self, issuer: str, *, sid: str | None = None, subject: str | None = None) -> list[SsoLink]:
+        if sid is None and subject is None:
+            return []
+        index = self._link_index(issuer, "s", sid) if sid is not None else self._link_index(issuer, "u", subject or "")
+        (members,) = await self._pipeline("find_links", [("SMEMBERS", index)])
+        names = sorted(m.decode() for m in members)
+        raws = await self._pipeline("find_links", (("GET", self._link_key(n)) for n in names))
+        found = [SsoLink(**json.loads(r)) for r in raws if r is not None]
+        return [x for x in found if x.issuer == issuer and (x.sid == sid if sid is not None else x.subject == subject)]
+
+    async def first_use(self, key: str, until: float) -> bool:
+        now = await self.now()
+        marker = self._prefix + b"o:" + key.encode()
+        keep_ms = max(1, int((until - now) * 1000)) + ENDED_KEEP  # a safety net only; purge_links is the rule
+        try:
+            fresh = await self._eval(lua.FIRST_USE, (marker,), (repr(now), repr(until), keep_ms))
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("first_use", exc) from exc
+        if fresh:
+            await self._pipeline("first_use", [("ZADD", self._prefix + b"once", repr(until), key)])
+        return bool(fresh)
+
+    async def purge_links(self, before: float) -> int:
+        links_index, once_index = self._prefix + b"links", self._prefix + b"once"
+        stale_links, stale_once = await self._pipeline("purge_links", [
+            ("ZRANGEBYSCORE", links_index, "-inf", f"({before!r}"),
+            ("ZRANGEBYSCORE", once_index, "-inf", f"({before!r}"),
+        ])
+        gone = 0
+        for raw_name in stale_links:
+            name = raw_name.decode()
+            link = await self.get_link(name)
+            commands: list[tuple[Any, ...]] = [("ZREM", links_index, name)]
+            if link is not None and link.keep_until < before:
+                commands += [("DEL", self._link_key(name))] + [("SREM", k, name) for k in self._link_indexes(link)]
+                gone += 1
+            await self._pipeline("purge_links", commands)
+        for raw_key in stale_once:
+            await self._pipeline("purge_links", [("DEL", self._prefix + b"o:" + raw_key), ("ZREM", once_index, raw_key)])
+            gone += 1
+        return gone
+
     # ---------------------------------------------------------------- misc
 
     async def ping(self) -> None:
@@ -401,7 +469,7 @@ class RedisStore:
             pass  # closing after the event loop that opened the connections ended: nothing left to flush
 
 
-_SCRIPTS = (lua.READ, lua.CREATE, lua.WRITE, lua.FAILURES, lua.PURGE_AUDIT)
+_SCRIPTS = (lua.READ, lua.CREATE, lua.WRITE, lua.FAILURES, lua.PURGE_AUDIT, lua.FIRST_USE)
 
 
 def _user_json(user: User) -> str:

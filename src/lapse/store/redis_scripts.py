@@ -103,3 +103,12 @@ end
 if #ids > 0 then redis.call('XDEL', KEYS[1], unpack(ids)) end
 return {#ids, #entries == tonumber(ARGV[2]) and 1 or 0}
 """
+
+# KEYS: the marker. ARGV: now, until (store clock, Unix seconds), safety TTL in ms. 1 the first time (the
+# marker then holds ``until``), 0 while a marker with a later ``until`` than now is there.
+FIRST_USE = """
+local held = tonumber(redis.call('GET', KEYS[1]))
+if held ~= nil and held > tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', tonumber(ARGV[3]))
+return 1
+"""

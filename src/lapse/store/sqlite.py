@@ -62,7 +62,7 @@ from typing import Any
 
 from ..core.events import AuditEvent
 from ..core.session import Session, Staircase, merge_activity
-from .base import SessionExists, StoreUnavailable, User, WriteResult, apply_write
+from .base import SessionExists, SsoLink, StoreUnavailable, User, WriteResult, apply_write
 
 SCHEMA_VERSION = 1
 GROUP_SEP = "\x1f"  # ASCII unit separator: never part of a sane group name
@@ -119,7 +119,29 @@ CREATE TABLE IF NOT EXISTS failures (
     start REAL NOT NULL,                -- when the current window began
     count INTEGER NOT NULL
 ) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS sso_links (   -- OIDC sign-ins beside their sessions (store.base.SsoLink)
+    session       TEXT PRIMARY KEY,      -- the session key (keyed hash)
+    issuer        TEXT NOT NULL,
+    subject       TEXT NOT NULL,
+    sid           TEXT,
+    id_token      TEXT,
+    refresh_token TEXT,
+    admin         INTEGER NOT NULL,
+    checked_at    REAL NOT NULL,
+    keep_until    REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sso_links_sid     ON sso_links (issuer, sid) WHERE sid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sso_links_subject ON sso_links (issuer, subject);
+CREATE INDEX IF NOT EXISTS sso_links_keep    ON sso_links (keep_until);
+
+CREATE TABLE IF NOT EXISTS seen_once (   -- first_use markers (logout-token jti)
+    key   TEXT PRIMARY KEY,
+    until REAL NOT NULL
+) WITHOUT ROWID;
 """
+
+_LINK_COLUMNS = "session, issuer, subject, sid, id_token, refresh_token, admin, checked_at, keep_until"
 
 _COLUMNS = (
     "key, user, auth_time, created_at, activity, last_seen_at, expires_at, ip, mfa, groups, ended_at, end_reason"
@@ -228,6 +250,11 @@ def _decode(row: tuple[Any, ...]) -> Session:
         ended_at=ended_at,
         end_reason=reason,
     )
+
+
+def _link(row: tuple[Any, ...]) -> SsoLink:
+    session, issuer, subject, sid, id_token, refresh_token, admin, checked_at, keep_until = row
+    return SsoLink(session, issuer, subject, sid, id_token, refresh_token, bool(admin), checked_at, keep_until)
 
 
 def _float(x: float) -> float:
@@ -553,6 +580,46 @@ class SqliteStore:
             if cur.rowcount < PURGE_BATCH:
                 return gone
             await asyncio.sleep(0)
+
+    # -------------------------------------------------------------- sso
+
+    async def put_link(self, link: SsoLink) -> None:
+        row = (link.session, link.issuer, link.subject, link.sid, link.id_token, link.refresh_token,
+               int(link.admin), _float(link.checked_at), _float(link.keep_until))
+        with self._errors("put_link"):
+            self.db.execute(f"INSERT OR REPLACE INTO sso_links ({_LINK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            row)
+
+    async def get_link(self, session: str) -> SsoLink | None:
+        with self._errors("get_link"):
+            row = self.db.execute(f"SELECT {_LINK_COLUMNS} FROM sso_links WHERE session = ?", (session,)).fetchone()
+        return None if row is None else _link(row)
+
+    async def find_links(self, issuer: str, *, sid: str | None = None, subject: str | None = None) -> list[SsoLink]:
+        if sid is None and subject is None:
+            return []
+        column, value = ("sid", sid) if sid is not None else ("subject", subject)
+        with self._errors("find_links"):
+            rows = self.db.execute(
+                f"SELECT {_LINK_COLUMNS} FROM sso_links WHERE issuer = ? AND {column} = ? ORDER BY session",
+                (issuer, value),
+            ).fetchall()
+        return [_link(r) for r in rows]
+
+    async def first_use(self, key: str, until: float) -> bool:
+        with self._errors("first_use"):
+            cur = self.db.execute(
+                "INSERT INTO seen_once (key, until) VALUES (:key, :until) "
+                "ON CONFLICT (key) DO UPDATE SET until = :until WHERE seen_once.until <= :now",
+                {"key": key, "until": _float(until), "now": self._clock()},
+            )
+            return cur.rowcount == 1
+
+    async def purge_links(self, before: float) -> int:
+        with self._errors("purge_links"):
+            gone = self.db.execute("DELETE FROM sso_links WHERE keep_until < ?", (before,)).rowcount
+            gone += self.db.execute("DELETE FROM seen_once WHERE until < ?", (before,)).rowcount
+        return gone
 
     # -------------------------------------------------------------- misc
 

@@ -108,6 +108,12 @@ class Gateway:
             Route("/_lapse/events", self.events, methods=["GET"]),
             Route("/_lapse/widget.js", self.widget, methods=["GET"]),
         ]
+        self.oidc = None
+        if cfg.oidc is not None:  # sign-in through an OpenID provider (web/oidc.py)
+            from .oidc import OidcWeb
+
+            self.oidc = OidcWeb(self, cfg.oidc)
+            routes += self.oidc.routes()
         self._widget = WIDGET.read_bytes() if WIDGET.exists() else b"/* lapse widget: not built */\n"
         self._widget_tag = hashlib.sha256(self._widget).hexdigest()[:16]
         self._warned: set[tuple[str, str, int]] = set()  # (session, deadline kind, deadline): told once
@@ -329,6 +335,7 @@ class Gateway:
             step_up=reason == "step_up",
             app=None,
             action=LOGIN,
+            sso_url=self.oidc.login_link(target, reason) if self.oidc is not None else None,
         )
 
     async def login(self, request: Request) -> Response:
@@ -421,6 +428,7 @@ class Gateway:
         headers, _trusted, _ip, sid = self._facts(request)
         form = await read_form(request) or {}
         token = headers.get("x-csrf-token") or form.get("csrf_token")
+        idp_logout = None
         if valid_id(sid):
             key = self.gate.key_of(sid)  # type: ignore[arg-type]
             session, _ = await self.rt.store.read(key)
@@ -429,7 +437,11 @@ class Gateway:
                     return self._error(403, "Sign-out refused", "The sign-out request could not be verified. "
                                        "Reload the page and try again.")
                 await self.gate.revoke(key, "logout")
+                if self.oidc is not None:  # RP-initiated logout: on to the IdP's end_session_endpoint
+                    idp_logout = await self.oidc.end_session_url(key)
         out = {"Set-Cookie": self.cookies.clear(), "Clear-Site-Data": '"cache", "storage"'}
+        if idp_logout is not None:
+            return Response(b"", 303, {**out, "Location": idp_logout, "Cache-Control": NO_STORE})
         return self._render("signed_out.html", 200, out, title="Signed out", login_url=LOGIN)
 
     # ------------------------------------------------------------ session API

@@ -94,6 +94,8 @@ class Service:
                                                          self.loaded.config.audit.retention, stop))]
                 if metrics is not None:
                     tasks.append(asyncio.create_task(_watch_store(rt.store, metrics, stop)))
+                if self.gateway.oidc is not None:  # [oidc] revalidate_every (a no-op when "none")
+                    tasks.append(asyncio.create_task(self.gateway.oidc.run_revalidator(stop)))
                 self._install_reload()
             except Exception as exc:  # a store that cannot open: refuse to start, say why
                 log.error("cannot start: %s", exc)
@@ -107,6 +109,8 @@ class Service:
             await asyncio.gather(*tasks)
             if self.gateway.upstream is not None:
                 await self.gateway.upstream.aclose()
+            if self.gateway.oidc is not None:
+                await self.gateway.oidc.provider.aclose()
             log.info("lapse stopped")
         await send({"type": "lifespan.shutdown.complete"})
 

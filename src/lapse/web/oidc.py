@@ -1,0 +1,340 @@
+"""The OIDC routes (CONTRACT.md §4): login through the IdP, its callback, back-channel and RP-initiated logout.
+
+Thin over ``lapse.sso`` and the gate: these handlers gather facts and carry
+out answers. What they keep beside a session (the IdP's ``sid`` and ``sub``,
+the ID token for ``id_token_hint``, the refresh token for ``revalidate_every``)
+lives in the store's ``SsoLink``, never in the session record, and never in a
+log line: logs and audit events carry reasons, not tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..config import OIDC
+from ..core import events as ev
+from ..core.events import AuditEvent
+from ..sso.flow import FLOW_TTL, Flow, Flows
+from ..sso.provider import Provider, ProviderError, Rejected
+from ..sso.tokens import LEEWAY, MAX_IAT_AGE, IdClaims, TokenError
+from ..store.base import SsoLink, StoreUnavailable
+from .forms import read_form
+from .tokens import parse_cookies, valid_id
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger("lapse.sso")
+
+LOGIN = "/_lapse/oidc/login"
+CALLBACK = "/_lapse/oidc/callback"
+BACKCHANNEL = "/_lapse/oidc/backchannel-logout"
+SIGNED_OUT = "/_lapse/oidc/signed-out"
+BACKCHANNEL_EVENT = "auth.backchannel_logout"  # a refused logout token (a success shows as session.revoked)
+REVALIDATE_REASON = "idp_revalidation"  # session.revoked reason when the IdP says the sign-in is gone
+MFA_AMR = frozenset({"mfa", "otp", "hwk", "swk", "sms", "sc", "fpt", "face", "iris", "retina", "vbm", "pop"})
+"""``amr`` values (RFC 8176) that count as a second factor for ``mfa = true`` routes."""
+
+
+class OidcWeb:
+    """Mounted by ``Gateway`` when ``[oidc]`` is configured."""
+
+    def __init__(self, gateway: Gateway, cfg: OIDC, provider: Provider | None = None) -> None:
+        self.gw = gateway
+        self.cfg = cfg
+        self.provider = provider or Provider(cfg)
+        self.flows = Flows(gateway.rt.secrets.derive("oidc-flow"))
+        server = gateway.rt.loaded.config.server
+        self.base = server.public_url.rstrip("/")
+        self.flow_cookie = ("__Host-" if server.cookie_secure else "") + "lapse-oidc"
+        self._attrs = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if server.cookie_secure else "")
+
+    @property
+    def redirect_uri(self) -> str:
+        return self.base + CALLBACK
+
+    @property
+    def post_logout_redirect_uri(self) -> str:
+        return self.base + SIGNED_OUT
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(LOGIN, self.login, methods=["GET"]),
+            Route(CALLBACK, self.callback, methods=["GET"]),
+            Route(BACKCHANNEL, self.backchannel, methods=["POST"]),
+            Route(SIGNED_OUT, self.signed_out, methods=["GET"]),
+        ]
+
+    def login_link(self, next_: str, reason: str | None = None) -> str:
+        query = "next=" + quote(next_, safe="/")
+        return f"{LOGIN}?{query}" + (f"&reason={quote(reason)}" if reason else "")
+
+    # ---------------------------------------------------------------- login
+
+    def _max_age(self, host: str, path: str, ip: str | None) -> int | None:
+        """What the IdP must honour: the target's step-up age, and its absolute limit.
+
+        Asking with ``max_age`` = the app's absolute limit means the IdP
+        re-authenticates a user whose IdP session is older than the app allows,
+        instead of handing back an ``auth_time`` lapse would refuse at once
+        (a redirect loop). Core 3.1.2.1: with ``max_age`` the ID token MUST
+        carry ``auth_time``.
+        """
+        effective = self.gw.gate.policy.resolve(host, path, "GET", ip)
+        ages = [effective.limits.absolute]
+        if effective.step_up is not None:
+            ages.append(effective.step_up.max_auth_age)
+        age = min(ages)
+        return None if math.isinf(age) else int(age)
+
+    async def _redirect_to_idp(self, flow: Flow, prompt: str | None) -> Response:
+        url = await self.provider.authorize_url(
+            redirect_uri=self.redirect_uri, state=self.flows.state(flow), nonce=self.flows.nonce(flow),
+            challenge=self.flows.challenge(flow), max_age=flow.max_age, prompt=prompt,
+        )
+        cookie = f"{self.flow_cookie}={self.flows.dump(flow)}{self._attrs}; Max-Age={int(FLOW_TTL)}"
+        return Response(b"", 303, {"Location": url, "Set-Cookie": cookie, "Cache-Control": "no-store"})
+
+    async def login(self, request: Request) -> Response:
+        from .app import safe_next
+
+        headers, _trusted, ip, _sid = self.gw._facts(request)
+        target = safe_next(request.query_params.get("next"))
+        step_up = request.query_params.get("reason") == "step_up"
+        now = await self.gw.rt.store.now()
+        flow = self.flows.start(target, now, max_age=self._max_age(headers.get("host", ""), _path(target), ip),
+                                forced=step_up)
+        try:
+            return await self._redirect_to_idp(flow, "login" if step_up else None)
+        except ProviderError as exc:
+            log.error("oidc: cannot start a login: %s", exc)
+            return self.gw._error(503, "Sign-in service unavailable",
+                                  "The identity provider cannot be reached. Please try again in a minute.",
+                                  {"Retry-After": "30"})
+
+    def _clear_flow(self) -> str:
+        return f"{self.flow_cookie}={self._attrs}; Max-Age=0"
+
+    async def _fail(self, reason: str, ip: str | None, user: str | None = None, status: int = 400) -> Response:
+        now = await self.gw.rt.store.now()
+        await self.gw.rt.audit.emit([AuditEvent(now, ev.LOGIN, ev.FAILURE, user, None, None, ip,
+                                                f"GET {CALLBACK}", reason)])
+        log.info("oidc: login refused: %s", reason)
+        response = self.gw._error(status, "Sign-in failed",
+                                  "The sign-in through your identity provider did not succeed. Please try again.")
+        response.headers.append("Set-Cookie", self._clear_flow())
+        return response
+
+    async def callback(self, request: Request) -> Response:
+        headers, _trusted, ip, old_sid = self.gw._facts(request)
+        store = self.gw.rt.store
+        now = await store.now()
+        params = request.query_params
+        flow = self.flows.load(parse_cookies(headers.get("cookie", "")).get(self.flow_cookie), now)
+        if flow is None:
+            return await self._fail("no_login_in_progress", ip)
+        if not self.flows.state_matches(flow, params.get("state")):
+            return await self._fail("bad_state", ip)
+        if params.get("error"):
+            return await self._fail("idp_" + _word(params["error"]), ip)
+        code = params.get("code")
+        if not code:
+            return await self._fail("missing_code", ip)
+        try:
+            if params.get("iss") is not None and params["iss"] != (await self.provider.metadata()).issuer:
+                return await self._fail("bad_iss", ip)  # RFC 9207 mix-up defence
+            tokens = await self.provider.exchange(code=code, verifier=self.flows.verifier(flow),
+                                                  redirect_uri=self.redirect_uri)
+            id_token = tokens.get("id_token")
+            if not isinstance(id_token, str):
+                return await self._fail("missing_id_token", ip)
+            claims = await self.provider.check_id_token(id_token, nonce=self.flows.nonce(flow), now=now)
+        except TokenError as exc:
+            return await self._fail("id_token_" + exc.reason, ip)
+        except Rejected as exc:
+            return await self._fail("token_" + exc.reason, ip)
+        except ProviderError as exc:
+            log.error("oidc: token exchange failed: %s", exc)
+            return await self._fail(exc.reason, ip, status=502)
+
+        user = self._username(claims)
+        if flow.max_age is not None:
+            if claims.auth_time is None:
+                return await self._fail("missing_auth_time", ip, user)
+            if now - claims.auth_time > flow.max_age + LEEWAY:
+                if not flow.forced:  # Core 3.1.3.7: too old -> ask again, this time with prompt=login
+                    again = self.flows.start(flow.next, now, max_age=flow.max_age, forced=True)
+                    return await self._redirect_to_idp(again, "login")
+                return await self._fail("stale_auth_time", ip, user)
+
+        groups = self._groups(claims)
+        amr = claims.claims.get("amr")
+        mfa = isinstance(amr, list) and any(a in MFA_AMR for a in amr if isinstance(a, str))
+        sid, decision = await self.gw.gate.sign_in(
+            user, host=headers.get("host", ""), path=_path(flow.next), ip=ip, groups=groups,
+            auth_time=claims.auth_time if claims.auth_time is not None else now, mfa=mfa,
+            replaces=old_sid if valid_id(old_sid) else None, login=f"GET {CALLBACK}",
+        )
+        assert decision.session is not None
+        refresh = tokens.get("refresh_token")
+        await store.put_link(SsoLink(
+            session=decision.session.key, issuer=claims.claims["iss"], subject=claims.sub, sid=claims.sid,
+            id_token=id_token, refresh_token=refresh if isinstance(refresh, str) else None,
+            admin=bool(set(groups) & set(self.cfg.admin_groups)), checked_at=now,
+            keep_until=decision.session.auth_time + self.gw.gate.policy.generous_absolute + 3600,
+        ))
+        response = Response(b"", 303, {"Location": flow.next, "Cache-Control": "no-store"})
+        response.headers.append("Set-Cookie", self.gw.cookies.session(sid))
+        response.headers.append("Set-Cookie", self._clear_flow())
+        return response
+
+    def _username(self, claims: IdClaims) -> str:
+        value = claims.claims.get(self.cfg.username_claim)
+        return value if isinstance(value, str) and value.strip() else claims.sub
+
+    def _groups(self, claims: IdClaims) -> tuple[str, ...]:
+        value = claims.claims.get(self.cfg.groups_claim)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            return ()
+        return tuple(dict.fromkeys(g for g in value if isinstance(g, str) and g and "\x1f" not in g))
+
+    # --------------------------------------------------------------- logout
+
+    async def end_session_url(self, session_key: str) -> str | None:
+        """Where to send the browser after ``/_lapse/logout`` ended an OIDC session (None: not one)."""
+        link = await self.gw.rt.store.get_link(session_key)
+        if link is None:
+            return None
+        try:
+            return await self.provider.end_session_url(id_token=link.id_token,
+                                                       post_logout_redirect_uri=self.post_logout_redirect_uri)
+        except ProviderError as exc:
+            log.error("oidc: no IdP logout (discovery failed): %s", exc)
+            return None
+
+    async def signed_out(self, request: Request) -> Response:
+        return self.gw._render("signed_out.html", 200, title="Signed out", login_url=LOGIN)
+
+    async def backchannel(self, request: Request) -> Response:
+        """Back-Channel Logout 1.0: 200 with the named sessions revoked, else 400; never cached."""
+        _headers, _trusted, ip, _sid = self.gw._facts(request)
+        store = self.gw.rt.store
+        form = await read_form(request) if request.headers.get("content-type", "").lower().startswith(
+            "application/x-www-form-urlencoded") else None
+        token = (form or {}).get("logout_token")
+        now = await store.now()
+        if not token:
+            return await self._refuse("invalid_request", "missing_logout_token", now, ip)
+        try:
+            claims = await self.provider.check_logout_token(token, now=now)
+        except TokenError as exc:
+            return await self._refuse("invalid_request", exc.reason, now, ip)
+        except ProviderError as exc:
+            log.error("oidc: back-channel logout could not be checked: %s", exc)
+            return await self._refuse("temporarily_unavailable", exc.reason, now, ip)
+        issuer = (await self.provider.metadata()).issuer
+        until = max(claims.exp or 0.0, claims.iat + MAX_IAT_AGE) + LEEWAY
+        jti = hashlib.sha256(f"{issuer}\n{claims.jti}".encode()).hexdigest()
+        if not await store.first_use(f"jti:{jti}", until):
+            return await self._refuse("invalid_request", "replayed_jti", now, ip)
+        if claims.sid is not None:
+            links = [x for x in await store.find_links(issuer, sid=claims.sid)
+                     if claims.sub is None or x.subject == claims.sub]
+        else:
+            links = await store.find_links(issuer, subject=claims.sub)
+        revoked = await _revoke(self.gw, [x.session for x in links], "backchannel")
+        log.info("oidc: back-channel logout ended %d session(s)", revoked)
+        return Response(b"", 200, {"Cache-Control": "no-store"})
+
+    async def _refuse(self, error: str, reason: str, now: float, ip: str | None) -> Response:
+        await self.gw.rt.audit.emit([AuditEvent(now, BACKCHANNEL_EVENT, ev.FAILURE, None, None, None, ip,
+                                                f"POST {BACKCHANNEL}", reason)])
+        log.info("oidc: back-channel logout refused: %s", reason)
+        return JSONResponse({"error": error, "error_description": reason}, 400, {"Cache-Control": "no-store"})
+
+    # ----------------------------------------------------------- revalidate
+
+    async def revalidate_once(self) -> int:
+        """Ask the IdP about every live OIDC session not checked for ``revalidate_every``; returns how many ended.
+
+        With a refresh token: a refresh grant (the IdP answers ``invalid_grant``
+        once its session is gone); the rotated refresh token is kept. Without
+        one there is nothing to ask: the session is left to its own limits
+        (documented). An IdP that cannot be reached ends nothing (lapse's own
+        limits still hold); a definite refusal ends the session with reason
+        ``idp_revalidation``.
+        """
+        every = self.cfg.revalidate_every
+        if every is None:
+            return 0
+        store = self.gw.rt.store
+        ended = 0
+        for session in await store.sessions():
+            link = await store.get_link(session.key)
+            now = await store.now()
+            if link is None or link.refresh_token is None or now - link.checked_at < every:
+                continue
+            try:
+                tokens = await self.provider.refresh(link.refresh_token)
+            except Rejected as exc:
+                log.info("oidc: revalidation refused (%s): ending the session", exc.reason)
+                ended += await _revoke(self.gw, [session.key], REVALIDATE_REASON)
+                continue
+            except ProviderError as exc:
+                log.warning("oidc: revalidation could not ask the IdP: %s", exc)
+                continue
+            rotated = tokens.get("refresh_token")
+            id_token = tokens.get("id_token")
+            await store.put_link(SsoLink(
+                link.session, link.issuer, link.subject, link.sid,
+                id_token if isinstance(id_token, str) else link.id_token,
+                rotated if isinstance(rotated, str) else link.refresh_token,
+                link.admin, now, link.keep_until,
+            ))
+        return ended
+
+    async def run_revalidator(self, stop: asyncio.Event) -> None:
+        every = self.cfg.revalidate_every
+        if every is None:
+            return
+        interval = max(1.0, min(every / 4, 60.0))
+        while not stop.is_set():
+            try:
+                await self.revalidate_once()
+            except StoreUnavailable as exc:
+                log.error("oidc: revalidation: store unavailable: %s", exc)
+            except Exception:  # never let one bad answer stop the loop
+                log.exception("oidc: revalidation failed")
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except TimeoutError:
+                pass
+
+
+async def _revoke(gw: Gateway, keys: Sequence[str], reason: str) -> int:
+    return sum([await gw.gate.revoke(key, reason) for key in keys])
+
+
+def _path(target: str) -> str:
+    return target.split("?", 1)[0]
+
+
+def _word(text: str) -> str:
+    return "".join(c for c in text if c.isalnum() or c == "_")[:40] or "error"
+
+
+__all__ = ["BACKCHANNEL", "CALLBACK", "LOGIN", "OidcWeb"]
+
+

@@ -1,0 +1,197 @@
+"""The back-channel logout endpoint in-process, with an IdP whose keys the test holds.
+
+(tests/oidc/test_idp.py covers the same endpoint with the real provider's calls;
+here the test signs tokens itself, so every BCL rule and the replay window can
+be tried.) Requirement IDs: ../shared/research/standards-checklist.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from joserfc import jwt
+from joserfc.jwk import RSAKey
+
+from lapse.config import parse_config
+from lapse.runtime import open_runtime
+from lapse.sso import provider as provider_mod
+from lapse.sso.provider import Provider
+from lapse.sso.tokens import BACKCHANNEL_EVENT
+from lapse.store.base import SsoLink
+from lapse.web import Gateway
+
+ISS = "https://idp.test"
+KEY1 = RSAKey.generate_key(2048, parameters={"kid": "one"}, private=True)
+KEY2 = RSAKey.generate_key(2048, parameters={"kid": "two"}, private=True)
+
+CONFIG = f"""
+[store]
+url = "sqlite:///state/lapse.db"
+
+[audit]
+sinks = ["store"]
+
+[oidc]
+issuer = "{ISS}"
+client_id = "lapse"
+client_secret = "not-used-here"
+require_logout_typ = true
+"""
+
+
+class FakeIdp:
+    """Discovery and a JWKS the test can rotate; counts JWKS fetches."""
+
+    def __init__(self) -> None:
+        self.keys = [KEY1]
+        self.jwks_fetches = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/.well-known/openid-configuration":
+            return httpx.Response(200, json={
+                "issuer": ISS, "authorization_endpoint": ISS + "/auth", "token_endpoint": ISS + "/token",
+                "jwks_uri": ISS + "/jwks", "end_session_endpoint": ISS + "/logout",
+                "id_token_signing_alg_values_supported": ["RS256"], "backchannel_logout_supported": True,
+            })
+        if request.url.path == "/jwks":
+            self.jwks_fetches += 1
+            return httpx.Response(200, json={"keys": [k.as_dict(private=False) for k in self.keys]})
+        return httpx.Response(404)
+
+
+def logout_token(key: RSAKey = KEY1, typ: str | None = "logout+jwt", **changes: Any) -> str:
+    now = time.time()
+    claims = {"iss": ISS, "aud": "lapse", "iat": int(now), "exp": int(now) + 120, "jti": f"j-{now}",
+              "sub": "alice-sub", "sid": "S1", "events": {BACKCHANNEL_EVENT: {}}}
+    claims.update(changes)
+    header = {"alg": "RS256", "kid": key.kid, **({"typ": typ} if typ else {})}
+    return jwt.encode(header, {k: v for k, v in claims.items() if v is not None}, key)
+
+
+async def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
+    monkeypatch.setattr(provider_mod, "JWKS_MIN_INTERVAL", 0.0)
+    loaded = parse_config(CONFIG, str(tmp_path / "lapse.toml"), tmp_path)
+    cm = open_runtime(loaded)
+    rt = await cm.__aenter__()
+    gw = Gateway(rt)
+    idp = FakeIdp()
+    gw.oidc.provider = Provider(loaded.config.oidc, client=httpx.AsyncClient(transport=httpx.MockTransport(idp)))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(gw), base_url="http://127.0.0.1:8080")
+
+    async def session(sid: str | None, sub: str = "alice-sub", user: str = "alice") -> str:
+        raw, decision = await gw.gate.sign_in(user)
+        k = decision.session.key
+        await rt.store.put_link(SsoLink(k, ISS, sub, sid, "id.tok.en", None, False, time.time(), time.time() + 9e4))
+        return k
+
+    async def post(token: str | None, **extra: str) -> httpx.Response:
+        data = {"logout_token": token, **extra} if token is not None else extra
+        return await client.post("/_lapse/oidc/backchannel-logout", data=data)
+
+    async def alive(k: str) -> bool:
+        s, _ = await rt.store.read(k)
+        return not s.ended
+
+    return cm, rt, idp, session, post, alive, client
+
+
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: Any) -> None:
+    async def main() -> None:
+        cm, rt, idp, session, post, alive, client = await _setup(tmp_path, monkeypatch)
+        try:
+            await body(rt=rt, idp=idp, session=session, post=post, alive=alive)
+        finally:
+            await client.aclose()
+            await cm.__aexit__(None, None, None)
+
+    asyncio.run(main())
+
+
+def test_sid_ends_that_session_only_and_extra_fields_are_ignored(tmp_path, monkeypatch) -> None:
+    """[BCL 2.5, 2.7 / checklist 87, 90] sid -> only S1 dies; unknown form fields are ignored; 200 + no-store."""
+    async def body(rt, idp, session, post, alive):
+        s1, s2 = await session("S1"), await session("S2")
+        r = await post(logout_token(), extra="1")
+        assert (r.status_code, r.headers["cache-control"]) == (200, "no-store")
+        assert not await alive(s1) and await alive(s2)
+        ends = [e for e in await rt.store.tail_audit(100) if e.event == "session.revoked"]
+        assert [(e.session, e.reason) for e in ends] == [(s1, "backchannel")]
+    run(tmp_path, monkeypatch, body)
+
+
+def test_sub_without_sid_ends_every_session_of_that_subject(tmp_path, monkeypatch) -> None:
+    """[BCL 2.4, 2.7 / checklist 90] no sid: all sessions of iss+sub; another subject's survive."""
+    async def body(rt, idp, session, post, alive):
+        a1, a2, b1 = await session("S1"), await session("S2"), await session("S3", sub="bob-sub", user="bob")
+        assert (await post(logout_token(sid=None))).status_code == 200
+        assert not await alive(a1) and not await alive(a2) and await alive(b1)
+    run(tmp_path, monkeypatch, body)
+
+
+def test_already_ended_or_unknown_sessions_are_a_success(tmp_path, monkeypatch) -> None:
+    """[BCL 2.7 / checklist 56] a logout for a user already logged out at the RP has succeeded."""
+    async def body(rt, idp, session, post, alive):
+        await session("S1")
+        assert (await post(logout_token())).status_code == 200
+        assert (await post(logout_token())).status_code == 200  # a new jti for the same sid
+        assert (await post(logout_token(sid="never-seen"))).status_code == 200
+    run(tmp_path, monkeypatch, body)
+
+
+def test_a_replayed_jti_is_refused_and_the_session_lives(tmp_path, monkeypatch) -> None:
+    """[BCL 2.6 step 8 / checklist 89] jti seen before within the window -> 400."""
+    async def body(rt, idp, session, post, alive):
+        token = logout_token(sid="nobody")
+        assert (await post(token)).status_code == 200
+        s1 = await session("S1")
+        replay = await post(token)
+        assert replay.status_code == 400 and replay.json()["error_description"] == "replayed_jti"
+        assert await alive(s1)
+        refused = [e for e in await rt.store.tail_audit(100) if e.event == "auth.backchannel_logout"]
+        assert [(e.outcome, e.reason) for e in refused] == [("failure", "replayed_jti")]
+    run(tmp_path, monkeypatch, body)
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [
+        (lambda: logout_token(nonce="n"), "nonce_present"),
+        (lambda: logout_token(events=None), "bad_events"),
+        (lambda: logout_token(typ=None), "bad_typ"),  # require_logout_typ = true
+        (lambda: logout_token(aud="other"), "bad_aud"),
+        (lambda: logout_token(iss="https://evil.test"), "bad_iss"),
+        (lambda: logout_token(exp=int(time.time()) - 600), "expired"),
+        (lambda: logout_token(sub=None, sid=None), "missing_sub_and_sid"),
+        (lambda: logout_token(key=RSAKey.generate_key(2048, parameters={"kid": "one"}, private=True)), "bad_signature"),
+    ],
+)
+def test_each_invalid_token_is_a_400_and_ends_nothing(tmp_path, monkeypatch, token, reason) -> None:
+    """[BCL 2.6, 2.8 / checklist 89, 91, 92] one negative case per rule; the session stays alive."""
+    async def body(rt, idp, session, post, alive):
+        s1 = await session("S1")
+        r = await post(token())
+        assert (r.status_code, r.headers["cache-control"]) == (400, "no-store")
+        assert r.json() == {"error": "invalid_request", "error_description": reason}
+        assert await alive(s1)
+    run(tmp_path, monkeypatch, body)
+
+
+def test_a_rotated_key_is_fetched_once_and_made_up_kids_cannot_hammer_the_idp(tmp_path, monkeypatch) -> None:
+    async def body(rt, idp, session, post, alive):
+        s1 = await session("S1")
+        assert (await post(logout_token(sid="x"))).status_code == 200
+        assert idp.jwks_fetches == 1
+        idp.keys = [KEY1, KEY2]  # the IdP rotates: tokens now come signed with "two"
+        assert (await post(logout_token(key=KEY2))).status_code == 200
+        assert idp.jwks_fetches == 2 and not await alive(s1)
+        monkeypatch.setattr(provider_mod, "JWKS_MIN_INTERVAL", 3600.0)
+        stranger = RSAKey.generate_key(2048, parameters={"kid": "three"}, private=True)
+        for _ in range(5):
+            assert (await post(logout_token(key=stranger))).status_code == 400
+        assert idp.jwks_fetches == 2  # rate-limited: no refetch for made-up kids
+    run(tmp_path, monkeypatch, body)
