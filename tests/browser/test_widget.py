@@ -43,9 +43,10 @@ def sign_in(page: Any, gateway: Gateway, target: str, base: str | None = None) -
     return time.monotonic()
 
 
-def wait_js(page: Any, expression: str, timeout: float = 5.0) -> None:
+def wait_js(page: Any, expression: str, timeout: float = 15.0) -> None:
     """Poll an expression from here (Playwright's own wait_for_function polls with the page's timers,
-    which a test may have paused with page.clock)."""
+    which a test may have paused with page.clock). Generous: it returns as soon as the expression holds,
+    and a loaded CI machine can take seconds to run a page's first fetch."""
     deadline = time.monotonic() + timeout
     while not page.evaluate(f"() => {{ try {{ return !!({expression}); }} catch (e) {{ return false; }} }}"):
         assert time.monotonic() < deadline, f"timed out waiting for {expression}"
