@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from ..core.events import AuditEvent
 from ..core.session import Session
 from .base import SessionExists, User, WriteResult, apply_write
+from .watch import Callback, Watchers
 
 AUDIT_KEEP = 100_000
 
@@ -20,6 +21,7 @@ class MemoryStore:
         self._users: dict[str, User] = {}
         self._audit: deque[AuditEvent] = deque(maxlen=AUDIT_KEEP)
         self._failures: dict[str, tuple[float, int]] = {}
+        self._watchers = Watchers()
 
     async def now(self) -> float:
         return self._clock()
@@ -36,7 +38,13 @@ class MemoryStore:
         result, record = apply_write(self._sessions.get(before.key), before, after)
         if record is not None:
             self._sessions[before.key] = record
+            if record.ended:
+                self._watchers.notify((before.key,))
         return result
+
+    def watch(self, callback: Callback) -> Callable[[], None]:
+        """Ends are told at once (in-process: see ``store.watch``)."""
+        return self._watchers.add(callback)
 
     async def due(self, now: float, limit: int) -> list[Session]:
         found = sorted((s for s in self._sessions.values() if not s.ended and s.expires_at <= now),

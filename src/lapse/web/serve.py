@@ -130,7 +130,7 @@ class Service:
         loop = asyncio.get_running_loop()
         try:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests), or no signals here
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (uvloop: ValueError), or no signals
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous = signal.getsignal(sig)  # uvicorn's own handler: keep it, run it after ours
