@@ -15,6 +15,8 @@ missing=()
 have nginx || missing+=(nginx)
 have caddy || missing+=(caddy)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+# tests/connections starts its own PostgreSQL cluster (initdb/pg_ctl; as root through runuser -u postgres).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && have psql || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then as_root=(); elif sudo -n true 2>/dev/null; then as_root=(sudo -n); else as_root=(none); fi
     if [ "${as_root[*]}" = none ]; then

@@ -94,6 +94,11 @@ class Service:
                                                          self.loaded.config.audit.retention, stop))]
                 if metrics is not None:
                     tasks.append(asyncio.create_task(_watch_store(rt.store, metrics, stop)))
+                listeners = []
+                if self.loaded.config.postgres:
+                    from ..postgres import start_listeners
+
+                    listeners = await start_listeners(self.loaded.config, lambda: rt.gate, self.gateway.connections)
                 self._install_reload()
             except Exception as exc:  # a store that cannot open: refuse to start, say why
                 log.error("cannot start: %s", exc)
@@ -104,6 +109,8 @@ class Service:
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown: uvicorn has drained the requests by now
             stop.set()
+            for listener in listeners:
+                listener.close()
             await asyncio.gather(*tasks)
             if self.gateway.upstream is not None:
                 await self.gateway.upstream.aclose()
@@ -158,6 +165,7 @@ class Service:
             if getattr(old, section) != getattr(fresh.config, section):
                 log.warning("reload: [%s] changed; it takes effect at the next restart", section)
         self.gateway.rt.gate.policy = policy
+        self.gateway.connections.wake_all()  # long-lived connections are judged by the new policy at once
         self.loaded = fresh
         log.info("reload: policy replaced (%d apps, %d networks)", len(fresh.config.apps), len(fresh.config.networks))
 
