@@ -19,6 +19,8 @@ have redis-server || missing+=(redis-server)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 # tests/oidc runs a real OpenID provider (npm oidc-provider) on Node: Debian's nodejs (npm below).
 have node || missing+=(nodejs)
+# tests/connections starts its own PostgreSQL cluster (initdb/pg_ctl; as root through runuser -u postgres).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && have psql || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then as_root=(); elif sudo -n true 2>/dev/null; then as_root=(sudo -n); else as_root=(none); fi
     if [ "${as_root[*]}" = none ]; then

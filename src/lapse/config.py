@@ -331,6 +331,25 @@ def _http_url(value: str) -> str:
 HttpUrl = Annotated[StrictStr, AfterValidator(_http_url)]
 
 
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"bad regular expression {json.dumps(value)}: {exc}") from None
+    return value
+
+
+Regex = Annotated[StrictStr, AfterValidator(_regex)]
+
+
+def postgres_host(name: str) -> str:
+    """The host a ``[[postgres]]`` listener's connections are judged under (its policy is an app's).
+
+    ``.invalid`` is reserved (RFC 2606): no browser request can carry it, so no web app can match it.
+    """
+    return f"{name.lower()}.postgres.lapse.invalid"
+
+
 def _is_loopback_host(host: str | None) -> bool:
     if not host:
         return False
@@ -579,6 +598,7 @@ class Defaults(_Limits):
     passive_paths: tuple[PathGlob, ...] = ()
     on_ip_change: OnIpChange = "allow"
     max_sessions: Annotated[StrictInt, Field(ge=0)] = 0  # per user; 0 = unlimited
+    websocket_activity: Regex | None = None  # client WebSocket messages that count as activity (None: all)
 
 
 class Privileged(_Section):
@@ -609,6 +629,7 @@ class App(_Limits):
     on_ip_change: OnIpChange | None = None
     allow: Annotated[tuple[AllowRule, ...], Field(min_length=1)] | None = None
     privileged: tuple[Privileged, ...] = ()
+    websocket_activity: Regex | None = None  # None: the defaults' (and there None: every client message)
 
     @property
     def allowed_users(self) -> frozenset[str]:
@@ -617,6 +638,24 @@ class App(_Limits):
     @property
     def allowed_groups(self) -> frozenset[str]:
         return frozenset(r.split(":", 1)[1] for r in self.allow or () if r.startswith("group:"))
+
+
+class Postgres(_Limits):
+    """[[postgres]]: a PostgreSQL gateway listener; its policy keys work as an app's (docs/connections.md)."""
+
+    name: Name
+    listen: Listen
+    upstream: Listen  # host:port of the PostgreSQL server
+    preset: PresetName | None = None
+    idle: IdleDuration = None
+    absolute: Duration | None = None
+    warn_before: Duration | None = None
+    on_ip_change: OnIpChange | None = None
+    allow: Annotated[tuple[AllowRule, ...], Field(min_length=1)] | None = None
+
+    @property
+    def passive_paths(self) -> tuple[str, ...]:
+        return ()
 
 
 class Network(_Section):
@@ -682,6 +721,7 @@ class Config(_Section):
     defaults: Defaults = Field(default_factory=Defaults)
     apps: tuple[App, ...] = ()
     networks: tuple[Network, ...] = ()
+    postgres: tuple[Postgres, ...] = ()
     oidc: OIDC | None = None
 
     @model_validator(mode="before")
@@ -704,6 +744,15 @@ class Config(_Section):
                         ((kind, index, "name"), f"duplicate name {json.dumps(item.name)} (also {kind}[{first[item.name]}])")
                     )
                 first.setdefault(item.name, index)
+        apps = {app.name: index for index, app in enumerate(self.apps)}
+        for index, pg in enumerate(self.postgres):
+            if pg.name in apps:
+                issues.append((("postgres", index, "name"),
+                               f"name {json.dumps(pg.name)} is also an app's (apps[{apps[pg.name]}]): names are shared"))
+            for other, listen in ((("server", "listen"), self.server.listen),
+                                  *((("postgres", i, "listen"), p.listen) for i, p in enumerate(self.postgres[:index]))):
+                if listen == pg.listen:
+                    issues.append((("postgres", index, "listen"), f"{pg.listen} is also {_dotted(other)}"))
         if self.server.workers > 1 and self.store.kind == "memory":
             issues.append(
                 (
@@ -928,7 +977,14 @@ def _warnings(config: Config, locations: dict[str, int]) -> list[Problem]:
     return sorted(warnings, key=lambda p: (p.line is None, p.line or 0))
 
 
-def _layer(section: Defaults | App) -> Layer:
+def _dotted(path: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def _layer(section: Defaults | App | Postgres) -> Layer:
     """The keys a section sets itself (``idle = "none"`` is set; a missing key is not)."""
     settings = {k: getattr(section, k) for k in ("idle", "absolute", "warn_before") if section.explicit(k)}
     return Layer(settings, section.preset, tuple(section.passive_paths), section.on_ip_change)
@@ -949,6 +1005,10 @@ def build_policy(config: Config) -> Policy:
             allow=tuple(app.allow) if app.allow is not None else None,
         )
         for app in config.apps
+    ) + tuple(
+        AppSpec(name=pg.name, hosts=(postgres_host(pg.name),), layer=_layer(pg), paths=(), privileged=(),
+                allow=tuple(pg.allow) if pg.allow is not None else None)
+        for pg in config.postgres
     )
     networks = tuple(
         NetworkSpec(n.name, tuple(n.cidrs), n.idle_factor, n.absolute_factor) for n in config.networks

@@ -19,6 +19,7 @@ REVOKED = "session.revoked"
 DENIED = "session.denied"
 STEP_UP_REQUIRED = "session.step_up_required"
 STEP_UP = "session.step_up"
+CONNECTION_TERMINATED = "connection.terminated"  # lapse cut a long-lived connection (WebSocket, stream, PostgreSQL)
 
 SUCCESS = "success"
 FAILURE = "failure"

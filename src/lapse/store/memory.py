@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from ..core.events import AuditEvent
 from ..core.session import Session
 from .base import SessionExists, SsoLink, User, WriteResult, apply_write
+from .watch import Callback, Watchers
 
 AUDIT_KEEP = 100_000
 
@@ -22,6 +23,7 @@ class MemoryStore:
         self._failures: dict[str, tuple[float, int]] = {}
         self._links: dict[str, SsoLink] = {}
         self._once: dict[str, float] = {}
+        self._watchers = Watchers()
 
     async def now(self) -> float:
         return self._clock()
@@ -38,7 +40,13 @@ class MemoryStore:
         result, record = apply_write(self._sessions.get(before.key), before, after)
         if record is not None:
             self._sessions[before.key] = record
+            if record.ended:
+                self._watchers.notify((before.key,))
         return result
+
+    def watch(self, callback: Callback) -> Callable[[], None]:
+        """Ends are told at once (in-process: see ``store.watch``)."""
+        return self._watchers.add(callback)
 
     async def due(self, now: float, limit: int) -> list[Session]:
         found = sorted((s for s in self._sessions.values() if not s.ended and s.expires_at <= now),

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
 import math
 import mmap
 import os
@@ -63,6 +64,9 @@ from typing import Any
 from ..core.events import AuditEvent
 from ..core.session import Session, Staircase, merge_activity
 from .base import SessionExists, SsoLink, StoreUnavailable, User, WriteResult, apply_write
+from .watch import Callback, Watchers
+
+log = logging.getLogger("lapse.store")
 
 SCHEMA_VERSION = 1
 GROUP_SEP = "\x1f"  # ASCII unit separator: never part of a sane group name
@@ -71,6 +75,8 @@ CHECKPOINT_EVERY = 1.0  # seconds between background WAL checkpoints
 CACHE_KIB = 65536  # page cache per connection (SQLite's default is 2 MiB)
 CACHE_SESSIONS = 100_000  # decoded sessions kept per connection (forgotten at once when full)
 MMAP_BYTES = 1 << 30  # map the file (up to 1 GiB): reads without a syscall per page
+WATCH_POLL = 0.25  # seconds between looks at the change counter while connections watch (store.watch)
+WATCH_MARGIN = 5.0  # ends written up to this long before the last look are asked for again (clock skew)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -148,6 +154,7 @@ _COLUMNS = (
 )
 _SELECT = f"SELECT {_COLUMNS} FROM sessions"
 _SELECT_ONE = _SELECT + " WHERE key = ?"
+_ENDED_SINCE = "SELECT key FROM sessions WHERE ended_at IS NOT NULL AND ended_at >= ?"  # the sessions_ended index
 _INSERT = f"INSERT INTO sessions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _REWRITE = (
     "UPDATE sessions SET user = ?, auth_time = ?, created_at = ?, activity = ?, last_seen_at = ?, "
@@ -294,6 +301,8 @@ class SqliteStore:
             self._changes = _Changes(self.path.with_name(self.path.name + "-changes"))
         self._cache: dict[str, Session] = {}
         self._seen = self._changes.current()
+        self._watchers = Watchers()
+        self._poller: asyncio.Task[None] | None = None
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         db.execute("BEGIN IMMEDIATE")  # two processes opening a fresh file at once: one creates
@@ -392,6 +401,12 @@ class SqliteStore:
         self._remember(session)
 
     async def write(self, before: Session, after: Session) -> WriteResult:
+        result = self._write(before, after)
+        if after.ended and result is WriteResult.APPLIED and self._watchers:
+            self._watchers.notify((before.key,))  # this process's own ends: at once
+        return result
+
+    def _write(self, before: Session, after: Session) -> WriteResult:
         guard = {
             "key": _pack_key(before.key),
             "before_activity": _pack_activity(before.activity),
@@ -627,7 +642,48 @@ class SqliteStore:
         with self._errors("ping"):
             self.db.execute("SELECT 1").fetchone()
 
+    # ------------------------------------------------------------ watch
+
+    def watch(self, callback: Callback) -> Callable[[], None]:
+        """Ends by this handle at once; by other handles within ``WATCH_POLL`` (see ``store.watch``).
+
+        Call from the event loop: the poller is a task of the running loop, alive while anyone watches.
+        """
+        unsubscribe = self._watchers.add(callback)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+        def done() -> None:
+            unsubscribe()
+            if not self._watchers and self._poller is not None:
+                self._poller.cancel()
+                self._poller = None
+
+        return done
+
+    async def _poll(self) -> None:
+        seen = self._changes.current()
+        since = self._clock() - WATCH_MARGIN
+        while self._watchers and self._db is not None:
+            await asyncio.sleep(WATCH_POLL)
+            try:
+                current = self._changes.current()
+                if current == seen:
+                    continue
+                seen = current
+                now = self._clock()
+                rows = self.db.execute(_ENDED_SINCE, (since,)).fetchall()
+                since = now - WATCH_MARGIN
+            except (StoreUnavailable, sqlite3.DatabaseError, ValueError) as exc:
+                log.warning("session watch: cannot read the store, every connection re-checks: %s", exc)
+                self._watchers.notify(None)
+                continue
+            self._watchers.notify(_unpack_key(r[0]) for r in rows)
+
     async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
         self._checkpointer.stop()
         self._changes.close()
         db, self._db = self._db, None

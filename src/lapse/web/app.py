@@ -30,6 +30,7 @@ from ..core.decide import Decision, Reason
 from ..core.events import AuditEvent
 from ..enforce import Gate, Verdict
 from ..identity import verify_password
+from ..monitor import Connections, Facts
 from ..runtime import Runtime
 from ..store.base import StoreUnavailable, User
 from ..totp import Factor
@@ -39,6 +40,7 @@ from .forms import read_form
 from .metrics import Metrics
 from .net import Trust, client_ip, header_dict, original_request
 from .proxy import Upstream
+from .streams import guard, lasting
 from .tokens import Cookies, Csrf, new_nonce, parse_cookies, valid_id
 
 log = logging.getLogger("lapse.web")
@@ -119,6 +121,13 @@ class Gateway:
         self._warned: set[tuple[str, str, int]] = set()  # (session, deadline kind, deadline): told once
         self._flooding: dict[str, float] = {}  # IP -> until when its session cookies go unread
         self.closing = asyncio.Event()  # set on shutdown: event streams end so draining does not wait
+        # Long-lived connections (WebSockets, streams): a monitor each, woken by the store's push.
+        self.connections = Connections(lambda: self.rt.gate, runtime.audit, runtime.store)
+        self.websockets = None
+        if self.upstream is not None:
+            from .websocket import WebSocketProxy  # the websockets library only where it is used
+
+            self.websockets = WebSocketProxy(self)
         self.router = Router(routes)
 
     @property
@@ -143,8 +152,14 @@ class Gateway:
                 await self._unavailable(exc, scope)(scope, receive, send)
             return
         if scope["type"] == "websocket":
-            # WebSockets through the proxy come with the long-lived-connection work; refuse clearly until then.
-            await send({"type": "websocket.close", "code": 1008, "reason": "websockets are not proxied yet"})
+            if self.websockets is not None and not scope["path"].startswith("/_lapse/"):
+                try:
+                    await self.websockets(scope, receive, send)
+                except StoreUnavailable as exc:
+                    log.error("store unavailable, refusing a websocket: %s", exc)
+                    await send({"type": "websocket.close", "code": 1011, "reason": "session store unavailable"})
+                return
+            await send({"type": "websocket.close", "code": 1008, "reason": "websockets are proxied in proxy mode only"})
             return
         if scope["type"] == "lifespan":
             await self.router(scope, receive, send)
@@ -273,12 +288,16 @@ class Gateway:
         host = headers.get("host", "")
         path = request.scope["path"]
         passive = headers.get("x-lapse-activity", "").lower() == "passive"
-        if headers.get("upgrade"):
-            return JSONResponse({"error": "websocket and other upgrades are not proxied yet"}, 501)
+        if headers.get("upgrade"):  # WebSockets come as their own scope; other upgrades are not proxied
+            return JSONResponse({"error": "upgrades other than websocket are not proxied"}, 501)
         verdict = await self._check(host=host, path=path, method=request.method, ip=ip, passive=passive, sid=sid)
         d = verdict.decision
         if d.allowed and d.session is not None:
-            return await self.upstream.forward(request, d.session, ip)
+            response = await self.upstream.forward(request, d.session, ip)
+            if sid is not None and lasting(response):  # event streams, long polls: cut at the deadline
+                guard(response, self.connections, Facts(host, path, request.method, ip, sid,  # type: ignore[arg-type]
+                                                         f"{request.method} {path}"), verdict)
+            return response
         out = self._verdict_headers(verdict, sid)
         reason = d.reason.value if d.reason else "missing"
         if d.status == 403:

@@ -96,6 +96,11 @@ class Service:
                     tasks.append(asyncio.create_task(_watch_store(rt.store, metrics, stop)))
                 if self.gateway.oidc is not None:  # [oidc] revalidate_every (a no-op when "none")
                     tasks.append(asyncio.create_task(self.gateway.oidc.run_revalidator(stop)))
+                listeners = []
+                if self.loaded.config.postgres:
+                    from ..postgres import start_listeners
+
+                    listeners = await start_listeners(self.loaded.config, lambda: rt.gate, self.gateway.connections)
                 self._install_reload()
             except Exception as exc:  # a store that cannot open: refuse to start, say why
                 log.error("cannot start: %s", exc)
@@ -106,6 +111,8 @@ class Service:
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown: uvicorn has drained the requests by now
             stop.set()
+            for listener in listeners:
+                listener.close()
             await asyncio.gather(*tasks)
             if self.gateway.upstream is not None:
                 await self.gateway.upstream.aclose()
@@ -134,7 +141,7 @@ class Service:
         loop = asyncio.get_running_loop()
         try:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests), or no signals here
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (uvloop: ValueError), or no signals
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous = signal.getsignal(sig)  # uvicorn's own handler: keep it, run it after ours
@@ -162,6 +169,7 @@ class Service:
             if getattr(old, section) != getattr(fresh.config, section):
                 log.warning("reload: [%s] changed; it takes effect at the next restart", section)
         self.gateway.rt.gate.policy = policy
+        self.gateway.connections.wake_all()  # long-lived connections are judged by the new policy at once
         self.loaded = fresh
         log.info("reload: policy replaced (%d apps, %d networks)", len(fresh.config.apps), len(fresh.config.networks))
 

@@ -1,0 +1,191 @@
+"""A monitor per long-lived connection: cut it at its session's deadline, to the second.
+
+Theory of operation (Teleport's ``srv.ConnectionMonitor``, without hoop's bug):
+
+- A connection is judged when it opens, like any request (``Gate.check``).
+- Its monitor then sleeps until "effective deadline - now" -- the deadline
+  ``decide()`` gave, never a fresh full duration -- and asks the gate again
+  (a passive check) when it wakes. Still allowed: it re-arms to the deadline
+  it is given now. Refused: the connection is cut with the refusal's reason.
+- Activity on the connection (a client's WebSocket message, a SQL query) is an
+  active ``Gate.check``; when it moves the deadline, the monitor re-arms.
+- Revocation is pushed: the store calls back (``store.watch``) with the keys of
+  sessions that ended, their monitors wake and re-check at once, so a logout
+  or ``lapse sessions revoke`` elsewhere cuts the connection within a second.
+- A monitor also looks every ``MAX_SLEEP`` seconds whatever happens (a policy
+  reload made limits stricter, a store without push).
+
+No deadline is computed here: the monitor only asks the gate and waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from .audit import AuditLog
+from .core import events as ev
+from .core.events import AuditEvent
+from .enforce import Gate, Verdict
+from .store.base import StoreUnavailable
+from .store.watch import Watchable
+
+log = logging.getLogger("lapse.monitor")
+
+MAX_SLEEP = 30.0  # seconds a monitor sleeps at most, with or without push
+LATE = 0.01  # wake this long after a deadline: a request at the deadline is refused, so the check cuts
+UNAVAILABLE = "unavailable"  # the reason a connection is cut with when the store cannot answer (fail closed)
+
+Warn = Callable[[str, float], Awaitable[None]]
+"""``warn(kind, seconds_left)``: told once per deadline, ``warn_before`` ahead of it (kind: idle/absolute)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What a connection is judged by: the request that opened it."""
+
+    host: str
+    path: str
+    method: str
+    ip: str | None
+    session_id: str
+    resource: str  # for audit: "GET /ws", "postgres billing"
+
+
+@dataclass(eq=False)
+class Monitor:
+    hub: Connections
+    facts: Facts
+    key: str
+    user: str
+    app: str | None
+    warn: Warn | None = None
+    deadline: float | None = None  # the instant it is armed for
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _warned: set[tuple[str, float]] = field(default_factory=set)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def check(self, *, active: bool) -> Verdict:
+        f = self.facts
+        return await self.hub.gate().check(
+            host=f.host, path=f.path, method=f.method, ip=f.ip, passive_header=not active, session_id=f.session_id
+        )
+
+    async def activity(self) -> str | None:
+        """The connection was used: an active check. The refusal's reason, or None (re-armed if it moved)."""
+        try:
+            verdict = await self.check(active=True)
+        except StoreUnavailable as exc:
+            log.error("connection activity: store unavailable, cutting: %s", exc)
+            return UNAVAILABLE
+        d = verdict.decision
+        if not d.allowed:
+            return d.reason.value if d.reason else "missing"
+        if d.deadline != self.deadline:
+            self._wake.set()
+        return None
+
+    async def watch(self) -> str:
+        """Sleep until the deadline, re-check, re-arm; return the reason when the connection must end."""
+        while True:
+            self._wake.clear()  # before the check: a push during it is not lost
+            try:
+                verdict = await self.check(active=False)
+            except StoreUnavailable as exc:
+                log.error("connection monitor: store unavailable, cutting: %s", exc)
+                return UNAVAILABLE
+            d = verdict.decision
+            if not d.allowed:
+                return d.reason.value if d.reason else "missing"
+            now = verdict.now
+            self.deadline = d.deadline
+            wait = MAX_SLEEP if d.deadline is None else min(MAX_SLEEP, d.deadline - now + LATE)
+            if self.warn is not None:
+                before = verdict.effective.limits.warn_before
+                for kind, deadline in (("idle", d.idle_deadline), ("absolute", d.absolute_deadline)):
+                    if deadline is None or (kind, deadline) in self._warned:
+                        continue
+                    if deadline - now <= before:
+                        self._warned.add((kind, deadline))
+                        await self.warn(kind, deadline - now)
+                    else:
+                        wait = min(wait, deadline - before - now)
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.0, wait))
+            except TimeoutError:
+                pass
+
+    def close(self) -> None:
+        self.hub._forget(self)
+
+
+class Connections:
+    """This process's live monitors, by session key, and the store's push that wakes them."""
+
+    def __init__(self, gate: Callable[[], Gate], audit: AuditLog, store: object) -> None:
+        self.gate = gate
+        self.audit = audit
+        self.store = store
+        self._by_key: dict[str, set[Monitor]] = {}
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self._by_key.values())
+
+    def open(self, facts: Facts, verdict: Verdict, *, warn: Warn | None = None) -> Monitor:
+        """A monitor for a connection the gate just allowed (``verdict``)."""
+        session = verdict.decision.session
+        assert session is not None and verdict.decision.allowed
+        monitor = Monitor(self, facts, session.key, session.user, verdict.effective.limits.app, warn,
+                          verdict.decision.deadline)
+        self._by_key.setdefault(session.key, set()).add(monitor)
+        if self._unsubscribe is None and isinstance(self.store, Watchable):
+            self._unsubscribe = self.store.watch(self._woken)
+        return monitor
+
+    def _forget(self, monitor: Monitor) -> None:
+        found = self._by_key.get(monitor.key)
+        if found is not None:
+            found.discard(monitor)
+            if not found:
+                del self._by_key[monitor.key]
+        if not self._by_key and self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    def _woken(self, keys: frozenset[str] | None) -> None:
+        """The store says these sessions ended (None: maybe any): their monitors re-check now."""
+        if keys is None:
+            for monitors in self._by_key.values():
+                for m in monitors:
+                    m.wake()
+            return
+        for key in keys:
+            for m in self._by_key.get(key, ()):
+                m.wake()
+
+    def wake_all(self) -> None:
+        """After a policy reload: limits may be stricter now."""
+        self._woken(None)
+
+    async def terminated(self, monitor: Monitor, reason: str) -> None:
+        """Audit ``connection.terminated`` for a connection lapse cut."""
+        try:
+            now = await self.gate().store.now()
+            await self.audit.emit([AuditEvent(now, ev.CONNECTION_TERMINATED, ev.SUCCESS, monitor.user, monitor.key,
+                                              monitor.app, monitor.facts.ip, monitor.facts.resource, reason)])
+        except StoreUnavailable as exc:
+            log.error("connection.terminated not audited (store unavailable): %s", exc)
+
+
+def activity_pattern(text: str | None) -> re.Pattern[str] | None:
+    """The ``websocket_activity`` regex of an app (None: every client message is activity)."""
+    return None if text is None else re.compile(text)
+
+
+__all__ = ["MAX_SLEEP", "Connections", "Facts", "Monitor", "activity_pattern"]

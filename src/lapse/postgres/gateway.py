@@ -1,0 +1,276 @@
+"""A ``[[postgres]]`` listener: PostgreSQL connections held to a lapse session's clock.
+
+Theory of operation:
+
+1. The client's startup packet tells the user and database. ``SSLRequest`` and
+   ``GSSENCRequest`` are refused with ``N`` (the client goes on in plain text,
+   or gives up if it demands TLS: put lapse beside the database, on loopback or
+   a private link). ``CancelRequest`` is passed to the server as it came.
+2. Authentication is PostgreSQL's own, passed through: lapse relays the
+   exchange (SCRAM, md5, password, trust) and holds no database credentials.
+   When the server says ``AuthenticationOk``, lapse signs the user in -- one
+   lapse session per connection, named by the PostgreSQL role -- and judges it
+   like a request to an app (allow rules, networks, org ceiling). Refused: an
+   ``ErrorResponse`` FATAL 28000 instead of the ``AuthenticationOk``.
+3. Then messages pass both ways. Client messages that do work (a query, a
+   parse/bind/execute, a function call, COPY data) are activity; server
+   messages never are. A monitor (``lapse.monitor``) sleeps until the
+   deadline; ``warn_before`` ahead of it the client gets a NoticeResponse
+   ("this session will end in N seconds for inactivity"); at it an
+   ErrorResponse FATAL, SQLSTATE 57P05 (idle) or 57P01 (absolute, revoked),
+   then both sides are closed. A revocation anywhere cuts within a second.
+4. The session ends with the connection: ``session.expired`` (idle, absolute)
+   when lapse cut it, ``session.revoked`` reason ``logout`` when the client
+   left; ``connection.terminated`` with the reason when lapse cut it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable
+
+from ..config import Config, Postgres, parse_listen, postgres_host
+from ..enforce import Gate
+from ..monitor import Connections, Facts, Monitor
+from ..store.base import StoreUnavailable
+from . import protocol as pg
+
+log = logging.getLogger("lapse.postgres")
+
+ACTIVE = frozenset(b"QPBEFd")  # Query, Parse, Bind, Execute, FunctionCall, CopyData
+ANSWERED = frozenset({2, 3, 5, 7, 8, 9, 10, 11})  # authentication requests the client answers
+READ = 64 * 1024
+
+
+class _Closed(Exception):
+    """One side went away."""
+
+
+class _Messages:
+    """Whole protocol messages from one side."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self.buffer = bytearray()
+        self.ready: list[bytes] = []
+
+    async def batch(self) -> list[bytes]:
+        """The whole messages that have arrived (at least one)."""
+        while True:
+            if self.ready:
+                out, self.ready = self.ready, []
+                return out
+            chunk = await self.reader.read(READ)
+            if not chunk:
+                raise _Closed
+            self.buffer += chunk
+            found, used = pg.split(self.buffer)
+            del self.buffer[:used]
+            self.ready = found
+
+    async def one(self) -> bytes:
+        if not self.ready:
+            self.ready = await self.batch()
+        return self.ready.pop(0)
+
+
+class PostgresGateway:
+    def __init__(self, spec: Postgres, gate: Callable[[], Gate], connections: Connections) -> None:
+        self.spec = spec
+        self.gate = gate
+        self.connections = connections
+        self.host = postgres_host(spec.name)
+        self.upstream = parse_listen(spec.upstream)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> asyncio.Server:
+        host, port = parse_listen(self.spec.listen)
+        server = await asyncio.start_server(self._serve, host, port, reuse_port=True)
+        log.info("postgres gateway %s on %s -> %s", self.spec.name, self.spec.listen, self.spec.upstream)
+        return server
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        ip = peer[0] if peer else None
+        up_writer: asyncio.StreamWriter | None = None
+        try:
+            startup = await _startup(reader, writer)
+            if startup is None:
+                return
+            packet, params = startup
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            up_writer.write(packet)
+            if params is None:  # a CancelRequest: the server acts on it and closes
+                await up_writer.drain()
+                return
+            server, client = _Messages(up_reader), _Messages(reader)
+            opened = await self._authenticate(server, client, writer, up_writer, params, ip)
+            if opened is not None:
+                await self._relay(server, client, writer, up_writer, *opened)
+        except (_Closed, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except OSError as exc:
+            log.warning("postgres gateway %s: upstream %s unreachable: %s", self.spec.name, self.spec.upstream, exc)
+            await _say(writer, pg.error(f"lapse: database server unreachable ({exc.strerror or exc})", "08006"))
+        except ValueError as exc:
+            log.warning("postgres gateway %s: protocol error from %s: %s", self.spec.name, ip, exc)
+        finally:
+            for w in (writer, up_writer):
+                if w is not None:
+                    w.close()
+
+    async def _authenticate(self, server: _Messages, client: _Messages, writer: asyncio.StreamWriter,
+                            up_writer: asyncio.StreamWriter, params: dict[str, str],
+                            ip: str | None) -> tuple[Monitor, str] | None:
+        """Relay PostgreSQL's authentication; at AuthenticationOk sign in and judge. (monitor, session ID) or None."""
+        user = params.get("user", "")
+        database = params.get("database") or user
+        opened: tuple[Monitor, str] | None = None
+        signed: list[Monitor] = []
+        try:
+            opened = await self._exchange(server, client, writer, up_writer, user, database, ip, signed)
+        finally:
+            if opened is None and signed:  # signed in, then the server refused after all (no such database)
+                signed[0].close()
+                await self.gate().revoke(signed[0].key, "logout")
+        return opened
+
+    async def _exchange(self, server: _Messages, client: _Messages, writer: asyncio.StreamWriter,
+                        up_writer: asyncio.StreamWriter, user: str, database: str,
+                        ip: str | None, signed: list[Monitor]) -> tuple[Monitor, str] | None:
+        monitor: Monitor | None = None
+        sid = ""
+        while True:
+            message = await server.one()
+            kind = message[0]
+            if kind == ord("R") and len(message) >= 9:
+                (code,) = struct.unpack_from("!I", message, 5)
+                if code == 0:
+                    opened = await self._sign_in(user, database, ip)
+                    if isinstance(opened, str):
+                        await _say(writer, pg.error(f"lapse: access refused ({opened})", pg.SQLSTATE_DENIED))
+                        up_writer.write(pg.TERMINATE)
+                        return None
+                    monitor, sid = opened
+                    signed.append(monitor)
+                writer.write(message)
+                await writer.drain()
+                if code in ANSWERED:
+                    up_writer.write(await client.one())
+                    await up_writer.drain()
+                continue
+            writer.write(message)
+            await writer.drain()
+            if kind == ord("E"):
+                return None  # the server refused (bad password, no such database): it closes
+            if kind == pg.READY:
+                return (monitor, sid) if monitor is not None else None
+
+    async def _sign_in(self, user: str, database: str, ip: str | None) -> tuple[Monitor, str] | str:
+        gate = self.gate()
+        path = "/" + database
+        resource = f"CONNECT {path}"
+        sid, _ = await gate.sign_in(user, host=self.host, path=path, ip=ip, login=resource)
+        verdict = await gate.check(host=self.host, path=path, method="CONNECT", ip=ip, session_id=sid)
+        d = verdict.decision
+        if not d.allowed:
+            await gate.revoke(gate.key_of(sid), "logout")
+            return d.reason.value if d.reason else "missing"
+        return self.connections.open(Facts(self.host, path, "CONNECT", ip, sid, resource), verdict), sid
+
+    async def _relay(self, server: _Messages, client: _Messages, writer: asyncio.StreamWriter,
+                     up_writer: asyncio.StreamWriter, monitor: Monitor, sid: str) -> None:
+        async def warn(kind: str, left: float) -> None:
+            seconds = max(1, round(left))
+            why = "for inactivity" if kind == "idle" else "(its maximum length)"
+            writer.write(pg.notice(f"lapse: this session will end in {seconds} seconds {why}"))
+            await writer.drain()
+
+        monitor.warn = warn
+
+        async def from_client() -> str | None:
+            while True:
+                batch = await client.batch()
+                if any(m[0] in ACTIVE for m in batch):
+                    reason = await monitor.activity()
+                    if reason is not None:
+                        return reason
+                up_writer.write(b"".join(batch))
+                await up_writer.drain()
+                if any(m[0] == ord("X") for m in batch):
+                    return None
+
+        async def from_server() -> str | None:
+            while True:
+                writer.write(b"".join(await server.batch()))  # whole messages only: notices go between
+                await writer.drain()
+
+        tasks = [asyncio.create_task(from_client()), asyncio.create_task(from_server()),
+                 asyncio.create_task(monitor.watch())]
+        reason: str | None = None
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                if task in done and not task.cancelled() and task.exception() is None:
+                    reason = reason or task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            monitor.close()
+        gate = self.gate()
+        try:
+            if reason is None:
+                await gate.revoke(monitor.key, "logout")
+                return
+            await _say(writer, pg.error(_cut_message(reason), pg.SQLSTATE_IDLE if reason == "idle" else pg.SQLSTATE_ADMIN))
+            up_writer.write(pg.TERMINATE)
+            await self.connections.terminated(monitor, reason)
+            await gate.revoke(monitor.key, reason if reason in ("idle", "absolute") else "logout")
+        except StoreUnavailable as exc:
+            log.error("postgres gateway: store unavailable at the end of a connection: %s", exc)
+
+
+def _cut_message(reason: str) -> str:
+    if reason == "idle":
+        return "terminating connection due to idle-session timeout (lapse session idle)"
+    if reason == "absolute":
+        return "terminating connection: the lapse session reached its maximum length (absolute)"
+    return f"terminating connection: lapse session {reason}"
+
+
+async def _say(writer: asyncio.StreamWriter, message: bytes) -> None:
+    try:
+        writer.write(message)
+        await writer.drain()
+    except (ConnectionError, RuntimeError):
+        pass
+
+
+async def _startup(reader: asyncio.StreamReader,
+                   writer: asyncio.StreamWriter) -> tuple[bytes, dict[str, str] | None] | None:
+    """(the startup packet, its parameters) or (a CancelRequest, None); None if the client gave up."""
+    while True:
+        head = await reader.readexactly(8)
+        length, code = struct.unpack("!II", head)
+        if length < 8 or length > pg.MAX_STARTUP:
+            raise ValueError(f"bad startup packet length {length}")
+        rest = await reader.readexactly(length - 8)
+        if code in (pg.SSL_REQUEST, pg.GSSENC_REQUEST):
+            writer.write(b"N")  # no TLS here: the client may go on in plain text (or stop, if it requires TLS)
+            await writer.drain()
+            continue
+        if code == pg.CANCEL_REQUEST:
+            return head + rest, None
+        if code >> 16 != 3:
+            writer.write(pg.error(f"lapse: unsupported frontend protocol {code >> 16}.{code & 0xFFFF}", "0A000"))
+            await writer.drain()
+            return None
+        return head + rest, pg.startup_params(rest)
+
+
+async def start_listeners(config: Config, gate: Callable[[], Gate], connections: Connections) -> list[asyncio.Server]:
+    """One asyncio server per ``[[postgres]]`` entry (SO_REUSEPORT: every worker may listen)."""
+    return [await PostgresGateway(spec, gate, connections).start() for spec in config.postgres]

@@ -1,0 +1,212 @@
+"""Proxy mode for WebSockets: judged at the upgrade, watched for as long as they live.
+
+The downstream side is the ASGI ``websocket`` scope (uvicorn); the upstream
+side is a client connection from the ``websockets`` library. Messages are
+relayed both ways as they come. A message from the client is activity (an
+active ``Gate.check``) unless the app's ``websocket_activity`` pattern says
+otherwise or the route is passive; a message from the server never is.
+
+When the monitor (``lapse.monitor``) finds the session refused -- idle or
+absolute deadline, revocation -- the client gets close code ``4401`` with the
+reason (``"lapse: session idle"``), the upstream a normal close, and the audit
+log ``connection.terminated``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+import websockets
+from starlette.types import Receive, Scope, Send
+from websockets.asyncio.client import ClientConnection, connect
+
+from ..monitor import Facts, Monitor
+from .net import client_ip, header_dict
+from .proxy import HOP_BY_HOP, IDENTITY
+from .tokens import parse_cookies
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger("lapse.websocket")
+
+CUT_CODE = 4401  # application range: "unauthorized" by analogy with HTTP 401
+MAX_MESSAGE = 16 * 1024 * 1024  # as uvicorn's own default for the downstream side
+_NOT_FORWARDED = HOP_BY_HOP | IDENTITY | {
+    "host", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol",
+    "sec-websocket-accept",
+}
+_UNSENDABLE = {1005, 1006, 1015}  # close codes that may not be put on the wire
+
+
+def cut_reason(reason: str) -> str:
+    """The close frame's reason text (at most 123 bytes by RFC 6455)."""
+    return f"lapse: session {reason}"[:123]
+
+
+class WebSocketProxy:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        base = gateway.upstream.base_url if gateway.upstream is not None else ""
+        self.base = "ws" + base[len("http"):] if base.startswith("http") else base
+        cfg = gateway.rt.loaded.config
+        default = getattr(cfg.defaults, "websocket_activity", None)
+        self.patterns: dict[str | None, re.Pattern[str] | None] = {None: _compile(default)}
+        for app in cfg.apps:
+            own = getattr(app, "websocket_activity", None)
+            self.patterns[app.name] = _compile(own if own is not None else default)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gw = self.gw
+        headers = header_dict(scope["headers"])
+        peer = scope["client"][0] if scope.get("client") else None
+        ip = client_ip(peer, headers, gw.trust)
+        sid = parse_cookies(headers.get("cookie", "")).get(gw.cookies.name)
+        host, path = headers.get("host", ""), scope["path"]
+        passive = headers.get("x-lapse-activity", "").lower() == "passive"
+        verdict = await gw._check(host=host, path=path, method="GET", ip=ip, passive=passive, sid=sid)
+        d = verdict.decision
+        if not d.allowed or d.session is None or sid is None:
+            await _refuse(scope, send, d.status, d.reason.value if d.reason else "missing")
+            return
+        message = await receive()  # websocket.connect
+        if message["type"] != "websocket.connect":
+            return
+        try:
+            upstream = await connect(
+                self._url(scope),
+                additional_headers=self._headers(scope, headers, d.session, ip, peer),
+                subprotocols=scope.get("subprotocols") or None,
+                compression=None,
+                max_size=MAX_MESSAGE,
+                proxy=None,
+                user_agent_header=None,
+                open_timeout=10,
+            )
+        except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
+            log.warning("websocket upstream unreachable: %s", exc)
+            await send({"type": "websocket.close", "code": 1011, "reason": "upstream unreachable"})
+            return
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+        facts = Facts(host, path, "GET", ip, sid, f"GET {path}")
+        monitor = gw.connections.open(facts, verdict)
+        active = verdict.effective.active
+        pattern = self.patterns.get(verdict.effective.limits.app, self.patterns[None])
+        try:
+            await self._relay(receive, send, upstream, monitor, active, pattern)
+        finally:
+            monitor.close()
+            await upstream.close()
+
+    async def _relay(self, receive: Receive, send: Send, upstream: ClientConnection, monitor: Monitor,
+                     active: bool, pattern: re.Pattern[str] | None) -> None:
+        async def from_client() -> tuple[str, Any]:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    return "client", message.get("code", 1000)
+                data = message.get("text")
+                if data is None:
+                    data = message.get("bytes") or b""
+                if active and _matches(pattern, data):
+                    reason = await monitor.activity()
+                    if reason is not None:
+                        return "cut", reason
+                await upstream.send(data)
+
+        async def from_server() -> tuple[str, Any]:
+            try:
+                async for data in upstream:
+                    if isinstance(data, str):
+                        await send({"type": "websocket.send", "text": data})
+                    else:
+                        await send({"type": "websocket.send", "bytes": data})
+            except websockets.exceptions.ConnectionClosed:
+                pass
+            return "server", (upstream.close_code, upstream.close_reason)
+
+        async def watched() -> tuple[str, Any]:
+            return "cut", await monitor.watch()
+
+        tasks = [asyncio.create_task(from_client()), asyncio.create_task(from_server()),
+                 asyncio.create_task(watched())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        winner = next(t for t in tasks if t in done)
+        try:
+            kind, value = winner.result()
+        except Exception as exc:  # a send on a connection that just went away
+            log.debug("websocket relay ended: %r", exc)
+            kind, value = "server", (1011, "")
+        if kind == "cut":
+            await _close(send, CUT_CODE, cut_reason(value))
+            await upstream.close(1000, "session ended")
+            await self.gw.connections.terminated(monitor, value)
+        elif kind == "client":
+            await upstream.close(value if value not in _UNSENDABLE and 1000 <= value < 5000 else 1000)
+        else:
+            code, reason = value
+            await _close(send, code if code and code not in _UNSENDABLE else 1000, reason or "")
+
+    def _url(self, scope: Scope) -> str:
+        path = scope.get("raw_path") or scope["path"].encode()
+        query = scope.get("query_string", b"")
+        return self.base + path.decode("latin-1") + (("?" + query.decode("latin-1")) if query else "")
+
+    def _headers(self, scope: Scope, headers: dict[str, str], session: Any, ip: str | None,
+                 peer: str | None) -> list[tuple[str, str]]:
+        connection_tokens = {t.strip() for t in headers.get("connection", "").lower().split(",") if t.strip()}
+        out = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if (name := k.decode("latin-1").lower()) not in _NOT_FORWARDED
+            and name not in connection_tokens
+            and not name.startswith("x-forwarded-")
+        ]
+        forwarded_for = headers.get("x-forwarded-for")
+        out += [
+            ("remote-user", session.user),
+            ("remote-groups", ",".join(session.groups)),
+            ("x-forwarded-for", f"{forwarded_for}, {peer}" if forwarded_for else (ip or peer or "")),
+            ("x-forwarded-proto", "wss" if scope.get("scheme") == "wss" else "ws"),
+            ("x-forwarded-host", headers.get("host", "")),
+        ]
+        return out
+
+
+def _compile(text: str | None) -> re.Pattern[str] | None:
+    return None if text is None else re.compile(text)
+
+
+def _matches(pattern: re.Pattern[str] | None, data: str | bytes) -> bool:
+    if pattern is None:
+        return True
+    text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+    return pattern.search(text) is not None
+
+
+async def _close(send: Send, code: int, reason: str) -> None:
+    try:
+        await send({"type": "websocket.close", "code": code, "reason": reason})
+    except Exception as exc:  # the client is already gone
+        log.debug("websocket close not sent: %r", exc)
+
+
+async def _refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
+    """Refused at the upgrade: an HTTP answer with the reason where the server can send one, else a close."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = json.dumps({"reason": reason}).encode()
+        await send({"type": "websocket.http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), (b"x-lapse-reason", reason.encode()),
+            (b"cache-control", b"no-store"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "websocket.http.response.body", "body": body})
+        return
+    await send({"type": "websocket.close", "code": 1008, "reason": cut_reason(reason)})

@@ -1,0 +1,206 @@
+"""The PostgreSQL gateway against a real PostgreSQL (Debian's package, a cluster of the test's own in a
+temporary folder on a free port) with real clients (psycopg, psql): PostgreSQL's own authentication
+passes through, queries work, the warning is seen, the session is cut at its idle deadline with a FATAL
+57P05, and a revocation by another handle cuts within a second with 57P01."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from lapse.config import parse_config
+from lapse.web.serve import Service
+
+from ..support import free_port, missing
+from .harness import Lapse, serve
+
+psycopg = pytest.importorskip("psycopg")
+
+PASSWORD = "s3cret horse"
+SLACK = 1.0
+
+CONFIG = """
+[server]
+listen = "127.0.0.1:{port}"
+
+[store]
+url = "sqlite:///state/lapse.db"
+
+[audit]
+sinks = ["store"]
+
+[[postgres]]
+name = "db"
+listen = "127.0.0.1:{db}"
+upstream = "127.0.0.1:{pg}"
+idle = "3s"
+absolute = "1h"
+warn_before = "1s"
+
+[[postgres]]
+name = "dbslow"
+listen = "127.0.0.1:{slow}"
+upstream = "127.0.0.1:{pg}"
+idle = "1m"
+
+[[postgres]]
+name = "dbshut"
+listen = "127.0.0.1:{shut}"
+upstream = "127.0.0.1:{pg}"
+allow = ["user:bob"]
+"""
+
+
+def _bin(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else shutil.which(name)
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[int]:
+    """A throwaway cluster: superuser ``alice`` with a SCRAM password over TCP. As root, PostgreSQL's own
+    tools run as the ``postgres`` user (``runuser``): initdb refuses root."""
+    initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        missing("PostgreSQL server not installed (apt-get install postgresql)")
+    as_user: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="lapse-pg-", dir="/tmp"))
+    if os.geteuid() == 0:
+        if not shutil.which("runuser"):
+            missing("running as root without runuser")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(folder, "postgres")
+    pwfile = folder / "pw"
+    pwfile.write_text(PASSWORD + "\n")
+    if as_user:
+        shutil.chown(pwfile, "postgres")
+    port = free_port()
+    data = folder / "data"
+    run = dict(check=True, capture_output=True, text=True)
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "alice", "--auth-local=trust",
+                    "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync"], **run)
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-w", "-l", str(folder / "log"), "start"], **run)
+    try:
+        yield port
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lapse, dict[str, int]]]:
+    with postgres_cluster() as pg:
+        ports = {"port": free_port(), "db": free_port(), "slow": free_port(), "shut": free_port(), "pg": pg}
+        loaded = parse_config(CONFIG.format(**ports), base_dir=tmp_path_factory.mktemp("pg"))
+        with serve(Service(loaded, None), ports["port"], lifespan="on") as address:
+            yield Lapse(loaded, address), ports
+
+
+def _connect(port: int, **kw):
+    return psycopg.connect(host="127.0.0.1", port=port, user="alice", password=PASSWORD, dbname="postgres",
+                           autocommit=True, connect_timeout=5, **kw)
+
+
+def _events(lapse: Lapse, name: str, app: str) -> list:
+    return [e for e in lapse.audit(500) if e.event == name and e.app == app]
+
+
+def test_queries_pass_with_postgres_own_authentication(gateway) -> None:
+    lapse, ports = gateway
+    with _connect(ports["db"], sslmode="prefer") as conn:  # SSLRequest refused with 'N': on in plain text
+        assert conn.execute("select current_user, 40 + 2").fetchone() == ("alice", 42)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(host="127.0.0.1", port=ports["db"], user="alice", password="wrong", dbname="postgres")
+    with pytest.raises(psycopg.OperationalError, match="does not support SSL"):
+        _connect(ports["db"], sslmode="require")
+    created = _events(lapse, "session.created", "db")
+    assert created and created[-1].user == "alice"
+    time.sleep(0.3)
+    ended = [e for e in lapse.audit(500) if e.event == "session.revoked" and e.session == created[-1].session]
+    assert ended and ended[-1].reason == "logout"  # the session ends with its connection
+
+
+def test_allow_rules_refuse_at_authentication(gateway) -> None:
+    _, ports = gateway
+    with pytest.raises(psycopg.OperationalError, match=r"lapse: access refused \(forbidden\)"):
+        _connect(ports["shut"])
+
+
+def test_warning_then_fatal_57P05_at_the_idle_deadline(gateway) -> None:
+    lapse, ports = gateway
+    notices: list[str] = []
+    conn = _connect(ports["db"])
+    try:
+        conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+        conn.execute("select 1")
+        time.sleep(2.3)  # past the warning (1 s before the 3 s idle deadline), before the deadline
+        conn.execute("select 2")  # activity: re-armed; the notice sent at ~2 s is read with this answer
+        last = time.time()
+        assert any("this session will end in 1 seconds for inactivity" in n for n in notices), notices
+        time.sleep(3.0 + SLACK + 0.3)
+        with pytest.raises(psycopg.OperationalError) as caught:
+            conn.execute("select 3")
+        assert caught.value.sqlstate == "57P05" or "idle-session timeout" in str(caught.value), caught.value
+    finally:
+        conn.close()
+    cut = [e for e in _events(lapse, "connection.terminated", "db") if e.reason == "idle"]
+    assert cut and cut[-1].user == "alice" and cut[-1].resource == "CONNECT /postgres"
+    assert 3.0 - 0.3 <= cut[-1].ts - last <= 3.0 + SLACK, cut[-1].ts - last
+    assert any(e.event == "session.expired" and e.reason == "idle" and e.session == cut[-1].session
+               for e in lapse.audit(500))
+
+
+def test_revocation_by_another_handle_cuts_within_a_second(gateway) -> None:
+    lapse, ports = gateway
+    conn = _connect(ports["slow"])
+    try:
+        assert conn.execute("select 1").fetchone() == (1,)
+        asked = time.time()
+        assert lapse.run(lambda rt: rt.gate.revoke_user("alice", "admin")) >= 1
+        time.sleep(SLACK + 0.3)
+        with pytest.raises(psycopg.OperationalError) as caught:
+            conn.execute("select 2")
+        assert caught.value.sqlstate == "57P01" or "lapse session revoked" in str(caught.value), caught.value
+    finally:
+        conn.close()
+    cut = [e for e in _events(lapse, "connection.terminated", "dbslow") if e.reason == "revoked"]
+    assert cut and cut[-1].ts - asked <= SLACK, cut[-1].ts - asked
+
+
+def test_psql_sees_the_warning_and_the_fatal_message(gateway) -> None:
+    _, ports = gateway
+    psql = shutil.which("psql")
+    if psql is None:
+        missing("psql not installed (apt-get install postgresql-client)")
+    script = "select 'first';\n\\! sleep 4.5\nselect 'second';\n"
+    done = subprocess.run(
+        [psql, "-h", "127.0.0.1", "-p", str(ports["db"]), "-U", "alice", "-d", "postgres", "-X", "-v", "ON_ERROR_STOP=0"],
+        input=script, capture_output=True, text=True, timeout=30, env={**os.environ, "PGPASSWORD": PASSWORD},
+    )
+    out = done.stdout + done.stderr
+    assert "first" in out
+    assert "WARNING:  lapse: this session will end in 1 seconds for inactivity" in out, out
+    assert "FATAL:  terminating connection due to idle-session timeout (lapse session idle)" in out, out
+    assert "second" not in done.stdout
+
+
+def test_cancel_request_passes_through(gateway) -> None:
+    _, ports = gateway
+    with _connect(ports["slow"]) as conn:
+        started = time.monotonic()
+
+        threading.Timer(0.5, conn.cancel_safe).start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("select pg_sleep(5)")
+        assert time.monotonic() - started < 3
