@@ -7,6 +7,7 @@ processes of their own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator
@@ -153,3 +154,51 @@ async def test_a_three_master_cluster(cluster: RedisCluster) -> None:
     finally:
         await store.close()
         await other.close()
+
+
+async def _told_within_a_second(here: RedisStore, there: RedisStore, sessions: list) -> list:
+    """``here`` watches; ``there`` ends the sessions: each end reaches ``here`` over pub/sub."""
+    told: list[frozenset[str] | None] = []
+    got = asyncio.Event()
+
+    def callback(keys: frozenset[str] | None) -> None:
+        told.append(keys)
+        got.set()
+
+    stop = here.watch(callback)
+    try:
+        await asyncio.sleep(0.3)  # the subscription is made by a task: let it start
+        for s in sessions:
+            await there.create(s)
+        assert told == []  # new sessions are no news for connections
+        gate = _gate(there)
+        started = time.monotonic()
+        assert await gate.revoke(sessions[0].key, "admin")
+        await asyncio.wait_for(got.wait(), 1.0)
+        assert time.monotonic() - started < 1.0
+        return told
+    finally:
+        stop()
+
+
+async def test_ends_are_pushed_to_every_replica(server: RedisServer) -> None:
+    """Issue 9 on Redis: a revocation by one replica reaches the connection monitors of another within 1 s."""
+    here, there = RedisStore(server.url), RedisStore(server.url)
+    try:
+        sessions = [make_session(i, expires_in=100.0) for i in range(2)]
+        told = await _told_within_a_second(here, there, sessions)
+        assert told == [frozenset({sessions[0].key})]
+    finally:
+        await here.close()
+        await there.close()
+
+
+async def test_ends_are_pushed_on_a_cluster(cluster: RedisCluster) -> None:
+    here, there = RedisStore(cluster.url), RedisStore(cluster.url)
+    try:
+        sessions = [make_session(100 + i, expires_in=100.0) for i in range(2)]
+        told = await _told_within_a_second(here, there, sessions)
+        assert told == [frozenset({sessions[0].key})]
+    finally:
+        await here.close()
+        await there.close()

@@ -64,6 +64,7 @@ from .redis_codec import (
     unpack_member,
 )
 from .redis_url import RedisTarget, parse_redis_url
+from .watch import Callback, Watchers
 
 log = logging.getLogger("lapse.store")
 
@@ -71,6 +72,7 @@ SAFETY = 7 * 86400 * 1000  # ms a live record outlives its sweeper deadline befo
 ENDED_KEEP = 35 * 86400 * 1000  # ms an ended record is kept at most (the sweeper purges it sooner)
 CAS_ATTEMPTS = 16  # compare-and-swap rounds before a write gives up (only under a storm on one session)
 BATCH = 1000  # keys per pipeline or purge step
+WATCH_RETRY = 1.0  # seconds between attempts to subscribe again after the connection to Redis was lost
 
 Client = Redis | RedisCluster
 
@@ -122,6 +124,9 @@ class RedisStore:
         self._audit = self._prefix + b"audit"
         self._sha = {script: hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS}
         self._down = False
+        self._ended_channel = self._prefix + b"ended"  # the WRITE script publishes each end here
+        self._watchers = Watchers()
+        self._listener: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ plumbing
 
@@ -238,7 +243,8 @@ class RedisStore:
                     else:
                         change, at = "", ""
                     reply = await self._eval(
-                        lua.WRITE, keys, (expected, pack(record), member, change, at, SAFETY, ENDED_KEEP)
+                        lua.WRITE, keys,
+                        (expected, pack(record), member, change, at, SAFETY, ENDED_KEEP, self._ended_channel),
                     )
                     if reply[0] == 1:
                         return result
@@ -462,7 +468,53 @@ class RedisStore:
             raise self._unavailable("ping", exc) from exc
         self._answered()
 
+    # ---------------------------------------------------------------- watch
+
+    def watch(self, callback: Callback) -> Callable[[], None]:
+        """Ends by any replica, pushed over pub/sub by the script that writes them (see ``store.watch``).
+
+        Call from the event loop: one subscription per store handle, alive while anyone watches. After a
+        lost subscription every watcher re-checks (an end may have been published meanwhile).
+        """
+        unsubscribe = self._watchers.add(callback)
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+        def stop() -> None:
+            unsubscribe()
+            if not self._watchers and self._listener is not None:
+                self._listener.cancel()
+                self._listener = None
+
+        return stop
+
+    async def _listen(self) -> None:
+        subscribed_before = False
+        while self._watchers:
+            pubsub = self._r.pubsub()
+            try:
+                await self._r.ping()  # a Cluster client learns its slots before it can route a subscription
+                await pubsub.subscribe(self._ended_channel)
+                if subscribed_before:
+                    self._watchers.notify(None)
+                subscribed_before = True
+                while self._watchers:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self._watchers.notify((unpack_member(message["data"]),))
+            except Exception as exc:  # noqa: BLE001 - whatever broke it, monitors must not go deaf silently
+                log.warning("session watch: redis subscription lost, every connection re-checks: %s", exc)
+                self._watchers.notify(None)
+                await asyncio.sleep(WATCH_RETRY)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except (RedisError, OSError, RuntimeError):
+                    pass
+
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
         try:
             await self._r.aclose()
         except (RedisError, OSError, RuntimeError):

@@ -63,6 +63,7 @@ if change == 'end' then
   redis.call('ZREM', KEYS[2], ARGV[3])
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[7])
+  redis.call('PUBLISH', ARGV[8], ARGV[3])  -- every replica's connection monitors re-check it (store.watch)
 elseif change == 'due' then
   redis.call('ZADD', KEYS[2], ARGV[5], ARGV[3])
   keep(KEYS[1], ARGV[5], ARGV[6])

@@ -20,9 +20,9 @@ How each adapter keeps it:
   workers, the CLI) a poller reads the shared change counter (one mmap read)
   every ``POLL`` seconds and, when it moved, asks the ``ended_at`` index which
   sessions ended lately.
-- redis (another branch): publish the key on a channel in the same script that
-  ends a session; each process subscribes once and calls back with ``{key}``.
-  A lost subscription (reconnect) calls back with ``None``.
+- redis: the script that ends a session publishes its key on a channel; each
+  process subscribes once and calls back with ``{key}``. A lost subscription
+  (reconnect) calls back with ``None``.
 
 Stores without ``watch`` still work: monitors then also wake every
 ``lapse.monitor.MAX_SLEEP`` seconds and look.
