@@ -102,6 +102,10 @@ class Gateway:
             Route("/_lapse/events", self.events, methods=["GET"]),
             Route("/_lapse/widget.js", self.widget, methods=["GET"]),
         ]
+        from .admin import Pages  # issue 8: the admin and self-service pages
+
+        self.pages_admin = Pages(self)
+        routes += self.pages_admin.routes()
         self._widget = WIDGET.read_bytes() if WIDGET.exists() else b"/* lapse widget: not built */\n"
         self._widget_tag = hashlib.sha256(self._widget).hexdigest()[:16]
         self._warned: set[tuple[str, str, int]] = set()  # (session, deadline kind, deadline): told once
