@@ -81,6 +81,8 @@ class Gateway:
     def __init__(self, runtime: Runtime, metrics: Metrics | None = None) -> None:
         self.rt = runtime
         self.metrics = metrics
+        if metrics is not None:
+            metrics.watch_audit(runtime.audit)  # issue 8: expiries, step-ups, sink drops
         cfg = runtime.loaded.config
         self.trust = Trust(cfg.server.trusted_proxies)
         self.cookies = Cookies(cfg.server.effective_cookie_name, cfg.server.cookie_secure)
