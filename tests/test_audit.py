@@ -138,8 +138,6 @@ def test_syslog_sink_speaks_rfc_5424():
     sink.close()
     datagram = receiver.recv(65536).decode()
     receiver.close()
-    import re
-
     # <PRI>VERSION SP TIMESTAMP SP HOSTNAME SP APP-NAME SP PROCID SP MSGID SP STRUCTURED-DATA SP MSG
     m = re.match(r"<(\d+)>1 (\S+) (\S+) lapse (\d+) (\S+) - (.*)\Z", datagram, re.S)
     assert m, datagram
@@ -187,3 +185,20 @@ def test_queued_sink_never_blocks_and_counts_every_drop(caplog):
     with caplog.at_level("WARNING", logger="lapse.audit"):
         asyncio.run(main())
     assert any("dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_grafana_dashboard_uses_only_exported_metrics():
+    """deploy/grafana-dashboard.json (issue 8): every metric it queries is one lapse exports."""
+    from pathlib import Path
+
+    from lapse.audit import QueuedSink
+    from lapse.web.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.watch_audit(AuditLog([QueuedSink(StreamSink(io.StringIO()), "stdout")]))
+    metrics.decided(False, "idle", 0.001)
+    exported = {s.name for m in metrics.registry.collect() for s in m.samples}
+    exported |= {m.name for m in metrics.registry.collect()}
+    dash = json.loads((Path(__file__).resolve().parents[1] / "deploy" / "grafana-dashboard.json").read_text())
+    used = {name for p in dash["panels"] for t in p["targets"] for name in re.findall(r"\b(lapse_[a-z_]+)", t["expr"])}
+    assert used and used <= exported | {"lapse_audit_events_total"}, used - exported

@@ -70,6 +70,9 @@ def render_png(report: dict[str, Any], *, dpi: int = 100) -> bytes:
     sus_ax.set(title="Automation suspects: regularity of activity", xlabel="mean gap between activity (s)",
                ylabel="coefficient of variation of gaps")
 
+    for ax in (days_ax, idle_ax, hour_ax):
+        ax.set_ylim(bottom=0)
+        ax.yaxis.get_major_locator().set_params(integer=True)
     out = io.BytesIO()
     fig.savefig(out, format="png")
     return out.getvalue()

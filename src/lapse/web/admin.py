@@ -94,7 +94,7 @@ class Pages:
 
     def _page(self, name: str, status: int = 200, **context: Any) -> Response:
         nonce = new_nonce()
-        csp = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; img-src 'self'; "
+        csp = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; img-src 'self' data:; "
                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
         headers = {"Content-Security-Policy": csp, "X-Frame-Options": "DENY", "Referrer-Policy": "same-origin"}
         return self.gw._render(name, status, headers, nonce=nonce, **context)
