@@ -46,7 +46,7 @@ def test_pack_round_trips_exactly():
     s = feed([59.7, 60.1, 60.4], path="/api/é")
     assert unpack(pack(s)) == s
     assert pack(None) is None and unpack(None) is None
-    assert len(pack(s)) == 20 + len("/api/é".encode())
+    assert len(pack(s)) == 28 + len("/api/é".encode())
 
 
 def test_decide_folds_statistics_into_active_writes_only():

@@ -7,7 +7,7 @@ folds the gap since the previous activity into a few running numbers, so the
 hot path gains no write, no read and no event; a reused answer (nothing to
 write) costs nothing at all. Passive requests are never counted.
 
-What is kept (bounded, ~20 bytes plus one path):
+What is kept (bounded: 28 bytes plus one path of at most 64 bytes):
 
 - ``n``, ``mean``, ``m2``: Welford's running mean and sum of squared
   deviations of the gaps between activity writes, in seconds. Their
@@ -30,8 +30,7 @@ import struct
 from typing import Any, NamedTuple
 
 PATH_MAX = 64  # bytes of the majority path kept (UTF-8, cut at a character boundary)
-_HEAD = struct.Struct("<IffII")
-_F32 = struct.Struct("<ff")  # n, mean, m2, hours, votes (float32 is plenty for a ratio of two digits)
+_HEAD = struct.Struct("<IddII")  # n, mean, m2 (float64: records round-trip exactly), hours, votes
 
 
 class Activity(NamedTuple):
@@ -60,25 +59,37 @@ class Activity(NamedTuple):
 
 
 def observe(stats: Activity | None, gap: float, now: float, path: str) -> Activity:
-    """``stats`` after one more activity write, ``gap`` seconds after the previous one."""
-    s = stats or Activity()
-    n = s.n + 1
-    delta = gap - s.mean
-    mean = s.mean + delta / n
-    m2 = s.m2 + delta * (gap - mean)
-    mean, m2 = _F32.unpack(_F32.pack(mean, m2))  # as stored: a record round-trips through every store exactly
-    hours = s.hours | (1 << int(now // 3600 % 24))
-    cut = _cut(path)
-    if s.votes == 0:
-        kept, votes = cut, 1
-    elif s.path == cut:
-        kept, votes = s.path, s.votes + 1
+    """``stats`` after one more activity write, ``gap`` seconds after the previous one.
+
+    On the write path of ``decide()``: kept to a handful of float operations (no encoding,
+    no struct) in the common case of the same path as the majority candidate.
+    """
+    if stats is None:
+        n, mean, m2, hours, kept, votes = 0, 0.0, 0.0, 0, "", 0
     else:
-        kept, votes = s.path, s.votes - 1
-    return Activity(n, mean, m2, hours, kept, votes)
+        n, mean, m2, hours, kept, votes = stats
+    n += 1
+    delta = gap - mean
+    mean += delta / n
+    m2 += delta * (gap - mean)
+    hours |= 1 << int(now // 3600 % 24)
+    if kept == path:
+        votes += 1
+    elif votes == 0:
+        kept, votes = _cut(path), 1
+    elif len(path) > PATH_MAX // 4 and kept == _cut(path):
+        votes += 1
+    else:
+        votes -= 1
+    return _new(Activity, (n, mean, m2, hours, kept, votes))
+
+
+_new = tuple.__new__
 
 
 def _cut(path: str) -> str:
+    if len(path) <= PATH_MAX // 4:  # at most 4 bytes a character: short enough without encoding
+        return path
     raw = path.encode("utf-8")
     return path if len(raw) <= PATH_MAX else raw[:PATH_MAX].decode("utf-8", "ignore")
 
