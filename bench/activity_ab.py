@@ -2,8 +2,10 @@
 
 Run it once with PYTHONPATH pointing at an older checkout's src/ and once without; compare."""
 import timeit
+
 from lapse.core.decide import Request, decide, sign_in
 from lapse.core.policy import Layer, PolicySpec, compile_policy
+
 p = compile_policy(PolicySpec(defaults=Layer({"idle": 1800.0, "absolute": 43200.0})))
 eff = p.resolve("x.test", "/api/x", "GET", "192.0.2.1", False)
 s = sign_in("ab" * 16, "alice", 1e9, eff.limits, ip="192.0.2.1").session
