@@ -124,3 +124,81 @@ def test_secret_file_is_created_private_and_reused(tmp_path: Path):
     path.write_text("not hex\n")
     with pytest.raises(SecretError, match="hex"):
         load_or_create(path)
+
+
+# ------------------------------------------------------------ issue 8: sinks that lose nothing
+
+
+def test_syslog_sink_speaks_rfc_5424():
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(5)
+    sink = SyslogSink(receiver.getsockname())
+    asyncio.run(sink.write([EVENT]))
+    sink.close()
+    datagram = receiver.recv(65536).decode()
+    receiver.close()
+    # <PRI>VERSION SP TIMESTAMP SP HOSTNAME SP APP-NAME SP PROCID SP MSGID SP STRUCTURED-DATA SP MSG
+    m = re.match(r"<(\d+)>1 (\S+) (\S+) lapse (\d+) (\S+) - (.*)\Z", datagram, re.S)
+    assert m, datagram
+    pri, ts, _host, _pid, msgid, msg = m.groups()
+    assert int(pri) // 8 == 10  # authpriv
+    assert ts == EVENT.to_dict()["ts"] and msgid == EVENT.event
+    assert json.loads(msg) == EVENT.to_dict()
+
+
+def test_queued_sink_never_blocks_and_counts_every_drop(caplog):
+    from lapse.audit import QueuedSink
+    from lapse.web.metrics import Metrics
+
+    class Stalled:
+        def __init__(self):
+            self.got = []
+            self.gate = asyncio.Event()
+
+        async def write(self, events):
+            await self.gate.wait()
+            self.got.extend(events)
+
+        def close(self):
+            pass
+
+    async def main():
+        inner = Stalled()
+        sink = QueuedSink(inner, "syslog", maxsize=3)
+        audit = AuditLog([sink])
+        for _ in range(10):
+            await asyncio.wait_for(audit.emit([EVENT]), 1)  # never waits for the stalled reader
+        await asyncio.sleep(0)
+        # one batch is with the stalled writer, three wait in the queue, the rest were dropped
+        assert sink.dropped > 0 and sink.dropped + sink.depth + 1 == 10
+        metrics = Metrics()
+        metrics.watch_audit(audit)
+        assert metrics.registry.get_sample_value("lapse_audit_dropped_total", {"sink": "syslog"}) == sink.dropped
+        assert metrics.registry.get_sample_value("lapse_audit_events_total",
+                                                 {"event": EVENT.event, "reason": EVENT.reason or ""}) == 10
+        inner.gate.set()
+        await asyncio.sleep(0.01)
+        await audit.flush()
+        assert len(inner.got) + sink.dropped == 10  # everything is either written or counted
+
+    with caplog.at_level("WARNING", logger="lapse.audit"):
+        asyncio.run(main())
+    assert any("dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_grafana_dashboard_uses_only_exported_metrics():
+    """deploy/grafana-dashboard.json (issue 8): every metric it queries is one lapse exports."""
+    from pathlib import Path
+
+    from lapse.audit import QueuedSink
+    from lapse.web.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.watch_audit(AuditLog([QueuedSink(StreamSink(io.StringIO()), "stdout")]))
+    metrics.decided(False, "idle", 0.001)
+    exported = {s.name for m in metrics.registry.collect() for s in m.samples}
+    exported |= {m.name for m in metrics.registry.collect()}
+    dash = json.loads((Path(__file__).resolve().parents[1] / "deploy" / "grafana-dashboard.json").read_text())
+    used = {name for p in dash["panels"] for t in p["targets"] for name in re.findall(r"\b(lapse_[a-z_]+)", t["expr"])}
+    assert used and used <= exported | {"lapse_audit_events_total"}, used - exported

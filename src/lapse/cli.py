@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +27,7 @@ import qrcode
 from . import __version__, totp
 from .config import ConfigError, LoadedConfig, load_config
 from .core.decide import expires_at
-from .core.durations import format_duration
+from .core.durations import format_duration, parse_duration
 from .core.events import AuditEvent, rfc3339
 from .core.session import HANDLE_LEN, Session
 from .identity import UserError, check_name, hash_password
@@ -576,3 +577,70 @@ def audit_tail(count: int, as_json: bool) -> None:
             if d["session"]:
                 fields.append(f"session={d['session'][:HANDLE_LEN]}")
             click.echo("  ".join(fields))
+
+
+@audit.command("report")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object (CONTRACT.md §5)")
+@click.option("--png", "png", metavar="FILE", type=click.Path(dir_okay=False, writable=True),
+              help="also write the charts, one panel each (needs lapse[report])")
+@click.option("--since", "since", metavar="DURATION", help="how far back to read (default: [report] window)")
+@click.option("--jsonl", "jsonl", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="read this jsonl sink file instead of the store sink")
+def audit_report(as_json: bool, png: str | None, since: str | None, jsonl: str | None) -> None:
+    """What the audit log says: expiries, idle time before them, automation suspects.
+
+    Reads the ``store`` sink (or a ``jsonl:`` sink's file with --jsonl, or the
+    configured jsonl sink when there is no store sink) and the live sessions.
+    Says on stderr how long it took.
+    """
+    from .audit import report as rep
+
+    window = None
+    if since is not None:
+        try:
+            window = parse_duration(since)
+        except ValueError as exc:
+            raise Fail(f"--since: {exc}") from None
+
+    async def body(rt: Runtime) -> dict[str, Any]:
+        started = time.perf_counter()
+        cfg = rt.loaded.config
+        until = await rt.store.now()
+        start = until - (window if window is not None else cfg.report.window)
+        sinks = cfg.audit.parsed_sinks
+        path = Path(jsonl) if jsonl else None
+        if path is None and not any(s.kind == "store" for s in sinks):
+            path = next((s.path for s in sinks if s.kind == "jsonl"), None)
+            if path is None:
+                raise Fail('no audit log to read: add "store" (or "jsonl:PATH") to [audit] sinks, or give --jsonl')
+        if path is not None:
+            try:
+                events: Any = list(rep.from_jsonl(path, start, until))
+            except OSError as exc:
+                raise Fail(f"cannot read {path}: {exc.strerror or exc}") from None
+            source = f"jsonl:{path}"
+        else:
+            events = await rep.from_store(rt.store, start, until)
+            source = "store"
+        live = await rt.store.sessions()
+        return rep.build(events, live, rep.Thresholds.from_config(cfg.report), since=start, until=until,
+                         source=source, started=started)
+
+    report = _run(body)
+    if png:
+        from .audit.plots import ChartsUnavailable, render_png
+
+        try:
+            data = render_png(report)
+        except ChartsUnavailable as exc:
+            raise Fail(str(exc)) from None
+        try:
+            Path(png).write_bytes(data)
+        except OSError as exc:
+            raise Fail(f"cannot write {png}: {exc.strerror or exc}") from None
+    if as_json:
+        click.echo(json.dumps(report, separators=(",", ":")))
+    else:
+        click.echo(rep.summary(report))
+    wrote = f", charts in {png}" if png else ""
+    click.echo(f"report: {report['events_read']} events read in {report['took_s']:.2f} s{wrote}", err=True)

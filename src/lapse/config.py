@@ -563,6 +563,23 @@ def _parse_sink(spec: str, base: Path) -> AuditSink:
     return AuditSink(spec, None, spec)  # type: ignore[arg-type]
 
 
+class Report(_Section):
+    """[report]: what ``lapse audit report`` and the admin page call automation (issue 8).
+
+    A session is a suspect when, over at least ``min_samples`` gaps between its
+    activity writes, the gaps vary too little (``max_gap_cv``), or its activity
+    covers ``min_hours`` hours of the day, or one path made ``one_path_share``
+    of it (a lower bound: core.activity).
+    """
+
+    window: Duration = 30 * 86400.0  # how far back the report reads the audit log
+    min_samples: Annotated[StrictInt, Field(ge=2)] = 20
+    max_gap_cv: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)] = 0.1
+    min_hours: Annotated[StrictInt, Field(ge=1, le=24)] = 20
+    one_path_share: Annotated[StrictFloat, Field(gt=0, le=1, allow_inf_nan=False)] = 0.95
+    top: Annotated[StrictInt, Field(ge=1)] = 10  # rows in "users who time out most"
+
+
 class Login(_Section):
     """[login]: brute-force throttling, per user and per IP."""
 
@@ -706,7 +723,7 @@ class OIDC(_Section):
         return self._secret_path or _resolve(Path.cwd(), self.client_secret_file)
 
 
-_SECTIONS = ("server", "telemetry", "store", "audit", "login", "org", "defaults")
+_SECTIONS = ("server", "telemetry", "store", "audit", "report", "login", "org", "defaults")
 
 
 class Config(_Section):
@@ -716,6 +733,7 @@ class Config(_Section):
     telemetry: Telemetry = Field(default_factory=Telemetry)
     store: Store = Field(default_factory=Store)
     audit: Audit = Field(default_factory=Audit)
+    report: Report = Field(default_factory=Report)
     login: Login = Field(default_factory=Login)
     org: Org = Field(default_factory=Org)
     defaults: Defaults = Field(default_factory=Defaults)

@@ -44,5 +44,6 @@ async def open_runtime(loaded: LoadedConfig, *, clock: Callable[[], float] | Non
         gate = Gate(store, build_policy(cfg), audit, secrets.session_hash_key)
         yield Runtime(loaded, store, audit, gate, secrets)
     finally:
+        await audit.flush()
         audit.close()
         await store.close()

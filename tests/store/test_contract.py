@@ -19,11 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lapse.core import events as ev
+from lapse.core.activity import Activity, observe
 from lapse.core.decide import end, revoke, sign_in, sweep
 from lapse.core.events import AuditEvent
 from lapse.core.policy import Limits
 from lapse.core.session import Session, merge, record_activity, session_key, vouched
-from lapse.store.base import SessionExists, SsoLink, User, WriteResult, apply_write
+from lapse.store.base import AuditQuery, SessionExists, SsoLink, User, WriteResult, apply_write
 
 APPLIED, ENDED, CONFLICT = WriteResult.APPLIED, WriteResult.ENDED, WriteResult.CONFLICT
 T0 = 1_700_000_000.25  # not a whole second: timestamps must round-trip as exact floats
@@ -55,6 +56,8 @@ def active(s: Session, at: float, limit: float | None = 900.0, ip: str | None = 
         last_seen_at=max(at, s.last_seen_at),
         expires_at=activity[-1][1] + 3600.0,
         ip=s.ip if ip is None else ip,
+        stats=observe(s.stats, at - s.last_active_at, at, f"/keepalive/{int(at) % 3}") if activity != s.activity
+        else s.stats,
     )
 
 
@@ -348,6 +351,49 @@ async def test_audit_purge_keeps_the_retention_window(store: Any) -> None:
     assert await store.purge_audit(T0 + 2) == 2
     assert await store.tail_audit(10) == events[2:]
     assert await store.purge_audit(T0 + 2) == 0
+
+
+async def test_search_audit_filters_newest_first(store: Any) -> None:
+    """Issue 8: the admin page's audit search and ``audit report`` read through this."""
+    k1, k2 = "a" * 32, "b" * 32
+    evidence = {"idle_s": 61.5, "age_s": 3600.0, "samples": 3, "gap_mean_s": 60.0, "gap_cv": 0.01}
+    events = [
+        AuditEvent(T0 + 1, ev.CREATED, ev.SUCCESS, "alice", k1, "wiki", "192.0.2.1"),
+        AuditEvent(T0 + 2, ev.DENIED, ev.FAILURE, "alice", k1, "billing", "192.0.2.1", "GET /b", "idle"),
+        AuditEvent(T0 + 3, ev.EXPIRED, ev.SUCCESS, "alice", k1, None, None, None, "idle", evidence),
+        AuditEvent(T0 + 4, ev.REVOKED, ev.SUCCESS, "bob", k2, None, None, None, "admin", {"idle_s": 1.0}),
+    ]
+    await store.append_audit(events)
+    assert await store.search_audit(AuditQuery()) == events[::-1]
+    assert await store.search_audit(AuditQuery(), limit=1) == [events[3]]
+    ends = await store.search_audit(AuditQuery(events=(ev.EXPIRED, ev.REVOKED)))
+    assert ends == [events[3], events[2]]
+    assert ends[1].activity == evidence  # the evidence round-trips
+    assert await store.search_audit(AuditQuery(user="alice", app="billing")) == [events[1]]
+    assert await store.search_audit(AuditQuery(session="a" * 12)) == events[2::-1]  # a handle is a prefix
+    assert await store.search_audit(AuditQuery(reason="idle", since=T0 + 2.5)) == [events[2]]
+    assert await store.search_audit(AuditQuery(since=T0 + 2, until=T0 + 4)) == [events[2], events[1]]
+    assert await store.search_audit(AuditQuery(user="carol")) == []
+
+
+async def test_activity_statistics_round_trip_and_move_with_activity(store: Any) -> None:
+    """Issue 8: ``stats`` is stored with the record and moves exactly when activity moves."""
+    s = make_session(1)
+    await store.create(s)
+    assert (await store.read(s.key))[0].stats is None
+    a1 = active(s, T0 + 60)
+    assert a1.stats is not None and a1.stats.n == 1
+    assert await store.write(s, a1) is APPLIED
+    assert (await store.read(s.key))[0] == a1
+    a2 = active(a1, T0 + 120.5)
+    assert await store.write(a1, a2) is APPLIED
+    got = (await store.read(s.key))[0]
+    assert got.stats == a2.stats and got.stats.n == 2
+    # A stale writer with older activity does not roll the statistics back.
+    assert await store.write(s, a1.with_(last_seen_at=T0 + 200)) is APPLIED
+    assert (await store.read(s.key))[0].stats == a2.stats
+    long_path = observe(None, 1.0, T0, "/" + "é" * 100)
+    assert isinstance(long_path, Activity) and len(long_path.path.encode()) <= 64
 
 
 async def test_a_write_on_unchanged_clocks_may_move_the_deadline_earlier(store: Any) -> None:

@@ -349,6 +349,35 @@ def test_schema_version_is_recorded_and_a_newer_one_refused(tmp_path: Path) -> N
     assert isinstance(refused.value, StoreUnavailable)
 
 
+def test_schema_1_file_gains_the_stats_column_and_keeps_its_sessions(tmp_path: Path) -> None:
+    """Issue 8: a database written before activity statistics opens, and its sessions read back."""
+    path = tmp_path / "x.db"
+    s = make_session(1)
+    store = SqliteStore(path, clock)
+    run(store.create(s))
+    run(store.close())
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("ALTER TABLE sessions DROP COLUMN stats")  # as schema 1 wrote it
+    raw.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    raw.close()
+    store = SqliteStore(path, clock)
+    try:
+        got, _ = run(store.read(s.key))
+        assert got == s and got.stats is None
+        after = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+        from lapse.core.activity import observe
+
+        after = after.with_(stats=observe(None, 5.0, T0 + 5, "/x"))
+        assert run(store.write(s, after)) is WriteResult.APPLIED
+    finally:
+        run(store.close())
+    store = SqliteStore(path, clock)
+    try:
+        assert run(store.read(s.key))[0].stats == after.stats
+    finally:
+        run(store.close())
+
+
 def test_foreign_database_refused(tmp_path: Path) -> None:
     path = tmp_path / "x.db"
     raw = sqlite3.connect(path)

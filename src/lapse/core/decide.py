@@ -24,6 +24,7 @@ A live session meets these checks in order; the first that fails decides:
     step-up         privileged route, stale auth  -> deny step_up
     otherwise                                     -> allow; active requests move
                                                      the idle clock of their limit
+                                                     (and fold into ``stats``)
 
 Deadlines are instants: a request at or after one is refused (invariant 1).
 Only allowed active requests move idle clocks (invariant 2); only sign-in
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from . import events as ev
+from .activity import evidence, observe
 from .events import AuditEvent
 from .policy import Effective, Limits
 from .session import SIGN_IN, Session, record_activity, vouched
@@ -190,8 +192,10 @@ def end(session: Session, reason: str, now: float) -> Session:
 
 
 def end_event(session: Session, reason: str, now: float, app: str | None, ip: str | None, resource: str | None) -> AuditEvent:
+    """``session.expired`` / ``session.revoked``, with the session's activity evidence (``audit report``)."""
     name = ev.EXPIRED if reason in EXPIRY_REASONS else ev.REVOKED
-    return AuditEvent(now, name, ev.SUCCESS, session.user, session.key, app, ip, resource, reason)
+    activity = evidence(session.stats, created_at=session.created_at, last_active_at=session.last_active_at, now=now)
+    return AuditEvent(now, name, ev.SUCCESS, session.user, session.key, app, ip, resource, reason, activity)
 
 
 def revoke(session: Session, reason: str, now: float, *, app: str | None = None, ip: str | None = None) -> Decision:
@@ -271,7 +275,10 @@ def decide(session: Session | None, request: Request, effective: Effective, now:
     updated = session
     if now >= write_at:
         updated = session.with_(
-            activity=record_activity(session.activity, limits.idle, now), last_seen_at=max(now, session.last_seen_at)
+            activity=record_activity(session.activity, limits.idle, now),
+            last_seen_at=max(now, session.last_seen_at),
+            # Statistics ride on this write (there is no other): see core.activity.
+            stats=observe(session.stats, now - session.last_active_at, now, request.path),
         )
         idle_deadline = _deadlines(updated, limits, now)[0]
     elif now >= seen_at:

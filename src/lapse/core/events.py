@@ -5,7 +5,7 @@ The core only builds these; sinks in ``lapse.audit`` write them out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,6 +41,7 @@ class AuditEvent:
     ip: str | None = None
     resource: str | None = None  # "METHOD /path" where there is a request
     reason: str | None = None
+    activity: dict[str, Any] | None = field(default=None, hash=False)  # end events: the session's activity evidence (core.activity)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of CONTRACT §5 (``reason`` only where the event has one)."""
@@ -56,6 +57,8 @@ class AuditEvent:
         }
         if self.reason is not None:
             out["reason"] = self.reason
+        if self.activity is not None:
+            out["activity"] = self.activity
         return out
 
     @classmethod
@@ -71,4 +74,5 @@ class AuditEvent:
             ip=data.get("ip"),
             resource=data.get("resource"),
             reason=data.get("reason"),
+            activity=data.get("activity"),
         )

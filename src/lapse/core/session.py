@@ -20,6 +20,8 @@ import hmac
 import math
 from typing import NamedTuple
 
+from .activity import Activity
+
 Staircase = tuple[tuple[float, float], ...]
 """((idle limit in seconds, last activity at that limit), ...); limit 0 = sign-in, inf = no idle limit."""
 
@@ -47,6 +49,7 @@ class Session(NamedTuple):
     groups: tuple[str, ...] = ()
     ended_at: float | None = None
     end_reason: str | None = None
+    stats: Activity | None = None  # gaps, hours and path of activity writes (core.activity); None: none yet
 
     @property
     def handle(self) -> str:
@@ -116,4 +119,5 @@ def merge(current: Session, proposed: Session) -> Session:
         ip=proposed.ip if proposed.last_seen_at >= current.last_seen_at else current.ip,
         ended_at=proposed.ended_at,
         end_reason=proposed.end_reason,
+        stats=proposed.stats if proposed.last_active_at > current.last_active_at else current.stats,
     )

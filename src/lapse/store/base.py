@@ -68,6 +68,31 @@ class SsoLink:
     keep_until: float
 
 
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """What ``search_audit`` matches: every field that is given must match (None / empty: any)."""
+
+    events: tuple[str, ...] = ()  # event names, any of them
+    user: str | None = None
+    app: str | None = None
+    session: str | None = None  # a keyed hash, or a prefix of one (a handle)
+    reason: str | None = None
+    since: float | None = None  # ts >= since
+    until: float | None = None  # ts < until
+
+    def matches(self, e: AuditEvent) -> bool:
+        """The rule every adapter carries out (memory uses it directly)."""
+        return (
+            (not self.events or e.event in self.events)
+            and (self.user is None or e.user == self.user)
+            and (self.app is None or e.app == self.app)
+            and (self.session is None or (e.session or "").startswith(self.session))
+            and (self.reason is None or e.reason == self.reason)
+            and (self.since is None or e.ts >= self.since)
+            and (self.until is None or e.ts < self.until)
+        )
+
+
 class SessionStore(Protocol):
     """Every method may raise ``StoreUnavailable``.
 
@@ -77,6 +102,12 @@ class SessionStore(Protocol):
     expiry (logout-token ``jti`` replay, across replicas); ``purge_links``
     forgets links and markers past their time (a store with native expiry,
     such as Redis, may make it a no-op).
+
+    Issue 8 added, for ``audit report`` and the admin page: ``search_audit``
+    (filtered audit events, newest first) and the session field ``stats``
+    (``core.activity.Activity``: store it with the record; ``core.activity.pack``
+    / ``unpack`` give a compact bytes form; a forward-only write carries the
+    writer's ``stats`` exactly when it carries its activity, see ``merge``).
     """
 
     async def now(self) -> float:
@@ -123,6 +154,9 @@ class SessionStore(Protocol):
 
     async def tail_audit(self, n: int) -> list[AuditEvent]:
         """The newest ``n`` audit events, oldest first."""
+
+    async def search_audit(self, query: AuditQuery, limit: int | None = None) -> list[AuditEvent]:
+        """Audit events matching ``query`` (``AuditQuery.matches``), newest first, at most ``limit`` (None: all)."""
 
     async def purge_audit(self, before: float) -> int:
         """Forget audit events older than this instant (``[audit] retention``); returns how many."""

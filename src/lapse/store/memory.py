@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 from ..core.events import AuditEvent
 from ..core.session import Session
-from .base import SessionExists, SsoLink, User, WriteResult, apply_write
+from .base import AuditQuery, SessionExists, SsoLink, User, WriteResult, apply_write
 from .watch import Callback, Watchers
 
 AUDIT_KEEP = 100_000
@@ -83,6 +83,15 @@ class MemoryStore:
 
     async def tail_audit(self, n: int) -> list[AuditEvent]:
         return list(self._audit)[-n:] if n > 0 else []
+
+    async def search_audit(self, query: AuditQuery, limit: int | None = None) -> list[AuditEvent]:
+        found: list[AuditEvent] = []
+        for e in reversed(self._audit):
+            if query.matches(e):
+                found.append(e)
+                if limit is not None and len(found) >= limit:
+                    break
+        return found
 
     async def purge_audit(self, before: float) -> int:
         kept = [e for e in self._audit if e.ts >= before]

@@ -50,7 +50,7 @@ from redis.exceptions import NoScriptError, RedisError
 from ..core.events import AuditEvent
 from ..core.session import Session
 from . import redis_scripts as lua
-from .base import SessionExists, SsoLink, StoreUnavailable, User, WriteResult, apply_write
+from .base import AuditQuery, SessionExists, SsoLink, StoreUnavailable, User, WriteResult, apply_write
 from .redis_codec import (
     SHARDS,
     Damaged,
@@ -366,6 +366,30 @@ class RedisStore:
             return []
         (entries,) = await self._pipeline("tail_audit", [("XREVRANGE", self._audit, "+", "-", "COUNT", n)])
         return [replace(AuditEvent.from_dict(json.loads(f[b"e"])), ts=float(f[b"ts"])) for _, f in reversed(entries)]
+
+    async def search_audit(self, query: AuditQuery, limit: int | None = None) -> list[AuditEvent]:
+        """Newest first through the stream in batches, filtered here (``AuditQuery.matches``).
+
+        Entry IDs are Redis's milliseconds at append, and events carry the store's clock, which is
+        Redis's too: the walk stops a minute of skew past ``since``.
+        """
+        found: list[AuditEvent] = []
+        start = "+"
+        stop_ms = None if query.since is None else int((query.since - 60) * 1000)
+        while True:
+            (entries,) = await self._pipeline("search_audit", [("XREVRANGE", self._audit, start, "-", "COUNT", BATCH)])
+            for _, f in entries:
+                event = replace(AuditEvent.from_dict(json.loads(f[b"e"])), ts=float(f[b"ts"]))
+                if query.matches(event):
+                    found.append(event)
+                    if limit is not None and len(found) >= limit:
+                        return found
+            if len(entries) < BATCH:
+                return found
+            last = entries[-1][0].decode()
+            if stop_ms is not None and int(last.split("-", 1)[0]) < stop_ms:
+                return found
+            start = "(" + last
 
     async def purge_audit(self, before: float) -> int:
         gone = 0

@@ -30,6 +30,7 @@ import struct
 import zlib
 from functools import lru_cache
 
+from ..core import activity as activity_stats
 from ..core.session import Session, Staircase
 
 VERSION = 1
@@ -117,7 +118,9 @@ def pack(s: Session) -> bytes:
     )
     steps = _pairs(len(s.activity)).pack(*(x for step in s.activity for x in step))
     groups = GROUP_SEP.join(s.groups) if s.groups else None
-    return head + steps + _text(s.user) + _text(s.ip) + _text(s.end_reason) + _text(groups)
+    record = head + steps + _text(s.user) + _text(s.ip) + _text(s.end_reason) + _text(groups)
+    stats = activity_stats.pack(s.stats)
+    return record if stats is None else record + _LEN.pack(len(stats)) + stats  # absent until the first write
 
 
 def unpack(key: str, blob: bytes) -> Session:
@@ -144,6 +147,12 @@ def _unpack(key: str, blob: bytes) -> Session:
         else:
             strings.append(blob[at : at + length].decode())
             at += length
+    stats = None
+    if at < len(blob):  # the activity statistics (core.activity), once a write has made some
+        (length,) = _LEN.unpack_from(blob, at)
+        at += 2
+        stats = activity_stats.unpack(blob[at : at + length])
+        at += length
     if at != len(blob):
         raise ValueError("trailing bytes")
     user, ip, reason, groups = strings
@@ -160,6 +169,7 @@ def _unpack(key: str, blob: bytes) -> Session:
         groups=() if groups is None else tuple(groups.split(GROUP_SEP)),
         ended_at=ended_at if flags & _ENDED else None,
         end_reason=reason,
+        stats=stats,
     )
 
 

@@ -61,14 +61,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..core import activity as stats_codec
 from ..core.events import AuditEvent
 from ..core.session import Session, Staircase, merge_activity
-from .base import SessionExists, SsoLink, StoreUnavailable, User, WriteResult, apply_write
+from .base import AuditQuery, SessionExists, SsoLink, StoreUnavailable, User, WriteResult, apply_write
 from .watch import Callback, Watchers
 
 log = logging.getLogger("lapse.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sessions.stats (activity statistics, issue 8)
 GROUP_SEP = "\x1f"  # ASCII unit separator: never part of a sane group name
 PURGE_BATCH = 1000
 CHECKPOINT_EVERY = 1.0  # seconds between background WAL checkpoints
@@ -96,7 +97,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     mfa          INTEGER NOT NULL,
     groups       TEXT,                  -- NULL: none, else joined by U+001F
     ended_at     REAL,
-    end_reason   TEXT
+    end_reason   TEXT,
+    stats        BLOB                   -- core.activity.pack: NULL until the first activity write
 ) WITHOUT ROWID;
 
 CREATE INDEX IF NOT EXISTS sessions_due   ON sessions (expires_at) WHERE ended_at IS NULL;
@@ -150,15 +152,16 @@ CREATE TABLE IF NOT EXISTS seen_once (   -- first_use markers (logout-token jti)
 _LINK_COLUMNS = "session, issuer, subject, sid, id_token, refresh_token, admin, checked_at, keep_until"
 
 _COLUMNS = (
-    "key, user, auth_time, created_at, activity, last_seen_at, expires_at, ip, mfa, groups, ended_at, end_reason"
+    "key, user, auth_time, created_at, activity, last_seen_at, expires_at, ip, mfa, groups, ended_at, end_reason, "
+    "stats"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM sessions"
 _SELECT_ONE = _SELECT + " WHERE key = ?"
 _ENDED_SINCE = "SELECT key FROM sessions WHERE ended_at IS NOT NULL AND ended_at >= ?"  # the sessions_ended index
-_INSERT = f"INSERT INTO sessions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT = f"INSERT INTO sessions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _REWRITE = (
     "UPDATE sessions SET user = ?, auth_time = ?, created_at = ?, activity = ?, last_seen_at = ?, "
-    "expires_at = ?, ip = ?, mfa = ?, groups = ?, ended_at = ?, end_reason = ? WHERE key = ?"
+    "expires_at = ?, ip = ?, mfa = ?, groups = ?, ended_at = ?, end_reason = ?, stats = ? WHERE key = ?"
 )
 _GUARD = "WHERE key = :key AND ended_at IS NULL AND activity = :before_activity AND auth_time = :before_auth"
 # apply_write when stored.activity == before.activity (the guard): SET expressions see the row before the update.
@@ -168,6 +171,11 @@ _MERGE_FORWARD = (
 )
 # The same, for the rare write that moves the sweeper's bound (only then is its index touched).
 _MERGE_FORWARD_DEADLINE = _MERGE_FORWARD.replace("end_reason = :end_reason", "end_reason = :end_reason, expires_at = :expires_at")
+# Activity moved: its statistics move with it (core.activity), in the same statement.
+_MERGE_FORWARD_STATS = _MERGE_FORWARD.replace("end_reason = :end_reason", "end_reason = :end_reason, stats = :stats")
+_MERGE_FORWARD_DEADLINE_STATS = _MERGE_FORWARD_DEADLINE.replace(
+    "end_reason = :end_reason", "end_reason = :end_reason, stats = :stats"
+)
 # apply_write's end: the stored record as it is, with the end recorded.
 _END = "UPDATE sessions SET ended_at = :ended_at, end_reason = :end_reason " + _GUARD
 
@@ -231,6 +239,7 @@ def _row(s: Session) -> tuple[Any, ...]:
         _pack_groups(s.groups),
         s.ended_at,
         s.end_reason,
+        stats_codec.pack(s.stats),
     )
 
 
@@ -242,7 +251,7 @@ def _session(row: tuple[Any, ...]) -> Session:
 
 
 def _decode(row: tuple[Any, ...]) -> Session:
-    key, user, auth, created, activity, seen, expires, ip, mfa, groups, ended_at, reason = row
+    key, user, auth, created, activity, seen, expires, ip, mfa, groups, ended_at, reason, stats = row
     return Session(
         key=_unpack_key(key),
         user=user,
@@ -256,6 +265,7 @@ def _decode(row: tuple[Any, ...]) -> Session:
         groups=_unpack_groups(groups),
         ended_at=ended_at,
         end_reason=reason,
+        stats=stats_codec.unpack(stats),
     )
 
 
@@ -320,6 +330,9 @@ class SqliteStore:
                 raise SchemaError(f"sqlite store {self.path}: not a lapse database (tables: {sorted(tables)})")
             for statement in _statements(_SCHEMA):  # not executescript: it would COMMIT first
                 db.execute(statement)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(sessions)")}
+            if "stats" not in columns:  # schema 1 -> 2: a NULL column, no rewrite of existing rows
+                db.execute("ALTER TABLE sessions ADD COLUMN stats BLOB")
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             db.execute("COMMIT")
         except BaseException:
@@ -425,11 +438,15 @@ class SqliteStore:
                 guard["last_seen_at"] = _float(after.last_seen_at)
                 guard["ip"] = after.ip
                 guard["end_reason"] = after.end_reason
+                # merge(): statistics go with the newer activity (stored == before's here, by the guard).
+                moved = after.stats is not before.stats and after.last_active_at > before.last_active_at
+                if moved:
+                    guard["stats"] = stats_codec.pack(after.stats)
                 if after.expires_at == before.expires_at:
-                    cur = self.db.execute(_MERGE_FORWARD, guard)
+                    cur = self.db.execute(_MERGE_FORWARD_STATS if moved else _MERGE_FORWARD, guard)
                 else:
                     guard["expires_at"] = _float(after.expires_at)
-                    cur = self.db.execute(_MERGE_FORWARD_DEADLINE, guard)
+                    cur = self.db.execute(_MERGE_FORWARD_DEADLINE_STATS if moved else _MERGE_FORWARD_DEADLINE, guard)
             if cur.rowcount == 1:
                 cached = self._cache.get(before.key)
                 if self._changed() and cached == before:
@@ -564,6 +581,34 @@ class SqliteStore:
         with self._errors("tail_audit"):
             rows = self.db.execute("SELECT ts, event FROM audit ORDER BY id DESC LIMIT ?", (n,)).fetchall()
         return [replace(AuditEvent.from_dict(json.loads(event)), ts=ts) for ts, event in reversed(rows)]
+
+    async def search_audit(self, query: AuditQuery, limit: int | None = None) -> list[AuditEvent]:
+        """Filtered in SQL (``json_extract``), so only matching events are decoded in Python."""
+        where, args = [], []  # type: ignore[var-annotated]
+        if query.since is not None:
+            where.append("ts >= ?")
+            args.append(query.since)
+        if query.until is not None:
+            where.append("ts < ?")
+            args.append(query.until)
+        if query.events:
+            where.append(f"json_extract(event, '$.event') IN ({', '.join('?' * len(query.events))})")
+            args.extend(query.events)
+        for name in ("user", "app", "reason"):
+            value = getattr(query, name)
+            if value is not None:
+                where.append(f"json_extract(event, '$.{name}') = ?")
+                args.append(value)
+        if query.session is not None:
+            where.append("substr(json_extract(event, '$.session'), 1, ?) = ?")
+            args.extend((len(query.session), query.session))
+        sql = "SELECT ts, event FROM audit" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(max(limit, 0))
+        with self._errors("search_audit"):
+            rows = self.db.execute(sql, args).fetchall()
+        return [_audit_event(ts, text) for ts, text in rows]
 
     async def failures(self, key: str, now: float, window: float, *, add: bool = False) -> int:
         with self._errors("failures"):
@@ -777,6 +822,13 @@ class _Checkpointer:
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join(timeout=self._timeout + CHECKPOINT_EVERY)
+
+
+def _audit_event(ts: float, text: str) -> AuditEvent:
+    """A stored event, with its exact ``ts`` from the column (no RFC 3339 parse)."""
+    d = json.loads(text)
+    return AuditEvent(ts, d["event"], d["outcome"], d.get("user"), d.get("session"), d.get("app"), d.get("ip"),
+                      d.get("resource"), d.get("reason"), d.get("activity"))
 
 
 def _user(row: tuple[Any, ...]) -> User:

@@ -84,6 +84,8 @@ class Gateway:
     def __init__(self, runtime: Runtime, metrics: Metrics | None = None) -> None:
         self.rt = runtime
         self.metrics = metrics
+        if metrics is not None:
+            metrics.watch_audit(runtime.audit)  # issue 8: expiries, step-ups, sink drops
         cfg = runtime.loaded.config
         self.trust = Trust(cfg.server.trusted_proxies)
         self.cookies = Cookies(cfg.server.effective_cookie_name, cfg.server.cookie_secure)
@@ -116,6 +118,10 @@ class Gateway:
 
             self.oidc = OidcWeb(self, cfg.oidc)
             routes += self.oidc.routes()
+        from .admin import Pages  # issue 8: the admin and self-service pages
+
+        self.pages_admin = Pages(self)
+        routes += self.pages_admin.routes()
         self._widget = WIDGET.read_bytes() if WIDGET.exists() else b"/* lapse widget: not built */\n"
         self._widget_tag = hashlib.sha256(self._widget).hexdigest()[:16]
         self._warned: set[tuple[str, str, int]] = set()  # (session, deadline kind, deadline): told once

@@ -1,0 +1,143 @@
+"""``lapse audit report`` (issue 8; CONTRACT.md §1, §5): the gateway records, the report reads.
+
+A script that keeps a session alive on a timer through one path is named with
+its evidence; a person with bursty gaps is not. Also the CLI: --json, --png,
+--jsonl, the timing line, and the thresholds from ``[report]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from lapse.audit import report as rep
+from lapse.config import load_config, parse_config
+from lapse.core import events as ev
+from lapse.runtime import open_runtime
+from lapse.store.base import AuditQuery
+
+from ..test_cli import lapse
+from ..web.test_gateway import T0, harness
+
+run = asyncio.run
+
+
+async def _bot_and_person(h) -> tuple[str, str]:
+    """A script pings every 60 s (+-0.2 s) through one path; a person clicks around at random."""
+    bot = await h.sid(user="bob")
+    person = await h.sid(user="alice")
+    rng = random.Random(8)
+    t_bot = t_person = h.clock.now
+    for _ in range(30):
+        t_bot += 60 + rng.uniform(-0.2, 0.2)
+        h.clock.now = t_bot
+        assert (await h.auth(bot, "/api/ping")).status_code == 200
+    h.clock.now = t_person
+    for _ in range(30):
+        t_person += rng.expovariate(1 / 40) + 2
+        h.clock.now = max(h.clock.now, t_person)
+        assert (await h.auth(person, rng.choice(["/", "/docs", "/a/b", "/search"]))).status_code == 200
+    h.clock.now = max(t_bot, t_person) + 1
+    return bot, person
+
+
+def test_a_script_on_a_timer_is_a_suspect_with_its_evidence_a_person_is_not(tmp_path: Path):
+    async def main():
+        async with harness(tmp_path) as h:
+            bot, person = await _bot_and_person(h)
+            th = rep.Thresholds()
+            now = h.clock.now
+            live = rep.build([], await h.rt.store.sessions(), th, since=T0 - 1, until=now, source="store")
+            [suspect] = live["automation_suspects"]
+            assert suspect["user"] == "bob" and suspect["state"] == "live"
+            assert suspect["session"] == h.rt.gate.key_of(bot)  # the keyed hash, never the ID
+            assert set(suspect["reasons"]) == {"regular", "one_path"}
+            e = suspect["evidence"]
+            assert e["samples"] == 30 and 59.5 < e["gap_mean_s"] < 60.5 and e["gap_cv"] < 0.01
+            assert e["top_path"] == "/api/ping" and e["top_path_share"] == 1.0
+
+            # Both sessions end: the end events carry the evidence, the report reads it from the store sink.
+            await h.rt.gate.revoke(h.rt.gate.key_of(bot), "admin")
+            h.clock.now += 700  # past the 10m idle limit: the sweeper expires the person's session
+            await h.rt.gate.sweep_once()
+            events = await rep.from_store(h.rt.store, T0 - 1, h.clock.now + 1)
+            report = rep.build(events, await h.rt.store.sessions(), th, since=T0 - 1, until=h.clock.now + 1,
+                               source="store")
+            [ended] = report["automation_suspects"]
+            assert ended["user"] == "bob" and ended["state"] == "revoked" and ended["end_reason"] == "admin"
+            assert report["expiries"]["by_reason"] == {"idle": 1}
+            assert report["expiries"]["by_app"] == {"main": 1}  # the sweeper's event has no app: the sign-in's
+            assert report["revocations"]["by_reason"] == {"admin": 1}
+            idle = report["idle_before_expiry"]
+            assert idle["count"] == 1 and idle["max_s"] >= 600  # at least the idle limit
+            assert report["top_users"][0]["user"] == "alice"
+            [expired] = await h.rt.store.search_audit(AuditQuery(events=(ev.EXPIRED,)))
+            assert expired.activity["samples"] == 30 and expired.activity["gap_cv"] > 0.5
+
+    run(main())
+
+
+def test_thresholds_come_from_the_config(tmp_path: Path):
+    loaded = parse_config('[report]\nmin_samples = 5\nmax_gap_cv = 0.3\nmin_hours = 24\none_path_share = 0.5\n',
+                          "lapse.toml", tmp_path)
+    th = rep.Thresholds.from_config(loaded.config.report)
+    assert (th.min_samples, th.max_gap_cv, th.min_hours, th.one_path_share) == (5, 0.3, 24, 0.5)
+    few = {"samples": 4, "gap_cv": 0.0, "hours": list(range(24)), "top_path_share": 1.0}
+    assert rep.suspicion(few, th) == []  # too little evidence to judge
+    assert rep.suspicion({**few, "samples": 5}, th) == ["regular", "around_the_clock", "one_path"]
+    assert rep.suspicion({**few, "samples": 5, "gap_cv": 0.9, "hours": [1], "top_path_share": 0.2}, th) == []
+
+
+def test_bad_report_keys_are_named_with_their_line(tmp_path: Path):
+    conf = tmp_path / "lapse.toml"
+    conf.write_text('[store]\nurl = "memory://"\n\n[report]\nmax_gap_cv = -1\nmin_hourz = 3\n')
+    r = lapse("policy", "check", str(conf))
+    assert r.returncode == 2
+    assert "lapse.toml:5: report.max_gap_cv" in r.stderr and "lapse.toml:6: report.min_hourz" in r.stderr
+
+
+@pytest.fixture
+def populated(tmp_path: Path) -> Path:
+    """A config whose store and jsonl sink hold a bot's and a person's ended sessions (now-ish timestamps)."""
+    conf = tmp_path / "lapse.toml"
+    conf.write_text('[store]\nurl = "sqlite:///state/lapse.db"\n\n[audit]\nsinks = ["store", "jsonl:state/a.jsonl"]\n'
+                    '\n[report]\nmin_samples = 10\n\n[defaults]\nidle = "10m"\n')
+
+    async def fill():
+        clock_now = [time.time() - 7200]
+        async with open_runtime(load_config(conf), clock=lambda: clock_now[0]) as rt:
+            gate = rt.gate
+            sid, _ = await gate.sign_in("bot", host="x.test")
+            for _ in range(15):
+                clock_now[0] += 30
+                assert (await gate.check(host="x.test", path="/ping", session_id=sid)).decision.allowed
+            clock_now[0] += 1200
+            await gate.sweep_once()
+
+    run(fill())
+    return conf
+
+
+def test_cli_report_json_png_and_timing(populated: Path, tmp_path: Path):
+    png = tmp_path / "charts.png"
+    r = lapse("--config", str(populated), "audit", "report", "--json", "--png", str(png))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["source"] == "store" and report["expiries"]["by_reason"] == {"idle": 1}
+    [s] = report["automation_suspects"]
+    assert s["user"] == "bot" and s["evidence"]["samples"] == 15 and "regular" in s["reasons"]
+    assert "idle_before_expiry" in report and "by_app" in report["expiries"]
+    assert "events read in" in r.stderr and " s, charts in " in r.stderr  # says how long it took
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+    text = lapse("--config", str(populated), "audit", "report", "--jsonl", str(tmp_path / "state" / "a.jsonl"))
+    assert text.returncode == 0, text.stderr
+    assert "automation suspects: 1" in text.stdout and "bot" in text.stdout and "jsonl:" in text.stdout
+
+    bad = lapse("--config", str(populated), "audit", "report", "--since", "soon")
+    assert bad.returncode != 0 and "--since" in bad.stderr and "Traceback" not in bad.stderr
