@@ -87,11 +87,14 @@ class RedisServer:
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
+        # Ready when *this* process says so: an open port alone may be someone else's (another test run's
+        # server on a port that was free a moment ago), and then ours has just failed to bind.
+        logfile = self.folder / f"redis-{self.port}.log"
         deadline = time.monotonic() + 10
-        while not port_open(self.port):
+        while b"Ready to accept connections" not in logfile.read_bytes() or not port_open(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on {self.port} did not start: "
-                                   f"{(self.folder / f'redis-{self.port}.log').read_text()[-2000:]}")
+                self.stop()
+                raise RuntimeError(f"redis-server on {self.port} did not start: {logfile.read_text()[-2000:]}")
             time.sleep(0.01)
         return self
 
@@ -132,11 +135,14 @@ class RedisCluster:
     """Three masters, slots split three ways, no replicas: the smallest real Cluster."""
 
     def __init__(self, folder: Path) -> None:
-        ports = _cluster_ports(3)
-        self.nodes = [
-            RedisServer(folder / str(p), p, "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{p}.conf",
-                        "--cluster-node-timeout", "5000")
-            for p in ports
+        self.folder = folder
+        self.nodes = self._nodes()
+
+    def _nodes(self) -> list[RedisServer]:
+        return [
+            RedisServer(self.folder / str(p), p, "--cluster-enabled", "yes", "--cluster-config-file",
+                        f"nodes-{p}.conf", "--cluster-node-timeout", "5000")
+            for p in _cluster_ports(3)
         ]
 
     @property
@@ -144,8 +150,16 @@ class RedisCluster:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self) -> RedisCluster:
-        for node in self.nodes:
-            node.start()
+        for attempt in range(3):  # ports were free when picked; another run may have taken one since
+            try:
+                for node in self.nodes:
+                    node.start()
+                break
+            except RuntimeError:
+                self.stop()
+                if attempt == 2:
+                    raise
+                self.nodes = self._nodes()
         # Slots by hand and MEET: much quicker than `redis-cli --cluster create`, which waits between steps.
         bounds = [0, 5461, 10923, 16384]
         for i, node in enumerate(self.nodes):
