@@ -107,8 +107,8 @@ def wrk(url: str, cookie: str, seconds: int) -> dict[str, float]:
     if bad:
         raise RuntimeError(f"{bad.group(1)} refused requests:\n{proc.stdout}")
     return {"requests": int(done.group(1)), "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", proc.stdout).group(1)),
-            "p50_ms": _ms(re.search(r"50%\s+(\S+)", proc.stdout).group(1)),
-            "p99_ms": _ms(re.search(r"99%\s+(\S+)", proc.stdout).group(1))}
+            "p50_ms": _ms(re.search(r"^\s+50%\s+(\S+)", proc.stdout, re.M).group(1)),
+            "p99_ms": _ms(re.search(r"^\s+99%\s+(\S+)", proc.stdout, re.M).group(1))}
 
 
 def _ms(text: str) -> float:

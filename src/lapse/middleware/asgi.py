@@ -111,10 +111,7 @@ class LapseMiddleware:
                 raise RuntimeError("alongside mode needs Starlette's SessionMiddleware outside LapseMiddleware")
             session = scope["session"]
         try:
-            if session is None:
-                await self._lapse(enf, facts_of(scope), None, scope, receive, send)
-                return
-            if scope["type"] == "http" and scope["path"].startswith(PREFIX):
+            if session is None or (scope["type"] == "http" and scope["path"].startswith(PREFIX)):
                 await self._lapse(enf, facts_of(scope), session, scope, receive, send)
                 return
             proceed = await self._judge(enf, session, scope, send)
