@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from .audit import AuditLog
 from .core.decide import Decision, Reason, Request, decide, revoke, sign_in, sweep
 from .core.policy import Effective, Policy
-from .core.session import Session, session_key
+from .core.session import Session, SessionKeys
 from .store.base import SessionStore, StoreUnavailable, WriteResult
 
 log = logging.getLogger("lapse.sweeper")
@@ -58,7 +58,7 @@ class Gate:
     def __init__(self, store: SessionStore, policy: Policy, audit: AuditLog, hash_key: bytes) -> None:
         self.store = store
         self.audit = audit
-        self._hash_key = hash_key
+        self._keys = SessionKeys(hash_key)
         # By (session key, identity of the resolved policy: ``resolve`` hands back one object per
         # request shape): reused while it holds. An entry keeps its Effective alive, so its id is not reused.
         self._answers: dict[tuple[str, int], _Answer] = {}
@@ -75,7 +75,7 @@ class Gate:
         self._answers = {}
 
     def key_of(self, session_id: str) -> str:
-        return session_key(self._hash_key, session_id)
+        return self._keys(session_id)
 
     async def check(
         self,

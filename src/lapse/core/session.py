@@ -16,6 +16,7 @@ never reaches the store, the audit log or a log line.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 from typing import NamedTuple
@@ -32,6 +33,28 @@ HANDLE_LEN = 12
 def session_key(secret: bytes, session_id: str) -> str:
     """The keyed hash the store, audit and handles know a session by (128 bits, hex)."""
     return hmac.digest(secret, session_id.encode(), "sha256")[:16].hex()
+
+
+class SessionKeys:
+    """``session_key`` for one secret, a few times cheaper per call: HMAC-SHA256 (RFC 2104) with the
+    secret's inner and outer pads hashed once. Why: it runs on every request, and a one-shot
+    ``hmac.digest`` sets up OpenSSL's HMAC afresh each time (several microseconds on a cold cache)."""
+
+    def __init__(self, secret: bytes) -> None:
+        block = hashlib.sha256(secret).digest() if len(secret) > _BLOCK else secret
+        block = block.ljust(_BLOCK, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def __call__(self, session_id: str) -> str:
+        inner = self._inner.copy()
+        inner.update(session_id.encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:16].hex()
+
+
+_BLOCK = 64  # SHA-256's block size in bytes
 
 
 class Session(NamedTuple):

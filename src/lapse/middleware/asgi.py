@@ -17,7 +17,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import LoadedConfig
-from ..web.net import header_dict
+from ..web.net import client_ip, header_dict
 from .core import (
     PREFIX,
     SESSION_FIELD,
@@ -29,10 +29,14 @@ from .core import (
     StoreUnavailable,
     form_token,
     loaded_config,
+    presented,
     running,
 )
 
 MAX_FORM = 16 * 1024  # a sign-out form is a few dozen bytes
+_WANTED = frozenset({b"host", b"cookie", b"x-lapse-activity"})
+"""The request headers an app request is judged by; the rest are never decoded."""
+_FROM_PROXY = _WANTED | {b"x-forwarded-for", b"x-real-ip"}
 
 
 def session_user(scope: Scope) -> str | None:
@@ -62,79 +66,93 @@ class LapseMiddleware:
         self.loaded = loaded_config(config)
         self.settings = Settings.of(mode, app=app_name, login_url=login_url, public_paths=public_paths)
         self.user_of = user_of
+        self.alongside = self.settings.mode is Mode.ALONGSIDE
         self.clock = clock
         self.enforcer: Enforcer | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "lifespan":
-            await self._lifespan(scope, receive, send)
-            return
-        if kind not in ("http", "websocket"):
-            await self.app(scope, receive, send)
+        if kind != "http" and kind != "websocket":
+            await (self._lifespan if kind == "lifespan" else self.app)(scope, receive, send)
             return
         enf = self.enforcer
         if enf is None:
             raise RuntimeError("lapse middleware is not started: it opens its store in the ASGI lifespan "
                                "(uvicorn: lifespan on; Starlette's TestClient: use it as `with TestClient(app):`)")
-        facts = facts_of(scope)
-        alongside = enf.settings.mode is Mode.ALONGSIDE
+        path = scope["path"]
+        if self.alongside or (kind == "http" and path.startswith(PREFIX)):
+            await self._other(enf, scope, receive, send)
+            return
+        if enf.is_public(path):
+            scope["lapse.user"] = None
+            await self.app(scope, receive, send)
+            return
+        # The hot path, as forward-auth's: only the headers judging needs, one awaited gate check.
+        host, ip, passive, cookie = peek(enf, scope)
+        sid = enf.sid_in(cookie)
+        try:
+            verdict = await enf.rt.gate.check(host=host, path=path, method=scope.get("method", "GET"), ip=ip,
+                                              passive_header=passive, session_id=presented(sid))
+        except StoreUnavailable as exc:
+            await refuse(scope, send, enf.unavailable(facts_of(scope), exc), 1011)
+            return
+        d = verdict.decision
+        if d.allowed and d.session is not None:
+            scope["lapse.user"] = d.session.user
+            await self.app(scope, receive, send)
+            return
+        await refuse(scope, send, enf.refusal(facts_of(scope), verdict, sid))
+
+    async def _other(self, enf: Enforcer, scope: Scope, receive: Receive, send: Send) -> None:
+        """Alongside mode, and ``/_lapse/*`` in either mode."""
         session: dict[str, Any] | None = None
-        if alongside:
+        if self.alongside:
             if "session" not in scope:
                 raise RuntimeError("alongside mode needs Starlette's SessionMiddleware outside LapseMiddleware")
             session = scope["session"]
         try:
-            if kind == "http" and facts.path.startswith(PREFIX):
-                await self._lapse(enf, facts, session, scope, receive, send)
+            if session is None or (scope["type"] == "http" and scope["path"].startswith(PREFIX)):
+                await self._lapse(enf, facts_of(scope), session, scope, receive, send)
                 return
-            proceed = await self._judge(enf, facts, session, scope, send)
+            proceed = await self._judge(enf, session, scope, send)
         except StoreUnavailable as exc:
-            if kind == "websocket":
-                await send({"type": "websocket.close", "code": 1011})
-                return
-            await send_reply(enf.unavailable(facts, exc), send)
+            await refuse(scope, send, enf.unavailable(facts_of(scope), exc), 1011)
             return
-        if proceed is None:
-            return
-        await self.app(scope, receive, proceed)
+        if proceed is not None:
+            await self.app(scope, receive, proceed)
 
-    async def _judge(self, enf: Enforcer, facts: Facts, session: dict[str, Any] | None,
-                     scope: Scope, send: Send) -> Send | None:
-        """Judge an app request; the ``send`` to run the app with, or None when lapse answered."""
-        user, sid = None, None
-        if session is None:
-            sid = enf.cookie_sid(facts)
-        else:
-            user, sid = self.user_of(scope), session.get(SESSION_FIELD)
-            if user is None and sid is not None:  # the app signed its user out without clearing the session
-                session.pop(SESSION_FIELD, None)
-                await enf.end(sid, "logout")
-                sid = None
-        judgement = await enf.judge(facts, sid, user)
-        if judgement.reply is not None:
-            if judgement.sign_out and session is not None:
-                session.clear()  # the Starlette way to sign out: the session cookie is emptied
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008})
-            else:
-                await send_reply(judgement.reply, send)
-            return None
-        scope["lapse.user"] = judgement.user
-        if session is None:
-            return send
-        if user is not None and (sid is None or judgement.user != user):
+    async def _judge(self, enf: Enforcer, session: dict[str, Any], scope: Scope, send: Send) -> Send | None:
+        """Alongside: judge an app request; the ``send`` to run the app with, or None when lapse answered."""
+        user, sid = self.user_of(scope), session.get(SESSION_FIELD)
+        if user is None and sid is not None:  # the app signed its user out without clearing the session
+            session.pop(SESSION_FIELD, None)
+            await enf.end(sid, "logout")
+            sid = None
+        judged = None
+        if user is not None and sid is not None:
+            host, ip, passive, _ = peek(enf, scope)
+            verdict = await enf.rt.gate.check(host=host, path=scope["path"], method=scope.get("method", "GET"),
+                                              ip=ip, passive_header=passive, session_id=presented(sid))
+            d = verdict.decision
+            if not (d.allowed and d.session is not None):
+                judgement = await enf.refused(facts_of(scope), verdict, sid, user)
+                if judgement.sign_out:
+                    session.clear()  # the Starlette way to sign out: the session cookie is emptied
+                await refuse(scope, send, judgement.reply)  # type: ignore[arg-type]
+                return None
+            judged = d.session.user
+        if user is not None and (sid is None or judged != user):
             # Signed in before lapse was there, or another user signed in over it: a session of its own.
-            sid = await enf.adopt(facts, user, replaces=sid)
+            sid = await enf.adopt(facts_of(scope), user, replaces=sid)
             session[SESSION_FIELD] = sid
         scope["lapse.user"] = user
-        return self._follow(enf, facts, session, sid, scope, send)
+        return self._follow(enf, session, sid, scope, send)
 
-    def _follow(self, enf: Enforcer, facts: Facts, session: dict[str, Any], sid: str | None,
-                scope: Scope, send: Send) -> Send:
+    def _follow(self, enf: Enforcer, session: dict[str, Any], sid: str | None, scope: Scope, send: Send) -> Send:
         """Alongside: see what the app did to its session during this request, before the session
         cookie is written. Signed in: lapse's session starts now, so the absolute limit counts from
         the login itself. Signed out (session cleared): lapse's session ends (``logout``)."""
+        request = dict(scope)  # as it came in: the app's routing may add to the scope
 
         async def following(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -143,7 +161,7 @@ class LapseMiddleware:
                     await enf.end(sid, "logout")
                 user = self.user_of(scope)
                 if user is not None and now_sid is None:
-                    session[SESSION_FIELD] = await enf.adopt(facts, user)
+                    session[SESSION_FIELD] = await enf.adopt(facts_of(request), user)
             await send(message)
 
         return following
@@ -192,11 +210,32 @@ class LapseMiddleware:
         await self.app(scope, receive, wrapped)
 
 
+def peek(enf: Enforcer, scope: Scope) -> tuple[str, str | None, bool, str]:
+    """(host, client IP, passive, Cookie header) from the raw ASGI headers, decoding only those
+    (and the forwarded ones only when the peer is a trusted proxy)."""
+    client = scope.get("client")
+    peer = client[0] if client else None
+    trusted = enf.trust(peer)
+    headers = header_dict(scope["headers"], _FROM_PROXY if trusted else _WANTED)
+    ip = client_ip(peer, headers, enf.trust) if trusted else peer
+    passive = headers.get("x-lapse-activity", "").lower() == "passive"
+    return enf.app_host or headers.get("host", ""), ip, passive, headers.get("cookie", "")
+
+
 def facts_of(scope: Scope) -> Facts:
+    """The whole request (every header decoded): for refusals and ``/_lapse``, off the hot path."""
     headers = header_dict(scope["headers"])
     client = scope.get("client")
     return Facts(scope.get("method", "GET"), scope["path"], scope.get("query_string", b"").decode("latin-1"),
                  headers.get("host", ""), headers, client[0] if client else None)
+
+
+async def refuse(scope: Scope, send: Send, reply: Reply, ws_code: int = 1008) -> None:
+    """Lapse answers instead of the app: a WebSocket is closed (policy violation, or server error)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": ws_code})
+    else:
+        await send_reply(reply, send)
 
 
 async def send_reply(reply: Reply, send: Send) -> None:

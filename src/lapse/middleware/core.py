@@ -153,7 +153,13 @@ class Enforcer:
         return client_ip(facts.peer, facts.headers, self.trust)
 
     def cookie_sid(self, facts: Facts) -> str | None:
-        return parse_cookies(facts.headers.get("cookie", "")).get(self.cookies.name)
+        return self.sid_in(facts.headers.get("cookie", ""))
+
+    def sid_in(self, cookie_header: str) -> str | None:
+        """Lapse's cookie from a ``Cookie`` header, without parsing the header when it is not there."""
+        if self.cookies.name not in cookie_header:
+            return None
+        return parse_cookies(cookie_header).get(self.cookies.name)
 
     def is_public(self, path: str) -> bool:
         return self._public is not None and self._public.match(path) is not None
@@ -161,11 +167,9 @@ class Enforcer:
     # --------------------------------------------------------------- judging
 
     async def check(self, facts: Facts, sid: str | None, *, passive: bool | None = None) -> Verdict:
-        # A cookie lapse could never have issued is judged as unknown without being hashed whole.
-        presented = sid if sid is None or valid_id(sid) else "invalid"
         return await self.rt.gate.check(
             host=self.host(facts), path=facts.path, method=facts.method, ip=self.client_ip(facts),
-            passive_header=facts.passive if passive is None else passive, session_id=presented,
+            passive_header=facts.passive if passive is None else passive, session_id=presented(sid),
         )
 
     async def judge(self, facts: Facts, sid: str | None, user: str | None = None) -> Judgement:
@@ -174,19 +178,22 @@ class Enforcer:
         if self.settings.mode is Mode.STANDALONE:
             if self.is_public(facts.path):
                 return Judgement(None)
-            verdict = await self.check(facts, sid)
-            d = verdict.decision
-            if d.allowed and d.session is not None:
-                return Judgement(None, d.session.user, verdict=verdict)
-            return Judgement(self.refusal(facts, verdict, sid), verdict=verdict)
-        if user is None:
+        elif user is None:
             return Judgement(None)
-        if sid is None:
+        elif sid is None:
             return Judgement(None, user)  # the adapter adopts the framework's sign-in (``adopt``)
         verdict = await self.check(facts, sid)
         d = verdict.decision
         if d.allowed and d.session is not None:
             return Judgement(None, d.session.user, verdict=verdict)
+        return await self.refused(facts, verdict, sid, user)
+
+    async def refused(self, facts: Facts, verdict: Verdict, sid: str | None, user: str | None = None) -> Judgement:
+        """The gate said no. Standalone: answer it. Alongside: a refusal for idle, absolute or revoked
+        also ends lapse's session and signs the framework out; 403 (this path is not theirs) does not."""
+        d = verdict.decision
+        if self.settings.mode is Mode.STANDALONE:
+            return Judgement(self.refusal(facts, verdict, sid), verdict=verdict)
         if d.status == 403:
             return Judgement(self.refusal(facts, verdict, None), user, verdict=verdict)
         if d.session is not None and not d.session.ended:
@@ -295,6 +302,11 @@ class Enforcer:
         return json_reply(503, {"error": "unavailable", "detail": "the session store cannot answer"}, headers)
 
 
+def presented(sid: str | None) -> str | None:
+    """The ID to judge: a cookie lapse could never have issued is judged as unknown without being hashed whole."""
+    return sid if sid is None or valid_id(sid) else "invalid"
+
+
 def form_token(body: bytes) -> str | None:
     """``csrf_token`` from an urlencoded form body (the widget's sign-out form), if there is one."""
     values = parse_qs(body[:16 * 1024].decode("utf-8", "replace")).get("csrf_token")
@@ -341,5 +353,5 @@ async def running(loaded: LoadedConfig, settings: Settings, *,
 
 __all__ = [
     "Enforcer", "Facts", "Judgement", "Mode", "Reply", "SESSION_FIELD", "Settings", "StoreUnavailable",
-    "WIDGET_TAG", "form_token", "loaded_config", "running",
+    "WIDGET_TAG", "form_token", "loaded_config", "presented", "running",
 ]

@@ -25,7 +25,7 @@ from flask import Flask, Response, g, request, session
 from ..config import LoadedConfig
 from .core import SESSION_FIELD, Reply, Settings, StoreUnavailable, form_token, loaded_config
 from .jinja import install
-from .sync import MAX_BODY, Bridge, SyncLapse, facts_of_environ, is_lapse
+from .sync import MAX_BODY, Bridge, SyncLapse, facts_of_environ, is_lapse, judged_facts
 
 try:
     import flask_login
@@ -82,10 +82,10 @@ class Lapse:
         try:
             return self._judge()
         except StoreUnavailable as exc:
-            return to_response(self.lapse.unavailable(facts_of_environ(request.environ), exc))
+            return to_response(self.lapse.unavailable(judged_facts(request.environ), exc))
 
     def _judge(self) -> Response | None:
-        facts = facts_of_environ(request.environ)
+        facts = judged_facts(request.environ)
         user, sid = self.user_of(), session.get(SESSION_FIELD)
         if user is None and sid is not None:  # signed out by a path lapse did not see
             session.pop(SESSION_FIELD)
@@ -109,7 +109,7 @@ class Lapse:
             self._follow()
         except StoreUnavailable as exc:  # fail closed: no sign-in that lapse cannot enforce
             self.sign_out()
-            return to_response(self.lapse.unavailable(facts_of_environ(request.environ), exc))
+            return to_response(self.lapse.unavailable(judged_facts(request.environ), exc))
         return response
 
     def _follow(self) -> None:
@@ -120,7 +120,7 @@ class Lapse:
             session.pop(SESSION_FIELD, None)
             now = None
         if user is not None and (now is None or g.pop("lapse_login", False)):
-            session[SESSION_FIELD] = self.lapse.adopt(facts_of_environ(request.environ), user, replaces=now)
+            session[SESSION_FIELD] = self.lapse.adopt(judged_facts(request.environ), user, replaces=now)
 
     def _logged_in(self, sender: Any, **extra: Any) -> None:
         g.lapse_login = True  # a login while a lapse session lives: a new session, the old one ends (reauth)

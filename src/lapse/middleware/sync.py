@@ -10,6 +10,17 @@ sweeper, and a request thread only waits on a future: bench/middleware.py
 measures what that costs. The loop starts on first use, so a pre-forking
 server (gunicorn) gets one per worker, after the fork.
 
+Judging without the hop. Handing a request to the loop thread and back costs
+more than judging it (bench/middleware.py measures both). The embedded stores
+(SQLite, memory) never suspend: each method runs to completion, as sqlite.py
+says. So a request thread runs its judge, adopt or end itself, to completion,
+while it holds the bridge's lock; and the loop thread holds that same lock
+whenever it is not waiting in ``select``. Every piece of the gate and the store
+therefore runs in one thread at a time, and a request thread's job runs as if
+it were one more task that ran between two turns of the loop, which is exactly
+the atomicity the async code already assumes. Other stores, and the ``/_lapse``
+endpoints (Starlette's code may well wait on the loop), still make the hop.
+
 A store that does not answer within ``timeout`` is a store that is down: the
 request fails closed (503).
 """
@@ -20,11 +31,14 @@ import asyncio
 import atexit
 import concurrent.futures
 import os
+import selectors
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from ..config import LoadedConfig
+from ..store.memory import MemoryStore
+from ..store.sqlite import SqliteStore
 from .core import PREFIX, Enforcer, Facts, Judgement, Mode, Reply, Settings, StoreUnavailable, json_reply, running
 
 T = TypeVar("T")
@@ -33,11 +47,17 @@ EVENTS = "/_lapse/events"
 MAX_BODY = 16 * 1024 + 1  # the gateway refuses forms beyond 16 KiB; one more byte lets it see that
 
 
+NEVER_SUSPEND = (SqliteStore, MemoryStore)
+"""Stores whose methods run to completion without waiting on the loop: judged in the request thread."""
+
+
 class Bridge:
     def __init__(self, loaded: LoadedConfig, settings: Settings, *, clock: Callable[[], float] | None = None,
                  timeout: float = 10.0) -> None:
         self.loaded, self.settings, self.clock, self.timeout = loaded, settings, clock, timeout
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards starting and stopping
+        self._turn = threading.Lock()  # who may touch the gate and the store now (see the module's doc)
+        self._direct = False
         self._pid = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -51,7 +71,19 @@ class Bridge:
         assert self._enforcer is not None
         return self._enforcer
 
-    def run(self, job: Callable[[Enforcer], Awaitable[T]]) -> T:
+    def run(self, job: Callable[[Enforcer], Coroutine[Any, Any, T]]) -> T:
+        """``job(enforcer)``'s result: in this thread when the store never suspends, else on the loop."""
+        enforcer = self.enforcer
+        if not self._direct:
+            return self.on_loop(job)
+        if not self._turn.acquire(timeout=self.timeout):
+            raise StoreUnavailable(f"no turn at the session store within {self.timeout:g}s")
+        try:
+            return drive(job(enforcer))
+        finally:
+            self._turn.release()
+
+    def on_loop(self, job: Callable[[Enforcer], Awaitable[T]]) -> T:
         """Run ``job(enforcer)`` on the loop and wait for it; no answer in time is a store outage."""
         enforcer = self.enforcer
         assert self._loop is not None
@@ -77,11 +109,13 @@ class Bridge:
             if self._enforcer is not None and self._pid == os.getpid():
                 return
             ready: concurrent.futures.Future[Enforcer] = concurrent.futures.Future()
-            loop = asyncio.new_event_loop()
-            thread = threading.Thread(target=loop.run_until_complete, args=(self._serve(ready),),
+            self._turn = turn = threading.Lock()  # a fresh one: after a fork, the parent's may look held
+            loop = asyncio.SelectorEventLoop(_TurnTaking(turn))
+            thread = threading.Thread(target=_hold_while_running, args=(turn, loop, self._serve(ready)),
                                       name="lapse-loop", daemon=True)
             thread.start()
             self._enforcer = ready.result(self.timeout)
+            self._direct = isinstance(self._enforcer.rt.store, NEVER_SUSPEND)
             self._loop, self._thread, self._pid = loop, thread, os.getpid()
         atexit.register(self.close)
 
@@ -95,6 +129,38 @@ class Bridge:
             if ready.done():
                 raise
             ready.set_exception(exc)
+
+
+class _TurnTaking(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """The loop's selector: the loop thread gives up its turn only while it waits for something to do."""
+
+    def __init__(self, turn: threading.Lock) -> None:
+        super().__init__()
+        self._turn = turn
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        self._turn.release()
+        try:
+            return super().select(timeout)
+        finally:
+            self._turn.acquire()
+
+
+def _hold_while_running(turn: threading.Lock, loop: asyncio.AbstractEventLoop, main: Coroutine[Any, Any, None]) -> None:
+    with turn:
+        loop.run_until_complete(main)
+
+
+def drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never waits on an event loop to its end, here and now."""
+    try:
+        while True:
+            if coro.send(None) is not None:  # a future: only a loop could wake it
+                raise RuntimeError("a job the bridge runs in the request thread waited on the event loop")
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    finally:
+        coro.close()
 
 
 class SyncLapse:
@@ -147,7 +213,7 @@ class SyncLapse:
             return reply, False
 
         try:
-            return self.bridge.run(job)
+            return self.bridge.on_loop(job)
         except StoreUnavailable as exc:
             return self.unavailable(facts, exc), False
 
@@ -188,8 +254,23 @@ def facts_of_environ(environ: dict[str, Any]) -> Facts:
                  environ.get("QUERY_STRING", ""), host, headers, environ.get("REMOTE_ADDR"))
 
 
+_JUDGED = (("host", "HTTP_HOST"), ("cookie", "HTTP_COOKIE"), ("accept", "HTTP_ACCEPT"),
+           ("x-lapse-activity", "HTTP_X_LAPSE_ACTIVITY"), ("x-forwarded-for", "HTTP_X_FORWARDED_FOR"),
+           ("x-real-ip", "HTTP_X_REAL_IP"))
+"""The headers judging an app request reads (``core.Enforcer``: cookie, client IP, passive, refusal)."""
+
+
+def judged_facts(environ: dict[str, Any]) -> Facts:
+    """``facts_of_environ`` with only the headers judging reads: an app request's hot path.
+    ``/_lapse`` requests need every header (``facts_of_environ``): the gateway sees them all."""
+    headers = {name: environ[key] for name, key in _JUDGED if key in environ}
+    host = headers.setdefault("host", environ.get("SERVER_NAME", ""))
+    return Facts(environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO") or "/",
+                 environ.get("QUERY_STRING", ""), host, headers, environ.get("REMOTE_ADDR"))
+
+
 def is_lapse(path: str) -> bool:
     return path.startswith(PREFIX)
 
 
-__all__ = ["Bridge", "SyncLapse", "call_asgi", "facts_of_environ", "is_lapse"]
+__all__ = ["Bridge", "SyncLapse", "call_asgi", "drive", "facts_of_environ", "is_lapse", "judged_facts"]

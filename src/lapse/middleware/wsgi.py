@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import LoadedConfig
 from .core import Reply, Settings, loaded_config
-from .sync import MAX_BODY, Bridge, SyncLapse, facts_of_environ, is_lapse
+from .sync import MAX_BODY, Bridge, SyncLapse, facts_of_environ, is_lapse, judged_facts
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -37,11 +37,12 @@ class LapseWSGI:
         self.lapse = SyncLapse(self.bridge)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        facts = facts_of_environ(environ)
-        sid = self.lapse.cookie_sid(facts)
-        if is_lapse(facts.path):
-            reply, _ = self.lapse.endpoint(facts, sid, read_body(environ))
+        if is_lapse(environ.get("PATH_INFO") or "/"):
+            facts = facts_of_environ(environ)
+            reply, _ = self.lapse.endpoint(facts, self.lapse.cookie_sid(facts), read_body(environ))
             return respond(reply, start_response)
+        facts = judged_facts(environ)
+        sid = self.lapse.cookie_sid(facts)
         judgement = self.lapse.judge(facts, sid)
         if judgement.reply is not None:
             return respond(judgement.reply, start_response)

@@ -24,7 +24,7 @@ from django.contrib.auth.signals import user_logged_in
 from django.http import HttpRequest, HttpResponse
 
 from ..core import SESSION_FIELD, Reply, Settings, StoreUnavailable, form_token, loaded_config
-from ..sync import MAX_BODY, Bridge, SyncLapse, facts_of_environ, is_lapse
+from ..sync import MAX_BODY, Bridge, SyncLapse, facts_of_environ, is_lapse, judged_facts
 
 _bridges: dict[str, Bridge] = {}
 """One bridge per process and configuration: Django builds a middleware instance per handler."""
@@ -47,9 +47,10 @@ class LapseMiddleware:
         self.lapse = SyncLapse(bridge_for(getattr(settings, "LAPSE", {})))
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        facts = facts_of_environ(request.META)
+        lapse_path = is_lapse(request.META.get("PATH_INFO") or "/")
+        facts = (facts_of_environ if lapse_path else judged_facts)(request.META)
         try:
-            if is_lapse(facts.path):
+            if lapse_path:
                 return self._endpoint(request, facts)
             if not self.lapse.alongside:
                 judgement = self.lapse.judge(facts, self.lapse.cookie_sid(facts))
