@@ -89,8 +89,9 @@ ROUND_TRIPS = [
         ip="2001:db8::1",
         mfa=True,
         groups=("admins", "billing team", ""),
+        device="Firefox on Android",
     ),
-    make_session(3, ip=None, groups=("one",), ended_at=T0 + 9.9, end_reason="logout"),
+    make_session(3, ip=None, groups=("one",), ended_at=T0 + 9.9, end_reason="logout", device="psql – ünïcode"),
     make_session(4, activity=((0.0, T0), (math.inf, T0 + 1)), expires_at=T0 + 1e-6).with_(key="plain-key/not-hex"),
     make_session(5).with_(key="ABCDEF0123456789ABCDEF0123456789"),  # upper-case hex is another key than lower
 ]
@@ -113,9 +114,24 @@ async def test_sign_in_record_round_trips(store: Any) -> None:
     limits = Limits(app="wiki", network=None, idle=900.0, absolute=8 * 3600.0, warn_before=60.0, sources={},
                     rules=(), on_ip_change="allow", allow_users=None, allow_groups=None,
                     generous_idle=900.0, generous_absolute=8 * 3600.0)
-    d = sign_in(session_key(b"k", "sid"), "carol", T0, limits, ip="198.51.100.7", mfa=True, groups=("staff",))
+    d = sign_in(session_key(b"k", "sid"), "carol", T0, limits, ip="198.51.100.7", mfa=True, groups=("staff",),
+                device="curl")
     await store.create(d.session)
     assert (await store.read(d.session.key))[0] == d.session
+    assert d.session.device == "curl"
+
+
+async def test_device_is_kept_through_writes_and_the_end(store: Any, twin: Any) -> None:
+    """Set once at sign-in: activity, an IP change and the end keep it; no write can change it."""
+    s = make_session(1, device="Chrome on Linux")
+    await store.create(s)
+    later = active(s, T0 + 10, ip="203.0.113.9").with_(device="curl")
+    assert await store.write(s, later) == APPLIED
+    got = (await twin.read(s.key))[0]
+    assert got.device == "Chrome on Linux" and got.ip == "203.0.113.9"
+    assert [x.device for x in await twin.sessions("alice")] == ["Chrome on Linux"]
+    assert await store.write(got, revoke(got, "logout", T0 + 11).session) == APPLIED
+    assert (await twin.read(s.key))[0].device == "Chrome on Linux"
 
 
 async def test_create_refuses_an_existing_key(store: Any) -> None:

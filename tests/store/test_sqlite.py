@@ -358,6 +358,7 @@ def test_schema_1_file_gains_the_stats_column_and_keeps_its_sessions(tmp_path: P
     run(store.close())
     raw = sqlite3.connect(path, isolation_level=None)
     raw.execute("ALTER TABLE sessions DROP COLUMN stats")  # as schema 1 wrote it
+    raw.execute("ALTER TABLE sessions DROP COLUMN device")
     raw.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
     raw.close()
     store = SqliteStore(path, clock)
@@ -374,6 +375,32 @@ def test_schema_1_file_gains_the_stats_column_and_keeps_its_sessions(tmp_path: P
     store = SqliteStore(path, clock)
     try:
         assert run(store.read(s.key))[0].stats == after.stats
+    finally:
+        run(store.close())
+
+
+def test_schema_2_file_gains_the_device_column_and_keeps_its_sessions(tmp_path: Path) -> None:
+    """A database from before device labels opens; its sessions read "not known", new ones keep theirs."""
+    path = tmp_path / "x.db"
+    old = make_session(1)
+    store = SqliteStore(path, clock)
+    run(store.create(old))
+    run(store.close())
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("ALTER TABLE sessions DROP COLUMN device")  # as schema 2 wrote it
+    raw.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    raw.close()
+    new = make_session(2).with_(device="Firefox on Android")
+    store = SqliteStore(path, clock)
+    try:
+        assert run(store.read(old.key))[0] == old and old.device is None
+        run(store.create(new))
+    finally:
+        run(store.close())
+    store = SqliteStore(path, clock)
+    try:
+        assert run(store.read(new.key))[0].device == "Firefox on Android"
+        assert store.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
     finally:
         run(store.close())
 

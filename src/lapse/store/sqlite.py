@@ -69,7 +69,7 @@ from .watch import Callback, Watchers
 
 log = logging.getLogger("lapse.store")
 
-SCHEMA_VERSION = 2  # 2: sessions.stats (activity statistics, issue 8)
+SCHEMA_VERSION = 3  # 2: sessions.stats (activity statistics, issue 8); 3: sessions.device
 GROUP_SEP = "\x1f"  # ASCII unit separator: never part of a sane group name
 PURGE_BATCH = 1000
 CHECKPOINT_EVERY = 1.0  # seconds between background WAL checkpoints
@@ -98,7 +98,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     groups       TEXT,                  -- NULL: none, else joined by U+001F
     ended_at     REAL,
     end_reason   TEXT,
-    stats        BLOB                   -- core.activity.pack: NULL until the first activity write
+    stats        BLOB,                  -- core.activity.pack: NULL until the first activity write
+    device       TEXT                   -- core.device label (at most 40 characters), NULL: not known
 ) WITHOUT ROWID;
 
 CREATE INDEX IF NOT EXISTS sessions_due   ON sessions (expires_at) WHERE ended_at IS NULL;
@@ -153,15 +154,15 @@ _LINK_COLUMNS = "session, issuer, subject, sid, id_token, refresh_token, admin, 
 
 _COLUMNS = (
     "key, user, auth_time, created_at, activity, last_seen_at, expires_at, ip, mfa, groups, ended_at, end_reason, "
-    "stats"
+    "stats, device"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM sessions"
 _SELECT_ONE = _SELECT + " WHERE key = ?"
 _ENDED_SINCE = "SELECT key FROM sessions WHERE ended_at IS NOT NULL AND ended_at >= ?"  # the sessions_ended index
-_INSERT = f"INSERT INTO sessions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT = f"INSERT INTO sessions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _REWRITE = (
     "UPDATE sessions SET user = ?, auth_time = ?, created_at = ?, activity = ?, last_seen_at = ?, "
-    "expires_at = ?, ip = ?, mfa = ?, groups = ?, ended_at = ?, end_reason = ?, stats = ? WHERE key = ?"
+    "expires_at = ?, ip = ?, mfa = ?, groups = ?, ended_at = ?, end_reason = ?, stats = ?, device = ? WHERE key = ?"
 )
 _GUARD = "WHERE key = :key AND ended_at IS NULL AND activity = :before_activity AND auth_time = :before_auth"
 # apply_write when stored.activity == before.activity (the guard): SET expressions see the row before the update.
@@ -240,6 +241,7 @@ def _row(s: Session) -> tuple[Any, ...]:
         s.ended_at,
         s.end_reason,
         stats_codec.pack(s.stats),
+        s.device,
     )
 
 
@@ -251,7 +253,7 @@ def _session(row: tuple[Any, ...]) -> Session:
 
 
 def _decode(row: tuple[Any, ...]) -> Session:
-    key, user, auth, created, activity, seen, expires, ip, mfa, groups, ended_at, reason, stats = row
+    key, user, auth, created, activity, seen, expires, ip, mfa, groups, ended_at, reason, stats, device = row
     return Session(
         key=_unpack_key(key),
         user=user,
@@ -266,6 +268,7 @@ def _decode(row: tuple[Any, ...]) -> Session:
         ended_at=ended_at,
         end_reason=reason,
         stats=stats_codec.unpack(stats),
+        device=device,
     )
 
 
@@ -333,6 +336,8 @@ class SqliteStore:
             columns = {r[1] for r in db.execute("PRAGMA table_info(sessions)")}
             if "stats" not in columns:  # schema 1 -> 2: a NULL column, no rewrite of existing rows
                 db.execute("ALTER TABLE sessions ADD COLUMN stats BLOB")
+            if "device" not in columns:  # 2 -> 3: the same (sessions from before read "not known")
+                db.execute("ALTER TABLE sessions ADD COLUMN device TEXT")
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             db.execute("COMMIT")
         except BaseException:
