@@ -125,11 +125,13 @@ class Gate:
         auth_time: float | None = None,
         replaces: str | None = None,
         login: str | None = None,
+        device: str | None = None,
     ) -> tuple[str, Decision]:
         """A new session with a new ID; the one it replaces (if any) ends with reason ``reauth``.
 
         Replacing a live session of the same user is a step-up (``session.step_up``).
         Past ``max_sessions``, the user's oldest sessions end (reason ``max_sessions``).
+        ``device``: a ``core.device`` label, shown to the user and admins (never the raw header).
         """
         step_up = False
         if replaces:
@@ -142,7 +144,7 @@ class Gate:
         now = await self.store.now()
         decision = sign_in(
             self.key_of(session_id), user, now, limits, auth_time=auth_time, ip=ip, mfa=mfa, groups=groups,
-            login=login, step_up=step_up,
+            login=login, step_up=step_up, device=device,
         )
         assert decision.session is not None
         await self.store.create(decision.session)
