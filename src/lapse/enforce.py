@@ -147,8 +147,9 @@ class Gate:
             login=login, step_up=step_up, device=device,
         )
         assert decision.session is not None
-        await self.store.create(decision.session)
-        await self.audit.emit(decision.events)
+        stored = self.audit.writes_to(self.store)
+        await self.store.create(decision.session, decision.events if stored else ())
+        await self.audit.emit(decision.events, stored_in=self.store if stored else None)
         limit = self.policy.spec.max_sessions
         if limit:
             others = [s for s in await self.store.sessions(user) if s.key != decision.session.key]
@@ -194,15 +195,22 @@ class Gate:
         judge: Callable[[Session | None, float], Decision],
         first: tuple[Session | None, float] | None = None,
     ) -> tuple[Decision, float]:
-        """Read (or take ``first``, a read just made), judge, write until the write holds; then audit."""
+        """Read (or take ``first``, a read just made), judge, write until the write holds; then audit.
+
+        A write's events go to the store's audit with the write itself (the ``store`` sink then skips
+        them): an end and its event are stored together or not at all. Other sinks get them after.
+        """
         for _ in range(ATTEMPTS):
             session, now = first if first is not None else await self.store.read(key)
             first = None
             decision = judge(session, now)
+            stored_in = None
             if decision.changed and session is not None and decision.session is not None:
-                if await self.store.write(session, decision.session) is not WriteResult.APPLIED:
+                events = decision.events if decision.events and self.audit.writes_to(self.store) else ()
+                if await self.store.write(session, decision.session, events) is not WriteResult.APPLIED:
                     continue  # someone moved first: judge again what is there now
-            await self.audit.emit(decision.events)
+                stored_in = self.store if events else None
+            await self.audit.emit(decision.events, stored_in=stored_in)
             return decision, now
         raise StoreUnavailable(f"session kept changing under {ATTEMPTS} attempts to write it")
 

@@ -392,6 +392,53 @@ async def test_search_audit_filters_newest_first(store: Any) -> None:
     assert await store.search_audit(AuditQuery(user="carol")) == []
 
 
+def _event(name: str, s: Session, at: float, reason: str | None = None) -> AuditEvent:
+    return AuditEvent(at, name, ev.SUCCESS, s.user, s.key, "wiki", s.ip, None, reason)
+
+
+async def test_events_are_stored_with_the_change_exactly_when_it_is(store: Any, twin: Any) -> None:
+    """Issue 8: ``create`` and ``write`` append their events with the state change, never without it."""
+    s = make_session(1)
+    created = [_event(ev.CREATED, s, T0)]
+    await store.create(s, created)
+    with pytest.raises(SessionExists):
+        await store.create(s, [_event(ev.CREATED, s, T0 + 0.5)])
+    assert await twin.tail_audit(10) == created
+
+    moved = active(s, T0 + 10)
+    assert await store.write(s, moved) == APPLIED  # no events: nothing appended
+    stale_end = end(s, "idle", T0 + 20)
+    assert await store.write(s, stale_end, [_event(ev.EXPIRED, s, T0 + 20, "idle")]) == CONFLICT
+    assert await twin.tail_audit(10) == created
+
+    step = moved.with_(last_seen_at=T0 + 12, ip="203.0.113.5")
+    noted = [_event(ev.WARNING, step, T0 + 12)]
+    assert await store.write(s, step, noted) == APPLIED  # stale ``before``: the slow path, events too
+    expired = [_event(ev.EXPIRED, moved, T0 + 30, "idle")]
+    assert await store.write(moved, end(moved, "idle", T0 + 30), expired) == APPLIED
+    assert await twin.tail_audit(10) == created + noted + expired
+    assert await twin.write(moved, end(moved, "admin", T0 + 31), [_event(ev.REVOKED, moved, T0 + 31)]) == ENDED
+    assert await store.tail_audit(10) == created + noted + expired
+    assert (await twin.read(s.key))[0].end_reason == "idle"
+
+
+async def test_concurrent_ends_store_exactly_one_end_event(store: Any, twin: Any) -> None:
+    """Invariant 6 with the audit: of two racing ends, the one that lands brings the only event."""
+    sessions = [make_session(i) for i in range(10)]
+    for s in sessions:
+        await store.create(s)
+    for s in sessions:
+        results = await asyncio.gather(
+            store.write(s, end(s, "admin", T0 + 1), [_event(ev.REVOKED, s, T0 + 1, "admin")]),
+            twin.write(s, end(s, "idle", T0 + 2), [_event(ev.EXPIRED, s, T0 + 2, "idle")]),
+        )
+        assert sorted(r.value for r in results) == ["applied", "ended"]
+    events = await store.tail_audit(100)
+    assert sorted(e.session for e in events) == sorted(s.key for s in sessions)  # one each
+    stored = {s.key: (await store.read(s.key))[0].end_reason for s in sessions}
+    assert all(stored[e.session] == e.reason for e in events)  # the event is the end that landed
+
+
 async def test_activity_statistics_round_trip_and_move_with_activity(store: Any) -> None:
     """Issue 8: ``stats`` is stored with the record and moves exactly when activity moves."""
     s = make_session(1)

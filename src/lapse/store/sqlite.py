@@ -179,6 +179,7 @@ _MERGE_FORWARD_DEADLINE_STATS = _MERGE_FORWARD_DEADLINE.replace(
 )
 # apply_write's end: the stored record as it is, with the end recorded.
 _END = "UPDATE sessions SET ended_at = :ended_at, end_reason = :end_reason " + _GUARD
+_INSERT_AUDIT = "INSERT INTO audit (ts, event) VALUES (?, ?)"
 
 _HEX = re.compile(r"(?:[0-9a-f]{2})+")
 
@@ -406,53 +407,65 @@ class SqliteStore:
         self._cache[session.key] = session
         return session
 
-    async def create(self, session: Session) -> None:
+    async def create(self, session: Session, events: Sequence[AuditEvent] = ()) -> None:
         for x in (session.auth_time, session.created_at, session.last_seen_at, session.expires_at):
             _float(x)
         row = _row(session)
         with self._errors("create"):
+            db = self.db
+            if events:  # the session and its events (session.created), in one transaction
+                db.execute("BEGIN IMMEDIATE")
             try:
-                self.db.execute(_INSERT, row)
-            except sqlite3.IntegrityError as exc:
-                raise SessionExists("session key already exists") from exc
+                try:
+                    db.execute(_INSERT, row)
+                except sqlite3.IntegrityError as exc:
+                    raise SessionExists("session key already exists") from exc
+                if events:
+                    db.executemany(_INSERT_AUDIT, _audit_rows(events))
+                    db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
             self._changed()
         self._remember(session)
 
-    async def write(self, before: Session, after: Session) -> WriteResult:
-        result = self._write(before, after)
+    async def write(self, before: Session, after: Session, events: Sequence[AuditEvent] = ()) -> WriteResult:
+        result = self._write_audited(before, after, events) if events else self._write(before, after)
         if after.ended and result is WriteResult.APPLIED and self._watchers:
             self._watchers.notify((before.key,))  # this process's own ends: at once
         return result
 
-    def _write(self, before: Session, after: Session) -> WriteResult:
+    def _guarded_update(self, before: Session, after: Session) -> sqlite3.Cursor:
+        """``apply_write`` as ONE statement, guarded by ``before``'s clocks: it touches no row if they moved."""
         guard = {
             "key": _pack_key(before.key),
             "before_activity": _pack_activity(before.activity),
             "before_auth": before.auth_time,
         }
+        if after.ended:
+            ended = {"ended_at": _float(after.ended_at), "end_reason": after.end_reason}  # type: ignore[arg-type]
+            return self.db.execute(_END, {**guard, **ended})
+        guard["activity"] = (
+            guard["before_activity"]
+            if after.activity == before.activity
+            else _pack_activity(merge_activity(before.activity, after.activity))
+        )
+        guard["last_seen_at"] = _float(after.last_seen_at)
+        guard["ip"] = after.ip
+        guard["end_reason"] = after.end_reason
+        # merge(): statistics go with the newer activity (stored == before's here, by the guard).
+        moved = after.stats is not before.stats and after.last_active_at > before.last_active_at
+        if moved:
+            guard["stats"] = stats_codec.pack(after.stats)
+        if after.expires_at == before.expires_at:
+            return self.db.execute(_MERGE_FORWARD_STATS if moved else _MERGE_FORWARD, guard)
+        guard["expires_at"] = _float(after.expires_at)
+        return self.db.execute(_MERGE_FORWARD_DEADLINE_STATS if moved else _MERGE_FORWARD_DEADLINE, guard)
+
+    def _write(self, before: Session, after: Session) -> WriteResult:
+        """No events: the fast path is the guarded UPDATE alone, in autocommit."""
         try:  # inline, not _errors(): this is the hot path
-            if after.ended:
-                ended = {"ended_at": _float(after.ended_at), "end_reason": after.end_reason}  # type: ignore[arg-type]
-                cur = self.db.execute(_END, {**guard, **ended})
-            else:
-                guard["activity"] = (
-                    guard["before_activity"]
-                    if after.activity == before.activity
-                    else _pack_activity(merge_activity(before.activity, after.activity))
-                )
-                guard["last_seen_at"] = _float(after.last_seen_at)
-                guard["ip"] = after.ip
-                guard["end_reason"] = after.end_reason
-                # merge(): statistics go with the newer activity (stored == before's here, by the guard).
-                moved = after.stats is not before.stats and after.last_active_at > before.last_active_at
-                if moved:
-                    guard["stats"] = stats_codec.pack(after.stats)
-                if after.expires_at == before.expires_at:
-                    cur = self.db.execute(_MERGE_FORWARD_STATS if moved else _MERGE_FORWARD, guard)
-                else:
-                    guard["expires_at"] = _float(after.expires_at)
-                    cur = self.db.execute(_MERGE_FORWARD_DEADLINE_STATS if moved else _MERGE_FORWARD_DEADLINE, guard)
-            if cur.rowcount == 1:
+            if self._guarded_update(before, after).rowcount == 1:
                 cached = self._cache.get(before.key)
                 if self._changed() and cached == before:
                     # The row was ``before`` exactly (unless another handle wrote it meanwhile;
@@ -462,7 +475,7 @@ class SqliteStore:
                     self._cache.pop(before.key, None)
                 return WriteResult.APPLIED
             self._cache.pop(before.key, None)
-            result = self._write_locked(before, after)
+            result = self._transaction(lambda: self._rewrite(before, after))
             self._changed()
             return result
         except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
@@ -470,20 +483,41 @@ class SqliteStore:
         except (sqlite3.DatabaseError, OSError) as exc:
             raise self._unavailable("write", exc) from exc
 
-    def _write_locked(self, before: Session, after: Session) -> WriteResult:
-        """The slow path: the clocks moved (or the session ended): judge against the stored record."""
+    def _write_audited(self, before: Session, after: Session, events: Sequence[AuditEvent]) -> WriteResult:
+        """With events (an end, mostly): the same UPDATE (or the slow path) and their INSERT in ONE transaction."""
+        rows = _audit_rows(events)
+
+        def body() -> WriteResult:
+            applied = self._guarded_update(before, after).rowcount == 1
+            result = WriteResult.APPLIED if applied else self._rewrite(before, after)
+            if result is WriteResult.APPLIED:
+                self.db.executemany(_INSERT_AUDIT, rows)
+            return result
+
+        self._cache.pop(before.key, None)
+        with self._errors("write"):
+            result = self._transaction(body)
+            self._changed()
+        return result
+
+    def _transaction(self, body: Callable[[], WriteResult]) -> WriteResult:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            row = db.execute(_SELECT + " WHERE key = ?", (_pack_key(before.key),)).fetchone()
-            result, record = apply_write(None if row is None else _session(row), before, after)
-            if record is not None:
-                fields = _row(record)
-                db.execute(_REWRITE, fields[1:] + fields[:1])
+            result = body()
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
             raise
+        return result
+
+    def _rewrite(self, before: Session, after: Session) -> WriteResult:
+        """The slow path, inside a transaction: the clocks moved (or the session ended): judge the stored record."""
+        row = self.db.execute(_SELECT_ONE, (_pack_key(before.key),)).fetchone()
+        result, record = apply_write(None if row is None else _session(row), before, after)
+        if record is not None:
+            fields = _row(record)
+            self.db.execute(_REWRITE, fields[1:] + fields[:1])
         return result
 
     async def due(self, now: float, limit: int) -> list[Session]:
@@ -567,14 +601,14 @@ class SqliteStore:
     # ------------------------------------------------------------- audit
 
     async def append_audit(self, events: Sequence[AuditEvent]) -> None:
-        rows = [(e.ts, json.dumps(e.to_dict(), separators=(",", ":"))) for e in events]
+        rows = _audit_rows(events)
         if not rows:
             return
         with self._errors("append_audit"):
             db = self.db
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany("INSERT INTO audit (ts, event) VALUES (?, ?)", rows)
+                db.executemany(_INSERT_AUDIT, rows)
                 db.execute("COMMIT")
             except BaseException:
                 _rollback(db)
@@ -827,6 +861,10 @@ class _Checkpointer:
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join(timeout=self._timeout + CHECKPOINT_EVERY)
+
+
+def _audit_rows(events: Sequence[AuditEvent]) -> list[tuple[float, str]]:
+    return [(e.ts, json.dumps(e.to_dict(), separators=(",", ":"))) for e in events]
 
 
 def _audit_event(ts: float, text: str) -> AuditEvent:
