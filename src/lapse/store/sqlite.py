@@ -24,7 +24,11 @@ stored staircase is ``before``'s, so the merged staircase can be computed
 here, and the other clocks are merged forward by SQL (``max``) against the
 stored row; the row written is exactly ``apply_write``'s. Only when it touches
 no row (the clocks moved, the session ended or is gone) does ``write`` fall
-back to ``BEGIN IMMEDIATE``, read, ``apply_write``, write, commit.
+back to ``BEGIN IMMEDIATE``, read, ``apply_write``, write, commit. A write
+that carries audit events (an end: the ``store`` sink) runs the same UPDATE
+(or that fallback) and the audit INSERT in one short transaction instead, so
+the end and its event commit together; requests that are allowed carry none
+and keep the one-statement path.
 
 Off the request path. SQLite's automatic WAL checkpoint runs inside whichever
 commit crosses its threshold and waits for the disk to sync; here it is off on
