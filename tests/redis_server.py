@@ -42,7 +42,8 @@ def _command(port: int, *args: str) -> bytes:
                 return body[: max(int(head[1:]), 0)]
 
 
-SCRIPTED = {"time", "get", "set", "exists", "zadd", "zrem", "pexpire", "persist", "hmget", "hset", "xrange", "xdel"}
+SCRIPTED = {"time", "get", "set", "exists", "zadd", "zrem", "pexpire", "persist", "hmget", "hset", "xrange", "xdel",
+            "xadd", "publish"}
 """Commands the store runs inside its scripts (INFO commandstats counts those calls too)."""
 
 

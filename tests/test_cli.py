@@ -145,7 +145,8 @@ from lapse.runtime import open_runtime
 async def main():
     async with open_runtime(load_config({str(conf)!r})) as rt:
         for user in ("carol", "carol", "dave"):
-            await rt.gate.sign_in(user, host="wiki.test", ip="192.0.2.7")
+            await rt.gate.sign_in(user, host="wiki.test", ip="192.0.2.7",
+                                  device="Firefox on Android" if user == "dave" else None)
 
 asyncio.run(main())
 """
@@ -153,8 +154,14 @@ asyncio.run(main())
     rows = json.loads(lapse("--config", str(conf), "sessions", "list", "--json").stdout)
     assert sorted(r["user"] for r in rows) == ["carol", "carol", "dave"]
     row = rows[0]
-    for key in ("handle", "user", "ip", "created_at", "last_active_at", "idle_expires_in", "absolute_expires_in"):
+    for key in ("handle", "user", "device", "ip", "created_at", "last_active_at", "idle_expires_in",
+                "absolute_expires_in"):
         assert key in row
+    assert sorted((r["user"], r["device"]) for r in rows) == [("carol", None), ("carol", None),
+                                                             ("dave", "Firefox on Android")]
+    table = lapse("--config", str(conf), "sessions", "list").stdout.splitlines()
+    assert table[0].split()[:4] == ["HANDLE", "USER", "DEVICE", "IP"]
+    assert any(" dave " in line and "Firefox on Android" in line for line in table)
     assert 3500 < row["idle_expires_in"] <= 3600  # the most generous idle limit: the wiki's hour
     assert row["ip"] == "192.0.2.7" and row["created_at"].endswith("Z")
 

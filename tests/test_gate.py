@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import lapse.enforce
-from lapse.audit import AuditLog
+from lapse.audit import AuditLog, StoreSink
 from lapse.core.policy import AppSpec, Layer, PolicySpec, compile_policy
 from lapse.enforce import Gate
 from lapse.store.sqlite import SqliteStore
@@ -66,5 +66,37 @@ def test_answers_are_reused_while_they_hold_and_revocation_elsewhere_is_seen_at_
         assert sink.count({"session.denied"}) == 1
         await ours.close()
         await theirs.close()
+
+    asyncio.run(main())
+
+
+def test_store_sink_events_are_written_with_the_change_once_and_other_sinks_still_get_them(tmp_path: Path) -> None:
+    """Issue 8: sign-in and ends reach the store's audit through the write itself, never twice."""
+    async def main() -> None:
+        clock = Clock(T0)
+        store = SqliteStore(tmp_path / "s.db", clock)
+        sink = ListSink()
+        gate = Gate(store, compile_policy(SPEC), AuditLog([StoreSink(store), sink]), b"k" * 32)
+        writes: list[int] = []
+        real_write = store.write
+
+        async def counting(before, after, events=()):  # noqa: ANN001, ANN202
+            writes.append(len(events))
+            return await real_write(before, after, events)
+
+        store.write = counting  # type: ignore[method-assign]
+        sid, _ = await gate.sign_in("ann", host="wiki.test")
+        clock.now = T0 + 5
+        assert (await gate.check(host="wiki.test", path="/", session_id=sid)).decision.allowed
+        assert await gate.revoke(gate.key_of(sid), "admin")
+        names = [e.event for e in await store.tail_audit(10)]
+        assert names == ["session.created", "session.revoked"]
+        assert [e.event for e in sink.events] == names
+        assert writes == [0, 1]  # the allowed request's write carried nothing; the end carried its event
+
+        plain = Gate(store, compile_policy(SPEC), AuditLog([sink]), b"k" * 32)  # no store sink: nothing stored
+        await plain.sign_in("bob", host="wiki.test")
+        assert [e.event for e in await store.tail_audit(10)] == names
+        await store.close()
 
     asyncio.run(main())

@@ -483,6 +483,7 @@ def _session_row(s: Session, now: float, generous_idle: float, generous_absolute
     return {
         "handle": s.handle,
         "user": s.user,
+        "device": s.device,
         "ip": s.ip,
         "created_at": rfc3339(s.created_at),
         "auth_time": rfc3339(s.auth_time),
@@ -515,9 +516,9 @@ def sessions_list(user: str | None, as_json: bool) -> None:
         def left(x: float | None) -> str:
             return "-" if x is None else format_duration(max(1, round(x)))
 
-        _table([[r["handle"], r["user"], r["ip"] or "-", r["created_at"], r["last_active_at"],
+        _table([[r["handle"], r["user"], r["device"] or "-", r["ip"] or "-", r["created_at"], r["last_active_at"],
                  left(r["idle_expires_in"]), left(r["absolute_expires_in"])] for r in rows],
-               ["HANDLE", "USER", "IP", "CREATED", "LAST ACTIVE", "IDLE IN", "ABSOLUTE IN"])
+               ["HANDLE", "USER", "DEVICE", "IP", "CREATED", "LAST ACTIVE", "IDLE IN", "ABSOLUTE IN"])
 
 
 @sessions.command("revoke")

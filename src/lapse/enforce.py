@@ -125,11 +125,13 @@ class Gate:
         auth_time: float | None = None,
         replaces: str | None = None,
         login: str | None = None,
+        device: str | None = None,
     ) -> tuple[str, Decision]:
         """A new session with a new ID; the one it replaces (if any) ends with reason ``reauth``.
 
         Replacing a live session of the same user is a step-up (``session.step_up``).
         Past ``max_sessions``, the user's oldest sessions end (reason ``max_sessions``).
+        ``device``: a ``core.device`` label, shown to the user and admins (never the raw header).
         """
         step_up = False
         if replaces:
@@ -142,11 +144,12 @@ class Gate:
         now = await self.store.now()
         decision = sign_in(
             self.key_of(session_id), user, now, limits, auth_time=auth_time, ip=ip, mfa=mfa, groups=groups,
-            login=login, step_up=step_up,
+            login=login, step_up=step_up, device=device,
         )
         assert decision.session is not None
-        await self.store.create(decision.session)
-        await self.audit.emit(decision.events)
+        stored = self.audit.writes_to(self.store)
+        await self.store.create(decision.session, decision.events if stored else ())
+        await self.audit.emit(decision.events, stored_in=self.store if stored else None)
         limit = self.policy.spec.max_sessions
         if limit:
             others = [s for s in await self.store.sessions(user) if s.key != decision.session.key]
@@ -192,15 +195,22 @@ class Gate:
         judge: Callable[[Session | None, float], Decision],
         first: tuple[Session | None, float] | None = None,
     ) -> tuple[Decision, float]:
-        """Read (or take ``first``, a read just made), judge, write until the write holds; then audit."""
+        """Read (or take ``first``, a read just made), judge, write until the write holds; then audit.
+
+        A write's events go to the store's audit with the write itself (the ``store`` sink then skips
+        them): an end and its event are stored together or not at all. Other sinks get them after.
+        """
         for _ in range(ATTEMPTS):
             session, now = first if first is not None else await self.store.read(key)
             first = None
             decision = judge(session, now)
+            stored_in = None
             if decision.changed and session is not None and decision.session is not None:
-                if await self.store.write(session, decision.session) is not WriteResult.APPLIED:
+                events = decision.events if decision.events and self.audit.writes_to(self.store) else ()
+                if await self.store.write(session, decision.session, events) is not WriteResult.APPLIED:
                     continue  # someone moved first: judge again what is there now
-            await self.audit.emit(decision.events)
+                stored_in = self.store if events else None
+            await self.audit.emit(decision.events, stored_in=stored_in)
             return decision, now
         raise StoreUnavailable(f"session kept changing under {ATTEMPTS} attempts to write it")
 

@@ -131,6 +131,14 @@ def test_queries_pass_with_postgres_own_authentication(gateway) -> None:
     assert ended and ended[-1].reason == "logout"  # the session ends with its connection
 
 
+def test_the_session_device_is_the_clients_application_name(gateway) -> None:
+    lapse, ports = gateway
+    with _connect(ports["db"], application_name="report-job\tnightly") as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+        devices = [s.device for s in lapse.run(lambda rt: rt.store.sessions("alice"))]
+    assert "report-job nightly" in devices
+
+
 def test_allow_rules_refuse_at_authentication(gateway) -> None:
     _, ports = gateway
     with pytest.raises(psycopg.OperationalError, match=r"lapse: access refused \(forbidden\)"):

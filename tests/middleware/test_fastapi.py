@@ -69,6 +69,14 @@ def test_alongside_sign_in_is_adopted_and_active_requests_extend(alongside, tmp_
     assert alongside.get("/api/data").json() == {"user": "alice"}
 
 
+def test_an_adopted_session_keeps_the_device_it_signed_in_from(alongside):
+    alongside.headers["user-agent"] = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) Version/17.4 Safari/604.1"
+    sign_in(alongside)
+    assert alongside.get("/private").status_code == 200
+    store = lapse_of(alongside.app).enforcer.rt.store
+    assert [s.device for s in alongside.portal.call(store.sessions, "alice")] == ["Safari on iOS"]
+
+
 def test_alongside_idle_expiry_signs_out_through_the_starlette_session(alongside, tmp_path):
     sign_in(alongside)
     alongside.get("/private")

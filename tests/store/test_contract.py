@@ -89,8 +89,9 @@ ROUND_TRIPS = [
         ip="2001:db8::1",
         mfa=True,
         groups=("admins", "billing team", ""),
+        device="Firefox on Android",
     ),
-    make_session(3, ip=None, groups=("one",), ended_at=T0 + 9.9, end_reason="logout"),
+    make_session(3, ip=None, groups=("one",), ended_at=T0 + 9.9, end_reason="logout", device="psql – ünïcode"),
     make_session(4, activity=((0.0, T0), (math.inf, T0 + 1)), expires_at=T0 + 1e-6).with_(key="plain-key/not-hex"),
     make_session(5).with_(key="ABCDEF0123456789ABCDEF0123456789"),  # upper-case hex is another key than lower
 ]
@@ -113,9 +114,24 @@ async def test_sign_in_record_round_trips(store: Any) -> None:
     limits = Limits(app="wiki", network=None, idle=900.0, absolute=8 * 3600.0, warn_before=60.0, sources={},
                     rules=(), on_ip_change="allow", allow_users=None, allow_groups=None,
                     generous_idle=900.0, generous_absolute=8 * 3600.0)
-    d = sign_in(session_key(b"k", "sid"), "carol", T0, limits, ip="198.51.100.7", mfa=True, groups=("staff",))
+    d = sign_in(session_key(b"k", "sid"), "carol", T0, limits, ip="198.51.100.7", mfa=True, groups=("staff",),
+                device="curl")
     await store.create(d.session)
     assert (await store.read(d.session.key))[0] == d.session
+    assert d.session.device == "curl"
+
+
+async def test_device_is_kept_through_writes_and_the_end(store: Any, twin: Any) -> None:
+    """Set once at sign-in: activity, an IP change and the end keep it; no write can change it."""
+    s = make_session(1, device="Chrome on Linux")
+    await store.create(s)
+    later = active(s, T0 + 10, ip="203.0.113.9").with_(device="curl")
+    assert await store.write(s, later) == APPLIED
+    got = (await twin.read(s.key))[0]
+    assert got.device == "Chrome on Linux" and got.ip == "203.0.113.9"
+    assert [x.device for x in await twin.sessions("alice")] == ["Chrome on Linux"]
+    assert await store.write(got, revoke(got, "logout", T0 + 11).session) == APPLIED
+    assert (await twin.read(s.key))[0].device == "Chrome on Linux"
 
 
 async def test_create_refuses_an_existing_key(store: Any) -> None:
@@ -374,6 +390,53 @@ async def test_search_audit_filters_newest_first(store: Any) -> None:
     assert await store.search_audit(AuditQuery(reason="idle", since=T0 + 2.5)) == [events[2]]
     assert await store.search_audit(AuditQuery(since=T0 + 2, until=T0 + 4)) == [events[2], events[1]]
     assert await store.search_audit(AuditQuery(user="carol")) == []
+
+
+def _event(name: str, s: Session, at: float, reason: str | None = None) -> AuditEvent:
+    return AuditEvent(at, name, ev.SUCCESS, s.user, s.key, "wiki", s.ip, None, reason)
+
+
+async def test_events_are_stored_with_the_change_exactly_when_it_is(store: Any, twin: Any) -> None:
+    """Issue 8: ``create`` and ``write`` append their events with the state change, never without it."""
+    s = make_session(1)
+    created = [_event(ev.CREATED, s, T0)]
+    await store.create(s, created)
+    with pytest.raises(SessionExists):
+        await store.create(s, [_event(ev.CREATED, s, T0 + 0.5)])
+    assert await twin.tail_audit(10) == created
+
+    moved = active(s, T0 + 10)
+    assert await store.write(s, moved) == APPLIED  # no events: nothing appended
+    stale_end = end(s, "idle", T0 + 20)
+    assert await store.write(s, stale_end, [_event(ev.EXPIRED, s, T0 + 20, "idle")]) == CONFLICT
+    assert await twin.tail_audit(10) == created
+
+    step = moved.with_(last_seen_at=T0 + 12, ip="203.0.113.5")
+    noted = [_event(ev.WARNING, step, T0 + 12)]
+    assert await store.write(s, step, noted) == APPLIED  # stale ``before``: the slow path, events too
+    expired = [_event(ev.EXPIRED, moved, T0 + 30, "idle")]
+    assert await store.write(moved, end(moved, "idle", T0 + 30), expired) == APPLIED
+    assert await twin.tail_audit(10) == created + noted + expired
+    assert await twin.write(moved, end(moved, "admin", T0 + 31), [_event(ev.REVOKED, moved, T0 + 31)]) == ENDED
+    assert await store.tail_audit(10) == created + noted + expired
+    assert (await twin.read(s.key))[0].end_reason == "idle"
+
+
+async def test_concurrent_ends_store_exactly_one_end_event(store: Any, twin: Any) -> None:
+    """Invariant 6 with the audit: of two racing ends, the one that lands brings the only event."""
+    sessions = [make_session(i) for i in range(10)]
+    for s in sessions:
+        await store.create(s)
+    for s in sessions:
+        results = await asyncio.gather(
+            store.write(s, end(s, "admin", T0 + 1), [_event(ev.REVOKED, s, T0 + 1, "admin")]),
+            twin.write(s, end(s, "idle", T0 + 2), [_event(ev.EXPIRED, s, T0 + 2, "idle")]),
+        )
+        assert sorted(r.value for r in results) == ["applied", "ended"]
+    events = await store.tail_audit(100)
+    assert sorted(e.session for e in events) == sorted(s.key for s in sessions)  # one each
+    stored = {s.key: (await store.read(s.key))[0].end_reason for s in sessions}
+    assert all(stored[e.session] == e.reason for e in events)  # the event is the end that landed
 
 
 async def test_activity_statistics_round_trip_and_move_with_activity(store: Any) -> None:

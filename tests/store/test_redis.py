@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from lapse.audit import AuditLog
+from lapse.core.decide import end
 from lapse.core.events import AuditEvent
 from lapse.core.policy import Layer, PolicySpec, compile_policy
 from lapse.enforce import Gate
@@ -149,11 +150,41 @@ async def test_a_three_master_cluster(cluster: RedisCluster) -> None:
         assert [u.name for u in await other.users()] == ["alice"]
         await store.append_audit([AuditEvent(T0, "session.created", "success", "alice")])
         assert (await other.tail_audit(5))[0].user == "alice"
+        # The stream is in another slot than the session: on a Cluster the events follow the write.
+        last = sessions[1]
+        ended = [AuditEvent(T0 + 6, "session.revoked", "success", last.user, last.key, None, None, None, "admin")]
+        assert await store.write(last, end(last, "admin", T0 + 6), ended) is WriteResult.APPLIED
+        assert await other.write(last, end(last, "idle", T0 + 7), ended) is WriteResult.ENDED
+        assert (await other.tail_audit(5))[-2:] == [AuditEvent(T0, "session.created", "success", "alice"), *ended]
         assert await store.failures("ip:192.0.2.1", T0, 60.0, add=True) == 1
         assert await other.failures("ip:192.0.2.1", T0 + 1, 60.0) == 1
     finally:
         await store.close()
         await other.close()
+
+
+async def test_an_end_and_its_event_are_one_script(server: RedisServer) -> None:
+    """Issue 8, standalone and Sentinel: the event is appended by the write script, before the record changes,
+    so a stream that refuses it leaves the session as it was (the sweeper ends it again, with its event)."""
+    store = RedisStore(server.url, clock=lambda: T0)
+    try:
+        s = make_session(1)
+        created = [AuditEvent(T0, "session.created", "success", s.user, s.key)]
+        await store.create(s, created)
+        ended = [AuditEvent(T0 + 5, "session.expired", "success", s.user, s.key, None, None, None, "idle")]
+        audit_key = store.target.prefix + "audit"
+        server.command("DEL", audit_key)
+        server.command("SET", audit_key, "not-a-stream")
+        with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+            await store.write(s, end(s, "idle", T0 + 5), ended)
+        assert (await store.read(s.key))[0] == s
+        server.command("DEL", audit_key)
+        calls = _calls(server)
+        assert await store.write(s, end(s, "idle", T0 + 5), ended) is WriteResult.APPLIED
+        assert _calls(server) - calls == 1  # the end and its event: one round trip
+        assert await store.tail_audit(5) == ended
+    finally:
+        await store.close()
 
 
 async def _told_within_a_second(here: RedisStore, there: RedisStore, sessions: list) -> list:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from lapse.core import events as ev
 from lapse.core.decide import end
+from lapse.core.events import AuditEvent
 from lapse.core.session import Session, record_activity, session_key
 from lapse.store.base import StoreUnavailable, WriteResult
 from lapse.store.sqlite import SCHEMA_VERSION, SchemaError, SqliteStore
@@ -146,7 +148,9 @@ def test_kill_9_loses_no_committed_write(tmp_path: Path) -> None:
 
 RACER = """
 import asyncio, sys
+from lapse.core import events as ev
 from lapse.core.decide import end
+from lapse.core.events import AuditEvent
 from lapse.core.session import record_activity
 from lapse.store.sqlite import SqliteStore
 
@@ -333,6 +337,51 @@ def test_closed_store_is_unavailable(tmp_path: Path) -> None:
         run(store.read("k"))
 
 
+def test_an_end_and_its_event_commit_together_or_not_at_all(tmp_path: Path) -> None:
+    """Issue 8: the ``store`` sink in the same transaction. An audit INSERT that fails takes the end with it."""
+    path = tmp_path / "x.db"
+    store = SqliteStore(path, clock)
+    s, fresh = make_session(1), make_session(2)
+    run(store.create(s))
+    expired = [AuditEvent(T0 + 5, ev.EXPIRED, ev.SUCCESS, s.user, s.key, None, None, None, "idle")]
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("CREATE TRIGGER refuse BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'audit refused'); END")
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="audit refused"):
+            run(store.write(s, end(s, "idle", T0 + 5), expired))
+        assert run(store.read(s.key))[0] == s  # still live: the sweeper ends it again, with its event
+        with pytest.raises(sqlite3.IntegrityError, match="audit refused"):
+            run(store.create(fresh, expired))
+        assert run(store.read(fresh.key))[0] is None
+        assert not store.db.in_transaction
+        raw.execute("DROP TRIGGER refuse")
+        assert run(store.write(s, end(s, "idle", T0 + 5), expired)) == WriteResult.APPLIED
+        assert run(store.tail_audit(5)) == expired
+    finally:
+        raw.close()
+        run(store.close())
+
+
+def test_writes_without_events_stay_one_autocommit_statement(tmp_path: Path) -> None:
+    """The request path (an allowed request carries no events) opens no transaction."""
+    store = SqliteStore(tmp_path / "x.db", clock)
+    s = make_session(1)
+    run(store.create(s))
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    try:
+        after = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+        assert run(store.write(s, after)) == WriteResult.APPLIED
+        assert len(statements) == 1 and statements[0].startswith("UPDATE sessions")
+        statements.clear()
+        expired = [AuditEvent(T0 + 9, ev.EXPIRED, ev.SUCCESS, s.user, s.key, None, None, None, "idle")]
+        assert run(store.write(after, end(after, "idle", T0 + 9), expired)) == WriteResult.APPLIED
+        assert [x.split()[0] for x in statements] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
+    finally:
+        store.db.set_trace_callback(None)
+        run(store.close())
+
+
 # --------------------------------------------------------------- schema
 
 
@@ -358,6 +407,7 @@ def test_schema_1_file_gains_the_stats_column_and_keeps_its_sessions(tmp_path: P
     run(store.close())
     raw = sqlite3.connect(path, isolation_level=None)
     raw.execute("ALTER TABLE sessions DROP COLUMN stats")  # as schema 1 wrote it
+    raw.execute("ALTER TABLE sessions DROP COLUMN device")
     raw.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
     raw.close()
     store = SqliteStore(path, clock)
@@ -374,6 +424,32 @@ def test_schema_1_file_gains_the_stats_column_and_keeps_its_sessions(tmp_path: P
     store = SqliteStore(path, clock)
     try:
         assert run(store.read(s.key))[0].stats == after.stats
+    finally:
+        run(store.close())
+
+
+def test_schema_2_file_gains_the_device_column_and_keeps_its_sessions(tmp_path: Path) -> None:
+    """A database from before device labels opens; its sessions read "not known", new ones keep theirs."""
+    path = tmp_path / "x.db"
+    old = make_session(1)
+    store = SqliteStore(path, clock)
+    run(store.create(old))
+    run(store.close())
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("ALTER TABLE sessions DROP COLUMN device")  # as schema 2 wrote it
+    raw.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    raw.close()
+    new = make_session(2).with_(device="Firefox on Android")
+    store = SqliteStore(path, clock)
+    try:
+        assert run(store.read(old.key))[0] == old and old.device is None
+        run(store.create(new))
+    finally:
+        run(store.close())
+    store = SqliteStore(path, clock)
+    try:
+        assert run(store.read(new.key))[0].device == "Firefox on Android"
+        assert store.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
     finally:
         run(store.close())
 

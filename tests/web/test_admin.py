@@ -125,6 +125,28 @@ def test_self_service_lists_own_sessions_and_ends_the_others(tmp_path: Path):
     run(main())
 
 
+FIREFOX_ANDROID = "Mozilla/5.0 (Android 14; Mobile; rv:125.0) Gecko/125.0 Firefox/125.0"
+
+
+def test_sessions_show_the_device_signed_in_from_never_the_header(tmp_path: Path):
+    """ASVS 5.0 7.5.2 names the device: a label from the User-Agent at sign-in, on both pages."""
+    async def main():
+        async with harness(tmp_path) as h:
+            h.client.headers["user-agent"] = FIREFOX_ANDROID
+            phone = await h.sid()
+            h.client.headers["user-agent"] = "curl/8.5.0"
+            here = await h.sid()
+            assert (await h.rt.store.read(h.rt.gate.key_of(phone)))[0].device == "Firefox on Android"
+            page = await h.client.get("/_lapse/sessions", headers=_cookie(here))
+            assert page.status_code == 200
+            assert re.search(r"<td>curl</td>", page.text) and "<td>Firefox on Android</td>" in page.text
+            assert "Gecko" not in page.text and "rv:125" not in page.text
+            admin = await h.client.get("/_lapse/admin", headers=_cookie(await _admin(h)))
+            assert admin.status_code == 200 and "<td>Firefox on Android</td>" in admin.text
+
+    run(main())
+
+
 def test_admin_charts_png(tmp_path: Path):
     async def main():
         async with harness(tmp_path) as h:

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from ..core.events import AuditEvent
+from ..store.base import SessionStore
 from .sinks import JsonlSink, QueuedSink, Sink, StoreSink, StreamSink, SyslogSink, open_sink
 
 
@@ -14,12 +15,19 @@ class AuditLog:
         self.sinks = tuple(sinks)
         self.counts: Counter[tuple[str, str]] = Counter()  # (event, reason) -> how many: the metrics read it
 
-    async def emit(self, events: Sequence[AuditEvent]) -> None:
+    async def emit(self, events: Sequence[AuditEvent], *, stored_in: SessionStore | None = None) -> None:
+        """To every sink; ``stored_in``: that store already holds these events (written with the state change,
+        ``SessionStore.write``), so its ``store`` sink skips them."""
         if events:
             for e in events:
                 self.counts[(e.event, e.reason or "")] += 1
             for sink in self.sinks:
-                await sink.write(events)
+                if stored_in is None or not (isinstance(sink, StoreSink) and sink.store is stored_in):
+                    await sink.write(events)
+
+    def writes_to(self, store: SessionStore) -> bool:
+        """Whether a ``store`` sink appends to this store (then its writes carry their events)."""
+        return any(isinstance(sink, StoreSink) and sink.store is store for sink in self.sinks)
 
     def dropped(self) -> dict[str, int]:
         """Events each queued sink dropped (``lapse_audit_dropped_total``)."""

@@ -4,12 +4,12 @@ Every sink receives the same JSON objects. What holds, sink by sink (issue 8):
 
 - ``store`` and ``jsonl``: written inline, before the request is answered. A
   sink that cannot write raises, and the caller fails closed (503): an event
-  is never lost quietly. The ``store`` sink is NOT in the same transaction as
-  the session write: the write commits first, then its events are appended
-  (one transaction per batch). A crash between the two loses those events;
-  for an end, the session stays ended and its event is missing (the sweeper
-  never re-announces an ended record). Closing that gap needs the port's
-  ``write`` to take the events (a later change to every adapter).
+  is never lost quietly. The events of a session change (sign-in, every end)
+  do not pass through ``StoreSink``: ``Gate`` hands them to the store's
+  ``create``/``write``, which stores them in the same atomic step as the
+  change (on a Redis Cluster right after it; docs/audit.md), and
+  ``AuditLog.emit(..., stored_in=store)`` skips this sink for them. Other
+  events are appended here, one transaction per batch.
 - ``stdout`` and ``syslog`` (slow or remote readers): behind a bounded queue
   (``QueuedSink``), written by a background task, so a stalled reader never
   stalls a request. When the queue is full the event is dropped, and every

@@ -153,13 +153,15 @@ def sign_in(
     groups: tuple[str, ...] = (),
     login: str | None = None,
     step_up: bool = False,
+    device: str | None = None,
 ) -> Decision:
     """A new session. ``auth_time`` may be earlier than now (an IdP's), never later.
 
     ``login`` names the request that authenticated (``"POST /_lapse/login"``): the
     successful ``auth.login`` is then recorded with the new session's hash, before
     its ``session.created``. ``step_up``: this sign-in re-authenticated a live
-    session of the same user (``session.step_up`` follows).
+    session of the same user (``session.step_up`` follows). ``device``: a label
+    from ``core.device``, kept with the session for its user to recognise it.
     """
     auth = now if auth_time is None else min(auth_time, now)
     session = Session(
@@ -173,6 +175,7 @@ def sign_in(
         ip=ip,
         mfa=mfa,
         groups=groups,
+        device=device,
     )
     events = (AuditEvent(now, ev.CREATED, ev.SUCCESS, user, key, limits.app, ip),)
     if login is not None:

@@ -73,6 +73,7 @@ class Session(NamedTuple):
     ended_at: float | None = None
     end_reason: str | None = None
     stats: Activity | None = None  # gaps, hours and path of activity writes (core.activity); None: none yet
+    device: str | None = None  # a short label set at sign-in (core.device), never the raw User-Agent
 
     @property
     def handle(self) -> str:

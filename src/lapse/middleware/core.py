@@ -39,6 +39,7 @@ from urllib.parse import parse_qs, quote
 
 from ..config import LoadedConfig, load_config
 from ..core.decide import Reason
+from ..core.device import from_user_agent
 from ..core.policy import glob_regex
 from ..enforce import Verdict, run_sweeper
 from ..runtime import Runtime, open_runtime
@@ -204,7 +205,7 @@ class Enforcer:
         """Alongside: open a lapse session for the framework's signed-in ``user``; its new ID."""
         sid, _ = await self.rt.gate.sign_in(
             user, host=self.host(facts), path=facts.path, ip=self.client_ip(facts),
-            replaces=replaces if valid_id(replaces) else None,
+            replaces=replaces if valid_id(replaces) else None, device=from_user_agent(facts.headers.get("user-agent")),
         )
         return sid
 

@@ -32,6 +32,7 @@ import struct
 from collections.abc import Callable
 
 from ..config import Config, Postgres, parse_listen, postgres_host
+from ..core.device import from_application_name
 from ..enforce import Gate
 from ..monitor import Connections, Facts, Monitor
 from ..store.base import StoreUnavailable
@@ -127,10 +128,11 @@ class PostgresGateway:
         """Relay PostgreSQL's authentication; at AuthenticationOk sign in and judge. (monitor, session ID) or None."""
         user = params.get("user", "")
         database = params.get("database") or user
+        device = from_application_name(params.get("application_name"))
         opened: tuple[Monitor, str] | None = None
         signed: list[Monitor] = []
         try:
-            opened = await self._exchange(server, client, writer, up_writer, user, database, ip, signed)
+            opened = await self._exchange(server, client, writer, up_writer, user, database, device, ip, signed)
         finally:
             if opened is None and signed:  # signed in, then the server refused after all (no such database)
                 signed[0].close()
@@ -138,7 +140,7 @@ class PostgresGateway:
         return opened
 
     async def _exchange(self, server: _Messages, client: _Messages, writer: asyncio.StreamWriter,
-                        up_writer: asyncio.StreamWriter, user: str, database: str,
+                        up_writer: asyncio.StreamWriter, user: str, database: str, device: str,
                         ip: str | None, signed: list[Monitor]) -> tuple[Monitor, str] | None:
         monitor: Monitor | None = None
         sid = ""
@@ -148,7 +150,7 @@ class PostgresGateway:
             if kind == ord("R") and len(message) >= 9:
                 (code,) = struct.unpack_from("!I", message, 5)
                 if code == 0:
-                    opened = await self._sign_in(user, database, ip)
+                    opened = await self._sign_in(user, database, device, ip)
                     if isinstance(opened, str):
                         await _say(writer, pg.error(f"lapse: access refused ({opened})", pg.SQLSTATE_DENIED))
                         up_writer.write(pg.TERMINATE)
@@ -168,11 +170,11 @@ class PostgresGateway:
             if kind == pg.READY:
                 return (monitor, sid) if monitor is not None else None
 
-    async def _sign_in(self, user: str, database: str, ip: str | None) -> tuple[Monitor, str] | str:
+    async def _sign_in(self, user: str, database: str, device: str, ip: str | None) -> tuple[Monitor, str] | str:
         gate = self.gate()
         path = "/" + database
         resource = f"CONNECT {path}"
-        sid, _ = await gate.sign_in(user, host=self.host, path=path, ip=ip, login=resource)
+        sid, _ = await gate.sign_in(user, host=self.host, path=path, ip=ip, login=resource, device=device)
         verdict = await gate.check(host=self.host, path=path, method="CONNECT", ip=ip, session_id=sid)
         d = verdict.decision
         if not d.allowed:

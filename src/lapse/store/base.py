@@ -108,6 +108,14 @@ class SessionStore(Protocol):
     (``core.activity.Activity``: store it with the record; ``core.activity.pack``
     / ``unpack`` give a compact bytes form; a forward-only write carries the
     writer's ``stats`` exactly when it carries its activity, see ``merge``).
+
+    Audit with the state change (issue 8, the ``store`` sink): ``create`` and
+    ``write`` take the change's audit ``events`` (default: none) and append
+    them to this store's audit exactly when the change is stored (``write``:
+    when it returns APPLIED), in the same atomic step, so a crash cannot keep
+    an end and lose its event. The one exception is a Redis Cluster, where the
+    stream and the session live in different slots: there the events follow
+    the write (docs/audit.md). Writes without events cost what they did.
     """
 
     async def now(self) -> float:
@@ -116,11 +124,11 @@ class SessionStore(Protocol):
     async def read(self, key: str) -> tuple[Session | None, float]:
         """The record stored under ``key`` (ended ones included) and the store's clock, in one round trip."""
 
-    async def create(self, session: Session) -> None:
-        """Store a new session (a fresh key: never an upsert over an existing one)."""
+    async def create(self, session: Session, events: Sequence[AuditEvent] = ()) -> None:
+        """Store a new session (a fresh key: never an upsert over an existing one), and its ``events``."""
 
-    async def write(self, before: Session, after: Session) -> WriteResult:
-        """Write back ``decide()``'s answer atomically.
+    async def write(self, before: Session, after: Session, events: Sequence[AuditEvent] = ()) -> WriteResult:
+        """Write back ``decide()``'s answer atomically, with its ``events`` when it is APPLIED.
 
         If ``after`` ends the session, the end is recorded only if the stored
         record has not ended and its clocks are still those of ``before``

@@ -31,15 +31,17 @@ class MemoryStore:
     async def read(self, key: str) -> tuple[Session | None, float]:
         return self._sessions.get(key), self._clock()
 
-    async def create(self, session: Session) -> None:
+    async def create(self, session: Session, events: Sequence[AuditEvent] = ()) -> None:
         if session.key in self._sessions:
             raise SessionExists("session key already exists")
         self._sessions[session.key] = session
+        self._audit.extend(events)  # no await in between: one atomic step on the event loop
 
-    async def write(self, before: Session, after: Session) -> WriteResult:
+    async def write(self, before: Session, after: Session, events: Sequence[AuditEvent] = ()) -> WriteResult:
         result, record = apply_write(self._sessions.get(before.key), before, after)
         if record is not None:
             self._sessions[before.key] = record
+            self._audit.extend(events)
             if record.ended:
                 self._watchers.notify((before.key,))
         return result

@@ -202,7 +202,15 @@ class RedisStore:
         now = self._clock() if self._clock is not None else int(sec) + int(usec) / 1_000_000
         return (None if blob is None else self._decode(key, blob)), now
 
-    async def create(self, session: Session) -> None:
+    def _with_audit(self, keys: tuple[bytes, ...], args: tuple[Any, ...], events: Sequence[AuditEvent]
+                    ) -> tuple[tuple[bytes, ...], tuple[Any, ...]]:
+        """The script's keys and arguments with the audit stream and ``events``, where one script may
+        touch both (not on a Cluster: the stream's slot is not the session's; ``write`` appends after)."""
+        if not events or self.target.kind == "cluster":
+            return keys, args
+        return (*keys, self._audit), (*args, self.target.audit_maxlen, *_audit_fields(events))
+
+    async def create(self, session: Session, events: Sequence[AuditEvent] = ()) -> None:
         member = pack_member(session.key)
         blob = pack(session)
         ended = session.ended_at is not None
@@ -211,15 +219,24 @@ class RedisStore:
             # The user's index first: a crash in between leaves an index entry without a record
             # (skipped and cleaned later), never a session that revoking the user would miss.
             await self._r.sadd(self._user_key(session.user), member)
-            created = await self._eval(
-                lua.CREATE, session_keys(self._prefix, member), (blob, member, int(ended), at, SAFETY, ENDED_KEEP)
+            keys, args = self._with_audit(
+                session_keys(self._prefix, member), (blob, member, int(ended), at, SAFETY, ENDED_KEEP), events
             )
+            created = await self._eval(lua.CREATE, keys, args)
         except (RedisError, OSError) as exc:
             raise self._unavailable("create", exc) from exc
         if not created:
             raise SessionExists("session key already exists")
+        if events and self.target.kind == "cluster":
+            await self.append_audit(events)  # not atomic with the record: docs/audit.md
 
-    async def write(self, before: Session, after: Session) -> WriteResult:
+    async def write(self, before: Session, after: Session, events: Sequence[AuditEvent] = ()) -> WriteResult:
+        result = await self._write(before, after, events)
+        if events and result is WriteResult.APPLIED and self.target.kind == "cluster":
+            await self.append_audit(events)  # not atomic with the write: docs/audit.md
+        return result
+
+    async def _write(self, before: Session, after: Session, events: Sequence[AuditEvent]) -> WriteResult:
         member = pack_member(before.key)
         keys = session_keys(self._prefix, member)
         # First guess: the record is still ``before`` (the caller has just read it). The swap checks it.
@@ -242,10 +259,10 @@ class RedisStore:
                         change, at = "due", score(record.expires_at)
                     else:
                         change, at = "", ""
-                    reply = await self._eval(
-                        lua.WRITE, keys,
-                        (expected, pack(record), member, change, at, SAFETY, ENDED_KEEP, self._ended_channel),
-                    )
+                    reply = await self._eval(lua.WRITE, *self._with_audit(
+                        keys, (expected, pack(record), member, change, at, SAFETY, ENDED_KEEP, self._ended_channel),
+                        events,
+                    ))
                     if reply[0] == 1:
                         return result
                     expected = reply[1] if len(reply) > 1 else None
@@ -355,10 +372,10 @@ class RedisStore:
 
     async def append_audit(self, events: Sequence[AuditEvent]) -> None:
         cap = self.target.audit_maxlen
+        fields = _audit_fields(events)
         await self._pipeline("append_audit", (
-            ("XADD", self._audit, "MAXLEN", "~", cap, "*", "ts", repr(e.ts),
-             "e", json.dumps(e.to_dict(), separators=(",", ":")))
-            for e in events
+            ("XADD", self._audit, "MAXLEN", "~", cap, "*", "ts", ts, "e", event)
+            for ts, event in zip(fields[::2], fields[1::2])
         ))
 
     async def tail_audit(self, n: int) -> list[AuditEvent]:
@@ -546,6 +563,11 @@ class RedisStore:
 
 
 _SCRIPTS = (lua.READ, lua.CREATE, lua.WRITE, lua.FAILURES, lua.PURGE_AUDIT, lua.FIRST_USE)
+
+
+def _audit_fields(events: Sequence[AuditEvent]) -> list[str]:
+    """ts, event JSON, ts, event JSON, ...: one stream entry per event (``ts`` exact, for search and purge)."""
+    return [x for e in events for x in (repr(e.ts), json.dumps(e.to_dict(), separators=(",", ":")))]
 
 
 def _user_json(user: User) -> str:

@@ -11,7 +11,11 @@ Layout (little-endian): a version byte, flags (mfa, ended), the number of
 staircase steps, five float64 (auth_time, created_at, last_seen_at,
 expires_at, ended_at or 0), the staircase as float64 pairs, then four
 length-prefixed UTF-8 strings: user, ip, end_reason, groups (joined by
-U+001F, as in SQLite). ``None`` strings are a length of 0xFFFF.
+U+001F, as in SQLite), and in version 2 a fifth, the device label; then the
+activity statistics, once a write has made some. ``None`` strings are a
+length of 0xFFFF. A session without a device is still written as version 1,
+so during a rolling upgrade older replicas read every session they could read
+before; only sessions signed in with a device need the newer reader.
 
 Keys. A session lives under ``PREFIX{NN}s<member>``, where ``{NN}`` is a hash
 tag naming one of ``SHARDS`` shards (from the session key) and ``member`` is
@@ -33,7 +37,7 @@ from functools import lru_cache
 from ..core import activity as activity_stats
 from ..core.session import Session, Staircase
 
-VERSION = 1
+VERSION = 2  # the newest record version this code reads and writes (1 is still read, and written without device)
 SHARDS = 64  # fixed: every replica must agree; more shards spread a Cluster's indexes over more slots
 GROUP_SEP = "\x1f"
 _NONE = 0xFFFF
@@ -112,13 +116,15 @@ def pack(s: Session) -> bytes:
             raise ValueError(f"group name {group!r} contains a control character (U+001F)")
     flags = (_MFA if s.mfa else 0) | (_ENDED if s.ended_at is not None else 0)
     head = _HEAD.pack(
-        VERSION, flags, len(s.activity),
+        1 if s.device is None else VERSION, flags, len(s.activity),
         _finite_or_inf(s.auth_time), _finite_or_inf(s.created_at), _finite_or_inf(s.last_seen_at),
         _finite_or_inf(s.expires_at), 0.0 if s.ended_at is None else _finite_or_inf(s.ended_at),
     )
     steps = _pairs(len(s.activity)).pack(*(x for step in s.activity for x in step))
     groups = GROUP_SEP.join(s.groups) if s.groups else None
     record = head + steps + _text(s.user) + _text(s.ip) + _text(s.end_reason) + _text(groups)
+    if s.device is not None:
+        record += _text(s.device)
     stats = activity_stats.pack(s.stats)
     return record if stats is None else record + _LEN.pack(len(stats)) + stats  # absent until the first write
 
@@ -132,14 +138,14 @@ def unpack(key: str, blob: bytes) -> Session:
 
 def _unpack(key: str, blob: bytes) -> Session:
     version, flags, n, auth, created, seen, expires, ended_at = _HEAD.unpack_from(blob)
-    if version != VERSION:
-        raise ValueError(f"record version {version}, this lapse reads {VERSION}")
+    if not 1 <= version <= VERSION:
+        raise ValueError(f"record version {version}, this lapse reads 1 to {VERSION}")
     at = _HEAD.size
     flat = _pairs(n).unpack_from(blob, at)
     at += 16 * n
     activity: Staircase = tuple(zip(flat[::2], flat[1::2]))
     strings: list[str | None] = []
-    for _ in range(4):
+    for _ in range(4 if version == 1 else 5):
         (length,) = _LEN.unpack_from(blob, at)
         at += 2
         if length == _NONE:
@@ -155,7 +161,7 @@ def _unpack(key: str, blob: bytes) -> Session:
         at += length
     if at != len(blob):
         raise ValueError("trailing bytes")
-    user, ip, reason, groups = strings
+    user, ip, reason, groups, device = strings if version > 1 else (*strings, None)
     return Session(
         key=key,
         user=user or "",
@@ -170,6 +176,7 @@ def _unpack(key: str, blob: bytes) -> Session:
         ended_at=ended_at if flags & _ENDED else None,
         end_reason=reason,
         stats=stats,
+        device=device,
     )
 
 

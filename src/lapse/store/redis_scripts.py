@@ -11,7 +11,10 @@ record *is* the forward merge of the stored one, and ``WRITE`` itself refuses
 to touch a record that has ended, whatever it is asked.
 
 Every script names all its keys in KEYS, and they share one hash tag (see
-``redis_codec``): they run unchanged on a Cluster.
+``redis_codec``): they run unchanged on a Cluster. The one exception is the
+audit stream that ``CREATE`` and ``WRITE`` may be given as KEYS[4], with the
+change's events: it has no hash tag, so the store passes it only where all
+keys are one server's (standalone, Sentinel; see ``RedisStore.write``).
 """
 
 from __future__ import annotations
@@ -35,10 +38,22 @@ local function keep(key, expires, safety)
 end
 """
 
-# KEYS: record, due index, ended index. ARGV: record, member, ended ('1'/'0'), score, safety ms, ended keep ms.
-# Never an upsert: an existing record (an ended one included) is left alone and 0 returned.
-CREATE = _KEEP + """
+# The change's audit events, appended before anything else is written: a stream that refuses them (wrong
+# type, out of memory) stops the script with nothing written, and once they are in, the rest cannot fail.
+_AUDIT = """
+local function audit(first)
+  for i = first + 1, #ARGV, 2 do
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[first], '*', 'ts', ARGV[i], 'e', ARGV[i + 1])
+  end
+end
+"""
+
+# KEYS: record, due index, ended index[, audit stream]. ARGV: record, member, ended ('1'/'0'), score, safety ms,
+# ended keep ms[, audit cap, then (ts, event JSON) per event]. Never an upsert: an existing record (an ended one
+# included) is left alone and 0 returned.
+CREATE = _KEEP + _AUDIT + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+audit(7)
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[3] == '1' then
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
@@ -50,13 +65,15 @@ end
 return 1
 """
 
-# KEYS: record, due index, ended index.
-# ARGV: expected record, new record, member, index change ('' | 'due' | 'end'), score, safety ms, ended keep ms.
+# KEYS: record, due index, ended index[, audit stream].
+# ARGV: expected record, new record, member, index change ('' | 'due' | 'end'), score, safety ms, ended keep ms,
+# ended channel[, audit cap, then (ts, event JSON) per event].
 # {1}: written. {0, current record or nil}: not written (it changed, is gone, or has ended).
-WRITE = _KEEP + """
+WRITE = _KEEP + _AUDIT + """
 local cur = redis.call('GET', KEYS[1])
 if cur ~= ARGV[1] then return {0, cur} end
 if math.floor(string.byte(cur, 2) / 2) % 2 == 1 then return {0, cur} end  -- ended: never touched again
+audit(9)
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 local change = ARGV[4]
 if change == 'end' then

@@ -24,7 +24,11 @@ stored staircase is ``before``'s, so the merged staircase can be computed
 here, and the other clocks are merged forward by SQL (``max``) against the
 stored row; the row written is exactly ``apply_write``'s. Only when it touches
 no row (the clocks moved, the session ended or is gone) does ``write`` fall
-back to ``BEGIN IMMEDIATE``, read, ``apply_write``, write, commit.
+back to ``BEGIN IMMEDIATE``, read, ``apply_write``, write, commit. A write
+that carries audit events (an end: the ``store`` sink) runs the same UPDATE
+(or that fallback) and the audit INSERT in one short transaction instead, so
+the end and its event commit together; requests that are allowed carry none
+and keep the one-statement path.
 
 Off the request path. SQLite's automatic WAL checkpoint runs inside whichever
 commit crosses its threshold and waits for the disk to sync; here it is off on
@@ -69,7 +73,7 @@ from .watch import Callback, Watchers
 
 log = logging.getLogger("lapse.store")
 
-SCHEMA_VERSION = 2  # 2: sessions.stats (activity statistics, issue 8)
+SCHEMA_VERSION = 3  # 2: sessions.stats (activity statistics, issue 8); 3: sessions.device
 GROUP_SEP = "\x1f"  # ASCII unit separator: never part of a sane group name
 PURGE_BATCH = 1000
 CHECKPOINT_EVERY = 1.0  # seconds between background WAL checkpoints
@@ -98,7 +102,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     groups       TEXT,                  -- NULL: none, else joined by U+001F
     ended_at     REAL,
     end_reason   TEXT,
-    stats        BLOB                   -- core.activity.pack: NULL until the first activity write
+    stats        BLOB,                  -- core.activity.pack: NULL until the first activity write
+    device       TEXT                   -- core.device label (at most 40 characters), NULL: not known
 ) WITHOUT ROWID;
 
 CREATE INDEX IF NOT EXISTS sessions_due   ON sessions (expires_at) WHERE ended_at IS NULL;
@@ -153,15 +158,15 @@ _LINK_COLUMNS = "session, issuer, subject, sid, id_token, refresh_token, admin, 
 
 _COLUMNS = (
     "key, user, auth_time, created_at, activity, last_seen_at, expires_at, ip, mfa, groups, ended_at, end_reason, "
-    "stats"
+    "stats, device"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM sessions"
 _SELECT_ONE = _SELECT + " WHERE key = ?"
 _ENDED_SINCE = "SELECT key FROM sessions WHERE ended_at IS NOT NULL AND ended_at >= ?"  # the sessions_ended index
-_INSERT = f"INSERT INTO sessions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT = f"INSERT INTO sessions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _REWRITE = (
     "UPDATE sessions SET user = ?, auth_time = ?, created_at = ?, activity = ?, last_seen_at = ?, "
-    "expires_at = ?, ip = ?, mfa = ?, groups = ?, ended_at = ?, end_reason = ?, stats = ? WHERE key = ?"
+    "expires_at = ?, ip = ?, mfa = ?, groups = ?, ended_at = ?, end_reason = ?, stats = ?, device = ? WHERE key = ?"
 )
 _GUARD = "WHERE key = :key AND ended_at IS NULL AND activity = :before_activity AND auth_time = :before_auth"
 # apply_write when stored.activity == before.activity (the guard): SET expressions see the row before the update.
@@ -178,6 +183,7 @@ _MERGE_FORWARD_DEADLINE_STATS = _MERGE_FORWARD_DEADLINE.replace(
 )
 # apply_write's end: the stored record as it is, with the end recorded.
 _END = "UPDATE sessions SET ended_at = :ended_at, end_reason = :end_reason " + _GUARD
+_INSERT_AUDIT = "INSERT INTO audit (ts, event) VALUES (?, ?)"
 
 _HEX = re.compile(r"(?:[0-9a-f]{2})+")
 
@@ -240,6 +246,7 @@ def _row(s: Session) -> tuple[Any, ...]:
         s.ended_at,
         s.end_reason,
         stats_codec.pack(s.stats),
+        s.device,
     )
 
 
@@ -251,7 +258,7 @@ def _session(row: tuple[Any, ...]) -> Session:
 
 
 def _decode(row: tuple[Any, ...]) -> Session:
-    key, user, auth, created, activity, seen, expires, ip, mfa, groups, ended_at, reason, stats = row
+    key, user, auth, created, activity, seen, expires, ip, mfa, groups, ended_at, reason, stats, device = row
     return Session(
         key=_unpack_key(key),
         user=user,
@@ -266,6 +273,7 @@ def _decode(row: tuple[Any, ...]) -> Session:
         ended_at=ended_at,
         end_reason=reason,
         stats=stats_codec.unpack(stats),
+        device=device,
     )
 
 
@@ -333,6 +341,8 @@ class SqliteStore:
             columns = {r[1] for r in db.execute("PRAGMA table_info(sessions)")}
             if "stats" not in columns:  # schema 1 -> 2: a NULL column, no rewrite of existing rows
                 db.execute("ALTER TABLE sessions ADD COLUMN stats BLOB")
+            if "device" not in columns:  # 2 -> 3: the same (sessions from before read "not known")
+                db.execute("ALTER TABLE sessions ADD COLUMN device TEXT")
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             db.execute("COMMIT")
         except BaseException:
@@ -401,53 +411,65 @@ class SqliteStore:
         self._cache[session.key] = session
         return session
 
-    async def create(self, session: Session) -> None:
+    async def create(self, session: Session, events: Sequence[AuditEvent] = ()) -> None:
         for x in (session.auth_time, session.created_at, session.last_seen_at, session.expires_at):
             _float(x)
         row = _row(session)
         with self._errors("create"):
+            db = self.db
+            if events:  # the session and its events (session.created), in one transaction
+                db.execute("BEGIN IMMEDIATE")
             try:
-                self.db.execute(_INSERT, row)
-            except sqlite3.IntegrityError as exc:
-                raise SessionExists("session key already exists") from exc
+                try:
+                    db.execute(_INSERT, row)
+                except sqlite3.IntegrityError as exc:
+                    raise SessionExists("session key already exists") from exc
+                if events:
+                    db.executemany(_INSERT_AUDIT, _audit_rows(events))
+                    db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
             self._changed()
         self._remember(session)
 
-    async def write(self, before: Session, after: Session) -> WriteResult:
-        result = self._write(before, after)
+    async def write(self, before: Session, after: Session, events: Sequence[AuditEvent] = ()) -> WriteResult:
+        result = self._write_audited(before, after, events) if events else self._write(before, after)
         if after.ended and result is WriteResult.APPLIED and self._watchers:
             self._watchers.notify((before.key,))  # this process's own ends: at once
         return result
 
-    def _write(self, before: Session, after: Session) -> WriteResult:
+    def _guarded_update(self, before: Session, after: Session) -> sqlite3.Cursor:
+        """``apply_write`` as ONE statement, guarded by ``before``'s clocks: it touches no row if they moved."""
         guard = {
             "key": _pack_key(before.key),
             "before_activity": _pack_activity(before.activity),
             "before_auth": before.auth_time,
         }
+        if after.ended:
+            ended = {"ended_at": _float(after.ended_at), "end_reason": after.end_reason}  # type: ignore[arg-type]
+            return self.db.execute(_END, {**guard, **ended})
+        guard["activity"] = (
+            guard["before_activity"]
+            if after.activity == before.activity
+            else _pack_activity(merge_activity(before.activity, after.activity))
+        )
+        guard["last_seen_at"] = _float(after.last_seen_at)
+        guard["ip"] = after.ip
+        guard["end_reason"] = after.end_reason
+        # merge(): statistics go with the newer activity (stored == before's here, by the guard).
+        moved = after.stats is not before.stats and after.last_active_at > before.last_active_at
+        if moved:
+            guard["stats"] = stats_codec.pack(after.stats)
+        if after.expires_at == before.expires_at:
+            return self.db.execute(_MERGE_FORWARD_STATS if moved else _MERGE_FORWARD, guard)
+        guard["expires_at"] = _float(after.expires_at)
+        return self.db.execute(_MERGE_FORWARD_DEADLINE_STATS if moved else _MERGE_FORWARD_DEADLINE, guard)
+
+    def _write(self, before: Session, after: Session) -> WriteResult:
+        """No events: the fast path is the guarded UPDATE alone, in autocommit."""
         try:  # inline, not _errors(): this is the hot path
-            if after.ended:
-                ended = {"ended_at": _float(after.ended_at), "end_reason": after.end_reason}  # type: ignore[arg-type]
-                cur = self.db.execute(_END, {**guard, **ended})
-            else:
-                guard["activity"] = (
-                    guard["before_activity"]
-                    if after.activity == before.activity
-                    else _pack_activity(merge_activity(before.activity, after.activity))
-                )
-                guard["last_seen_at"] = _float(after.last_seen_at)
-                guard["ip"] = after.ip
-                guard["end_reason"] = after.end_reason
-                # merge(): statistics go with the newer activity (stored == before's here, by the guard).
-                moved = after.stats is not before.stats and after.last_active_at > before.last_active_at
-                if moved:
-                    guard["stats"] = stats_codec.pack(after.stats)
-                if after.expires_at == before.expires_at:
-                    cur = self.db.execute(_MERGE_FORWARD_STATS if moved else _MERGE_FORWARD, guard)
-                else:
-                    guard["expires_at"] = _float(after.expires_at)
-                    cur = self.db.execute(_MERGE_FORWARD_DEADLINE_STATS if moved else _MERGE_FORWARD_DEADLINE, guard)
-            if cur.rowcount == 1:
+            if self._guarded_update(before, after).rowcount == 1:
                 cached = self._cache.get(before.key)
                 if self._changed() and cached == before:
                     # The row was ``before`` exactly (unless another handle wrote it meanwhile;
@@ -457,7 +479,7 @@ class SqliteStore:
                     self._cache.pop(before.key, None)
                 return WriteResult.APPLIED
             self._cache.pop(before.key, None)
-            result = self._write_locked(before, after)
+            result = self._transaction(lambda: self._rewrite(before, after))
             self._changed()
             return result
         except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
@@ -465,20 +487,41 @@ class SqliteStore:
         except (sqlite3.DatabaseError, OSError) as exc:
             raise self._unavailable("write", exc) from exc
 
-    def _write_locked(self, before: Session, after: Session) -> WriteResult:
-        """The slow path: the clocks moved (or the session ended): judge against the stored record."""
+    def _write_audited(self, before: Session, after: Session, events: Sequence[AuditEvent]) -> WriteResult:
+        """With events (an end, mostly): the same UPDATE (or the slow path) and their INSERT in ONE transaction."""
+        rows = _audit_rows(events)
+
+        def body() -> WriteResult:
+            applied = self._guarded_update(before, after).rowcount == 1
+            result = WriteResult.APPLIED if applied else self._rewrite(before, after)
+            if result is WriteResult.APPLIED:
+                self.db.executemany(_INSERT_AUDIT, rows)
+            return result
+
+        self._cache.pop(before.key, None)
+        with self._errors("write"):
+            result = self._transaction(body)
+            self._changed()
+        return result
+
+    def _transaction(self, body: Callable[[], WriteResult]) -> WriteResult:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            row = db.execute(_SELECT + " WHERE key = ?", (_pack_key(before.key),)).fetchone()
-            result, record = apply_write(None if row is None else _session(row), before, after)
-            if record is not None:
-                fields = _row(record)
-                db.execute(_REWRITE, fields[1:] + fields[:1])
+            result = body()
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
             raise
+        return result
+
+    def _rewrite(self, before: Session, after: Session) -> WriteResult:
+        """The slow path, inside a transaction: the clocks moved (or the session ended): judge the stored record."""
+        row = self.db.execute(_SELECT_ONE, (_pack_key(before.key),)).fetchone()
+        result, record = apply_write(None if row is None else _session(row), before, after)
+        if record is not None:
+            fields = _row(record)
+            self.db.execute(_REWRITE, fields[1:] + fields[:1])
         return result
 
     async def due(self, now: float, limit: int) -> list[Session]:
@@ -562,14 +605,14 @@ class SqliteStore:
     # ------------------------------------------------------------- audit
 
     async def append_audit(self, events: Sequence[AuditEvent]) -> None:
-        rows = [(e.ts, json.dumps(e.to_dict(), separators=(",", ":"))) for e in events]
+        rows = _audit_rows(events)
         if not rows:
             return
         with self._errors("append_audit"):
             db = self.db
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany("INSERT INTO audit (ts, event) VALUES (?, ?)", rows)
+                db.executemany(_INSERT_AUDIT, rows)
                 db.execute("COMMIT")
             except BaseException:
                 _rollback(db)
@@ -822,6 +865,10 @@ class _Checkpointer:
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join(timeout=self._timeout + CHECKPOINT_EVERY)
+
+
+def _audit_rows(events: Sequence[AuditEvent]) -> list[tuple[float, str]]:
+    return [(e.ts, json.dumps(e.to_dict(), separators=(",", ":"))) for e in events]
 
 
 def _audit_event(ts: float, text: str) -> AuditEvent:

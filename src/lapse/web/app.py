@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..core import events as ev
 from ..core.decide import Decision, Reason
+from ..core.device import from_user_agent
 from ..core.events import AuditEvent
 from ..enforce import Gate, Verdict
 from ..identity import verify_password
@@ -411,6 +412,7 @@ class Gateway:
         sid, decision = await self.gate.sign_in(
             user.name, host=host, path=target.split("?", 1)[0], ip=ip, groups=user.groups, mfa=mfa,
             replaces=old_sid if valid_id(old_sid) else None, login=resource,
+            device=from_user_agent(headers.get("user-agent")),
         )
         return Response(b"", 303, {"Location": target, "Set-Cookie": self.cookies.session(sid),
                                    "Cache-Control": NO_STORE})

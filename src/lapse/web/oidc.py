@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from ..config import OIDC
 from ..core import events as ev
+from ..core.device import from_user_agent
 from ..core.events import AuditEvent
 from ..sso.flow import FLOW_TTL, Flow, Flows
 from ..sso.provider import Provider, ProviderError, Rejected
@@ -184,6 +185,7 @@ class OidcWeb:
             user, host=headers.get("host", ""), path=_path(flow.next), ip=ip, groups=groups,
             auth_time=claims.auth_time if claims.auth_time is not None else now, mfa=mfa,
             replaces=old_sid if valid_id(old_sid) else None, login=f"GET {CALLBACK}",
+            device=from_user_agent(headers.get("user-agent")),
         )
         assert decision.session is not None
         refresh = tokens.get("refresh_token")
