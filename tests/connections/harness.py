@@ -122,13 +122,18 @@ hosts = ["127.0.0.1"]
 """
 
 
-def open_files_at_least(n: int) -> None:
-    """Raise this process's ``RLIMIT_NOFILE`` to ``n`` if it is lower (the hard limit too: root may)."""
+def open_files_at_least(n: int) -> int:
+    """Raise this process's ``RLIMIT_NOFILE`` towards ``n``; the soft limit it now has.
+
+    The hard limit too where allowed (root with CAP_SYS_RESOURCE); otherwise up to the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= n:
-        return
-    infinite = hard == resource.RLIM_INFINITY
-    resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard if infinite or hard >= n else n))
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, max(n, hard) if hard != resource.RLIM_INFINITY else hard))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else n, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 @contextmanager
