@@ -115,10 +115,13 @@ class Monitor:
                         await self.warn(kind, deadline - now)
                     else:
                         wait = min(wait, deadline - before - now)
+            # A timer that sets the same event a push sets: one timer handle while armed. (``wait_for``
+            # would wrap the wait in a task per arming, and cancel it on every timeout.)
+            timer = asyncio.get_running_loop().call_later(max(0.0, wait), self._wake.set)
             try:
-                await asyncio.wait_for(self._wake.wait(), max(0.0, wait))
-            except TimeoutError:
-                pass
+                await self._wake.wait()
+            finally:
+                timer.cancel()
 
     def close(self) -> None:
         self.hub._forget(self)

@@ -5,6 +5,9 @@ store; the test holds a second handle on the same file, as another replica would
 from __future__ import annotations
 
 import asyncio
+import resource
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,11 +22,11 @@ from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from lapse.config import LoadedConfig, parse_config
+from lapse.config import LoadedConfig, load_config, parse_config
 from lapse.runtime import open_runtime
 from lapse.web.serve import Service
 
-from ..support import free_port
+from ..support import free_port, port_open
 
 
 async def _echo(ws: WebSocket) -> None:
@@ -119,6 +122,20 @@ hosts = ["127.0.0.1"]
 """
 
 
+def open_files_at_least(n: int) -> int:
+    """Raise this process's ``RLIMIT_NOFILE`` towards ``n``; the soft limit it now has.
+
+    The hard limit too where allowed (root with CAP_SYS_RESOURCE); otherwise up to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= n:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, max(n, hard) if hard != resource.RLIM_INFINITY else hard))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else n, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 @contextmanager
 def serve(app: Any, port: int | None = None, lifespan: str = "off") -> Iterator[str]:
     port = port or free_port()
@@ -174,3 +191,27 @@ def lapse_in_front(tmp: Path, config: str = CONFIG) -> Iterator[Lapse]:
         loaded = parse_config(config.format(port=port, upstream=f"http://{upstream}"), base_dir=tmp)
         with serve(Service(loaded, None), port, lifespan="on") as address:
             yield Lapse(loaded, address)
+
+
+@contextmanager
+def lapse_process_in_front(tmp: Path, config: str = CONFIG) -> Iterator[Lapse]:
+    """As ``lapse_in_front``, but lapse is ``lapse serve`` in a child process (uvloop, its own GIL): for the
+    soak, where client, upstream and lapse on one GIL would time the test process, not lapse."""
+    with serve(UPSTREAM) as upstream:
+        port = free_port()
+        path = tmp / "lapse.toml"
+        path.write_text(config.format(port=port, upstream=f"http://{upstream}"))
+        log = tmp / "lapse.log"
+        with log.open("wb") as out:  # a file, not a pipe nobody reads: a full pipe would block lapse's logging
+            proc = subprocess.Popen([sys.executable, "-m", "lapse", "--config", str(path), "serve"], cwd=tmp,
+                                    stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 15
+            while not port_open(port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"lapse serve did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.02)
+            yield Lapse(load_config(path), f"127.0.0.1:{port}")
+        finally:
+            proc.terminate()
+            proc.wait(10)
