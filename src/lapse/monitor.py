@@ -37,6 +37,8 @@ log = logging.getLogger("lapse.monitor")
 
 MAX_SLEEP = 30.0  # seconds a monitor sleeps at most, with or without push
 LATE = 0.01  # wake this long after a deadline: a request at the deadline is refused, so the check cuts
+SHARE = 0.05  # seconds a passive check's answer serves the other monitors of the same connection shape
+RECENT_MAX = 100_000  # connection shapes whose last answer is kept (forgotten at once when full)
 UNAVAILABLE = "unavailable"  # the reason a connection is cut with when the store cannot answer (fail closed)
 
 Warn = Callable[[str, float], Awaitable[None]]
@@ -95,7 +97,7 @@ class Monitor:
         while True:
             self._wake.clear()  # before the check: a push during it is not lost
             try:
-                verdict = await self.check(active=False)
+                verdict = await self.hub.recheck(self)
             except StoreUnavailable as exc:
                 log.error("connection monitor: store unavailable, cutting: %s", exc)
                 return UNAVAILABLE
@@ -136,6 +138,26 @@ class Connections:
         self.store = store
         self._by_key: dict[str, set[Monitor]] = {}
         self._unsubscribe: Callable[[], None] | None = None
+        self._recent: dict[Facts, tuple[float, Verdict]] = {}  # the last passive check of each connection shape
+
+    async def recheck(self, monitor: Monitor) -> Verdict:
+        """A monitor's passive check, shared by the monitors of one session that wake together.
+
+        Many connections of one session (tabs, a client's pool) share its deadline, so their
+        monitors wake in the same instant. The first asks the gate; the others, opened by the same
+        request shape, take its answer if it is at most ``SHARE`` seconds old (loop clock), instead
+        of each reading the store and auditing one more ``session.denied``: at 10,000 connections
+        that is the difference between cutting them all at the deadline and seconds after it.
+        """
+        loop_now = asyncio.get_running_loop().time()
+        seen = self._recent.get(monitor.facts)
+        if seen is not None and loop_now - seen[0] <= SHARE:
+            return seen[1]
+        verdict = await monitor.check(active=False)
+        if len(self._recent) >= RECENT_MAX:
+            self._recent.clear()
+        self._recent[monitor.facts] = (asyncio.get_running_loop().time(), verdict)
+        return verdict
 
     def __len__(self) -> int:
         return sum(len(m) for m in self._by_key.values())
@@ -157,19 +179,22 @@ class Connections:
             found.discard(monitor)
             if not found:
                 del self._by_key[monitor.key]
+                self._recent.pop(monitor.facts, None)
         if not self._by_key and self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
 
     def _woken(self, keys: frozenset[str] | None) -> None:
-        """The store says these sessions ended (None: maybe any): their monitors re-check now."""
+        """The store says these sessions ended (None: maybe any): their monitors re-check now, afresh."""
         if keys is None:
+            self._recent.clear()
             for monitors in self._by_key.values():
                 for m in monitors:
                     m.wake()
             return
         for key in keys:
             for m in self._by_key.get(key, ()):
+                self._recent.pop(m.facts, None)
                 m.wake()
 
     def wake_all(self) -> None:

@@ -56,6 +56,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
+class _QuietConnections(logging.Filter):
+    """uvicorn logs every WebSocket handshake, open and close at INFO even with the access log off;
+    at thousands of connections that would be the whole log. lapse audits the connections it cuts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        return not (msg.startswith('%s - "WebSocket %s"') or msg in ("connection open", "connection closed"))
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -65,6 +74,9 @@ def configure_logging(level: int = logging.INFO) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    quiet = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _QuietConnections) for f in quiet.filters):
+        quiet.addFilter(_QuietConnections())
 
 
 class Service:
