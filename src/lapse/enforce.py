@@ -86,14 +86,18 @@ class Gate:
         ip: str | None = None,
         passive_header: bool = False,
         session_id: str | None = None,
+        quiet_unknown: bool = False,
     ) -> Verdict:
-        """Judge one request (the path without its query string)."""
+        """Judge one request (the path without its query string). ``quiet_unknown``: a cookie the store
+        does not know is refused without its ``session.denied`` (a throttled flood: one event said it)."""
         effective = self.policy.resolve(host, path, method, ip, passive_header)
         if not session_id:
             now = await self.store.now()
             return Verdict(decide(None, Request(method, path, ip), effective, now), effective, now)
         key = self.key_of(session_id)
         session, now = await self.store.read(key)
+        if session is None and quiet_unknown:
+            return Verdict(Decision(False, Reason.UNKNOWN, None, False), effective, now)
         # The steady state: the same record (stores hand back the object they hold until it
         # changes), policy and IP as last time, before the instant decide() said it holds to.
         reuse = self._answers.get((key, id(effective)))

@@ -8,7 +8,9 @@ pure: callers pass the clock and write back the state it returns.
 
 Codes are accepted within one step (30 s) either side of now, and never twice:
 a code's step must be later than the last accepted one (RFC 6238 §5.2), so a
-code seen over a shoulder or replayed from a log is refused.
+code seen over a shoulder or replayed from a log is refused. Callers also claim
+what they spent in the store (``spent_what`` + ``first_use``), so two replicas
+checking one code at the same instant cannot both accept it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pyotp
 STEP = 30  # seconds per code (RFC 6238 default; what every authenticator app uses)
 WINDOW = 1  # steps accepted either side of now
 RECOVERY_CODES = 10
+CLAIM_KEEP = 24 * 3600.0  # seconds a spent code stays claimed in the store (``spent_what``)
 ISSUER = "lapse"
 
 
@@ -71,7 +74,7 @@ def verify(factor: Factor, code: str, now: float) -> Factor | None:
     like a recovery code against the unused ones (and that one is spent).
     """
     code = "".join(code.split())
-    if code.isdigit() and len(code) == 6:
+    if code.isascii() and code.isdigit() and len(code) == 6:
         totp = pyotp.TOTP(factor.secret, interval=STEP)
         current = int(now) // STEP
         for step in range(current - WINDOW, current + WINDOW + 1):
@@ -83,6 +86,15 @@ def verify(factor: Factor, code: str, now: float) -> Factor | None:
         if hmac.compare_digest(stored, digest):
             return replace(factor, recovery=factor.recovery[:i] + factor.recovery[i + 1 :])
     return None
+
+
+def spent_what(before: Factor, after: Factor) -> str:
+    """What ``verify`` spent going from ``before`` to ``after``: a name for claiming it once across
+    replicas (``store.first_use``), since two of them may check the same code at the same instant."""
+    if after.last_step != before.last_step:
+        return f"step:{after.last_step}"
+    used = set(before.recovery) - set(after.recovery)
+    return "recovery:" + ",".join(sorted(used))
 
 
 def _recovery_code() -> str:

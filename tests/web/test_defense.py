@@ -270,3 +270,96 @@ def test_totp_enrolment_from_the_web_needs_the_password_and_a_working_code(tmp_p
             assert (await h.login(totp=codes[0])).status_code == 303
 
     run(main())
+
+
+# ------------------------------------------- security review of 2026-11-27 (findings M3, M5, L1, L2, L6, H3)
+
+
+def test_replacing_one_time_codes_takes_a_current_code(tmp_path: Path):
+    """M5: a stolen session plus a phished password is not enough to swap the second factor."""
+
+    async def main():
+        async with harness(tmp_path) as h:
+            secret, codes = await enrol(h)
+            sid = await h.sid(totp=totp.code_at(secret, T0))
+            jar = {"cookie": f"__Host-lapse={sid}"}
+            page = await h.client.get("/_lapse/totp", headers=jar)
+            assert 'name="code"' in page.text
+            form = {"csrf_token": _csrf(page), "step": "password", "current": PASSWORD}
+            refused = await h.client.post("/_lapse/totp", data={**form, "code": "000000"}, headers=jar)
+            assert "<svg" not in refused.text and "current code" in refused.text
+            assert "<svg" in (await h.client.post("/_lapse/totp", data={**form, "code": codes[0]}, headers=jar)).text
+            again = await h.client.post("/_lapse/totp", data={**form, "code": codes[0]}, headers=jar)
+            assert "<svg" not in again.text  # that recovery code is spent
+
+    run(main())
+
+
+def test_non_ascii_digits_are_a_wrong_code_not_an_error(tmp_path: Path):
+    """L1: Arabic-Indic digits pass str.isdigit() but are no code."""
+
+    async def main():
+        async with harness(tmp_path) as h:
+            await enrol(h)
+            r = await h.login(totp="١٢٣٤٥٦")
+            assert r.status_code == 200 and "not valid" in r.text
+
+    run(main())
+
+
+def test_a_code_claimed_by_another_replica_is_refused(tmp_path: Path):
+    """L2: two replicas checking one code at the same instant: the store's claim lets only one through."""
+
+    async def main():
+        async with harness(tmp_path) as h:
+            secret, _ = await enrol(h)
+            step = int(T0) // totp.STEP
+            assert await h.rt.store.first_use(f"totp:alice:step:{step}", T0 + 60)  # the other replica won
+            r = await h.login(totp=totp.code_at(secret, T0))
+            assert r.status_code == 200 and "not valid" in r.text
+
+    run(main())
+
+
+def test_no_page_can_be_framed(tmp_path: Path):
+    """L6: sign-in and account pages refuse to be framed (clickjacking)."""
+
+    async def main():
+        async with harness(tmp_path) as h:
+            page = await h.client.get("/_lapse/login")
+            assert page.headers["x-frame-options"] == "DENY"
+            assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+
+    run(main())
+
+
+def test_a_flooding_ip_keeps_valid_sessions(tmp_path: Path):
+    """M3: throttling a flood of unknown cookies never locks out (or clears) a valid session from that IP."""
+
+    async def main():
+        async with harness(tmp_path) as h:
+            good = await h.sid()
+            for i in range(UNKNOWN_COOKIE_LIMIT + 5):
+                await h.auth(f"guess{i:040d}", x_forwarded_for="198.51.100.9")
+            r = await h.auth(good, x_forwarded_for="198.51.100.9")
+            assert r.status_code == 200 and "set-cookie" not in r.headers
+
+    run(main())
+
+
+def test_account_pages_are_not_for_single_sign_on_sessions(tmp_path: Path):
+    """H3 (rest): an IdP session named like a local user cannot reach that user's password or codes."""
+    from lapse.store.base import SsoLink
+
+    async def main():
+        async with harness(tmp_path) as h:
+            sid, _ = await h.rt.gate.sign_in("alice", host="app.test")  # as an IdP sign-in would, same name
+            key = h.rt.gate.key_of(sid)
+            await h.rt.store.put_link(SsoLink(key, "https://idp.test", "alice", None, None, None, False, T0, T0 + 3600))
+            for page in ("/_lapse/password", "/_lapse/totp"):
+                r = await h.client.get(page, headers={"cookie": f"__Host-lapse={sid}"})
+                assert r.status_code == 403 and "sign-in provider" in r.text
+            login = await h.client.get("/_lapse/login?reason=step_up", headers={"cookie": f"__Host-lapse={sid}"})
+            assert 'value="alice"' not in login.text
+
+    run(main())

@@ -123,7 +123,9 @@ async def harness(tmp_path: Path, *, mode: str = "forward-auth", upstream: str =
         app = Gateway(rt)
         transport = httpx.ASGITransport(app=app, client=(peer, 40000))
         async with httpx.AsyncClient(transport=transport, base_url="http://app.test") as client:
-            yield Harness(rt, clock, client)
+            h = Harness(rt, clock, client)
+            h.app = app  # for requests httpx would tidy up first (raw paths)
+            yield h
         if app.upstream is not None:
             await app.upstream.aclose()
 

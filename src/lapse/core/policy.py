@@ -336,7 +336,17 @@ class Policy:
                     break
         return Effective(limits, activity_rule is None, activity_rule, step_up)
 
+    def claims_host(self, host: str) -> bool:
+        """Does any app name this host (exactly or by a wildcard)?"""
+        return bool(self._candidates(host))
+
     def _match_app(self, host: str, path: str) -> _App | None:
+        for app in self._candidates(host):
+            if app.path_re is None or app.path_re.match(path):
+                return app
+        return None
+
+    def _candidates(self, host: str) -> tuple[_App, ...]:
         candidates = self._host_cache.get(host)
         if candidates is None:
             h = normalize_host(host)
@@ -346,10 +356,7 @@ class Policy:
             if len(self._host_cache) >= _CACHE_MAX:
                 self._host_cache.clear()
             self._host_cache[host] = candidates
-        for app in candidates:
-            if app.path_re is None or app.path_re.match(path):
-                return app
-        return None
+        return candidates
 
     def _match_network(self, ip: str) -> int:
         ni = self._net_cache.get(ip)

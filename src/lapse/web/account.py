@@ -47,6 +47,10 @@ class Account:
         host = (headers.get("x-forwarded-host") if trusted else None) or headers.get("host", "")
         verdict = await gw._check(host=host, path=here, method="GET", ip=ip, passive=True, sid=sid)
         d = verdict.decision
+        if d.allowed and d.session is not None and await gw.rt.store.get_link(d.session.key) is not None:
+            # Signed in through the IdP: the name is the IdP's, and so are password and second factor.
+            return gw._error(403, "Managed by your sign-in provider", "Your password and second factor are "
+                             "managed by your organisation's sign-in provider, not here.")
         user = await gw.rt.store.get_user(d.session.user) if d.allowed and d.session else None
         if not d.allowed or d.session is None or user is None or user.disabled or not valid_id(sid):
             reason = d.reason.value if d.reason else "missing"
@@ -162,7 +166,30 @@ class Account:
         if not ok:
             return self._page("totp.html", session, user, title="One-time codes", step="password",
                               message="Your password is not right.")
+        factor = totp.Factor.from_extra(user.extra)
+        if factor is not None and not await self._current_code_ok(user, factor, form.get("code", ""), ip):
+            # Replacing a factor takes the factor: a stolen session plus a phished password must not
+            # be enough to lock the owner out of their second factor and keep it for oneself.
+            return self._page("totp.html", session, user, title="One-time codes", step="password",
+                              message="To replace your one-time codes, enter a current code (or a recovery code).")
         return self._show_secret(session, user, totp.new_secret())
+
+    async def _current_code_ok(self, user: User, factor: totp.Factor, code: str, ip: str | None) -> bool:
+        """A current code or recovery code, under the same lockout as at sign-in, spent once."""
+        gw, store = self.gw, self.gw.rt.store
+        now = await store.now()
+        window, limit = gw.login_cfg.window, gw.login_cfg.max_attempts
+        key = f"totp:{user.name.lower()}"
+        if await store.failures(key, now, window) >= limit:
+            return False
+        spent = totp.verify(factor, code, now)
+        if spent is None or not await store.first_use(f"{key}:{totp.spent_what(factor, spent)}", now + totp.CLAIM_KEEP):
+            await store.failures(key, now, window, add=True)
+            await gw.rt.audit.emit([AuditEvent(now, ev.LOGIN, ev.FAILURE, user.name, None, None, ip, f"POST {TOTP}",
+                                               "bad_totp")])
+            return False
+        await store.put_user(replace(user, extra={**user.extra, "totp": spent.to_dict()}))
+        return True
 
     def _show_secret(self, session: Session, user: User, secret: str, message: str | None = None) -> Response:
         link = totp.uri(secret, user.name)

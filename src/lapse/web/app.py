@@ -26,18 +26,20 @@ from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from ..core import events as ev
-from ..core.decide import Decision, Reason
+from ..core.decide import Reason
 from ..core.device import from_user_agent
 from ..core.events import AuditEvent
+from ..core.policy import normalize_host
 from ..enforce import Gate, Verdict
 from ..identity import verify_password
 from ..monitor import Connections, Facts
 from ..runtime import Runtime
 from ..store.base import StoreUnavailable, User
-from ..totp import Factor
+from ..totp import CLAIM_KEEP, Factor, spent_what
 from ..totp import verify as verify_code
 from .account import PASSWORD, TOTP, Account
 from .forms import read_form
+from .forwarding import unsafe_path
 from .metrics import Metrics
 from .net import Trust, client_ip, header_dict, original_request
 from .proxy import Upstream
@@ -55,6 +57,8 @@ _AUTH_HEADERS = frozenset(
 )
 """The request headers forward-auth reads; the rest are never decoded."""
 LOGIN = "/_lapse/login"
+FRAMING = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+"""Every page lapse renders: none may be framed (clickjacking on sign-in, password and set-up forms)."""
 UNKNOWN_COOKIE_LIMIT = 50  # unknown session cookies from one IP per login window before it is throttled
 EVENTS_EVERY = 1.0  # seconds between an event stream's looks at its session
 KEEPALIVE = 15.0  # a comment line at least this often, so proxies keep the stream open
@@ -90,6 +94,7 @@ class Gateway:
         cfg = runtime.loaded.config
         self.trust = Trust(cfg.server.trusted_proxies)
         self.cookies = Cookies(cfg.server.effective_cookie_name, cfg.server.cookie_secure)
+        self._public_host = normalize_host(urlsplit(str(cfg.server.public_url)).netloc)
         self.csrf = Csrf(runtime.secrets.csrf_key)
         self.login_cfg = cfg.login
         self.pages = Environment(loader=PackageLoader("lapse.web"), autoescape=True)
@@ -205,17 +210,15 @@ class Gateway:
         # A cookie lapse could never have issued is judged as unknown without hashing megabytes.
         presented = sid if sid is None or valid_id(sid) else "invalid"
         started = time.perf_counter()
-        if sid is not None and self._flooding and ip in self._flooding and await self._still_flooding(ip):  # type: ignore[arg-type]
-            # A throttled IP's cookie: refused as unknown without a look-up (or an audit event each).
-            now = await self.rt.store.now()
-            effective = self.gate.policy.resolve(host, path, method, ip, passive)
-            verdict = Verdict(Decision(False, Reason.UNKNOWN, None, False), effective, now)
-        else:
-            verdict = await self.gate.check(
-                host=host, path=path, method=method, ip=ip, passive_header=passive, session_id=presented
-            )
-            if verdict.decision.reason is Reason.UNKNOWN and ip is not None:
-                await self._count_unknown(ip, verdict.now)
+        # From an IP that floods unknown cookies, each is still looked up (a user behind the same NAT
+        # keeps a valid session), but an unknown one is refused without an audit event each.
+        flooding = sid is not None and bool(self._flooding) and ip in self._flooding and await self._still_flooding(ip)  # type: ignore[arg-type]
+        verdict = await self.gate.check(
+            host=host, path=path, method=method, ip=ip, passive_header=passive, session_id=presented,
+            quiet_unknown=flooding,
+        )
+        if verdict.decision.reason is Reason.UNKNOWN and ip is not None and not flooding:
+            await self._count_unknown(ip, verdict.now)
         if self.metrics is not None:
             d = verdict.decision
             self.metrics.decided(d.allowed, d.reason.value if d.reason else None, time.perf_counter() - started)
@@ -223,7 +226,8 @@ class Gateway:
 
     async def _count_unknown(self, ip: str, now: float) -> None:
         """Unknown session cookies from one IP, counted in the store (every replica adds to one count);
-        past ``UNKNOWN_COOKIE_LIMIT`` per login window, that IP's cookies go unread for a window."""
+        past ``UNKNOWN_COOKIE_LIMIT`` per login window, that IP's unknown cookies go unaudited for a window
+        (one ``auth.throttled`` says so)."""
         window = self.login_cfg.window
         if await self.rt.store.failures(f"cookie:{ip}", now, window, add=True) < UNKNOWN_COOKIE_LIMIT:
             return
@@ -238,6 +242,17 @@ class Gateway:
             return True
         del self._flooding[ip]
         return False
+
+    def unservable(self, host: str, path: str) -> tuple[int, str] | None:
+        """Proxy mode: (status, why) for a request lapse must not judge, because the upstream could
+        serve something other than what was judged: a path that servers normalise differently
+        (400), or a Host no app claims (421: the client would choose which app's limits apply)."""
+        if unsafe_path(path):
+            return 400, "The address contains '.', '..' or empty path segments, or a backslash."
+        policy = self.gate.policy
+        if policy.spec.apps and not policy.claims_host(host) and normalize_host(host) != self._public_host:
+            return 421, "This gateway does not serve that host name."
+        return None
 
     def _verdict_headers(self, verdict: Verdict, sid: str | None) -> dict[str, str]:
         d = verdict.decision
@@ -291,16 +306,23 @@ class Gateway:
 
     async def proxy(self, request: Request) -> Response:
         assert self.upstream is not None
-        headers, _trusted, ip, sid = self._facts(request)
+        headers, trusted, ip, sid = self._facts(request)
         host = headers.get("host", "")
         path = request.scope["path"]
         passive = headers.get("x-lapse-activity", "").lower() == "passive"
         if headers.get("upgrade"):  # WebSockets come as their own scope; other upgrades are not proxied
             return JSONResponse({"error": "upgrades other than websocket are not proxied"}, 501)
+        refused = self.unservable(host, path)
+        if refused is not None:
+            status, detail = refused
+            if _wants_html(headers):
+                return self._error(status, "Request refused", detail, {"Cache-Control": NO_STORE})
+            return JSONResponse({"error": "refused", "detail": detail}, status, {"Cache-Control": NO_STORE})
         verdict = await self._check(host=host, path=path, method=request.method, ip=ip, passive=passive, sid=sid)
         d = verdict.decision
         if d.allowed and d.session is not None:
-            response = await self.upstream.forward(request, d.session, ip)
+            response = await self.upstream.forward(request, d.session, ip, peer_trusted=trusted,
+                                                   lapse_cookies=self.cookies.names)
             if sid is not None and lasting(response):  # event streams, long polls: cut at the deadline
                 guard(response, self.connections, Facts(host, path, request.method, ip, sid,  # type: ignore[arg-type]
                                                          f"{request.method} {path}"), verdict)
@@ -323,7 +345,7 @@ class Gateway:
 
     def _render(self, name: str, code: int = 200, headers: dict[str, str] | None = None, **context: Any) -> Response:
         page = self.pages.get_template(name).render(**context)
-        return HTMLResponse(page, code, {"Cache-Control": NO_STORE, **(headers or {})})
+        return HTMLResponse(page, code, {"Cache-Control": NO_STORE, **FRAMING, **(headers or {})})
 
     def _error(self, status: int, heading: str, detail: str, headers: dict[str, str] | None = None) -> Response:
         return self._render("error.html", status, headers, title=heading, status=status, heading=heading, detail=detail)
@@ -342,7 +364,8 @@ class Gateway:
         if not username and valid_id(sid):
             # Signed in and asked to confirm (step-up): the account is known, only the secrets are asked.
             session, _ = await self.rt.store.read(self.gate.key_of(sid))  # type: ignore[arg-type]
-            if session is not None and not session.ended:
+            # Not for a single-sign-on session: its name is the IdP's, and confirming it is the IdP's job.
+            if session is not None and not session.ended and await self.rt.store.get_link(session.key) is None:
                 username = session.user
         if username and not need_totp:
             user = await self.rt.store.get_user(username)
@@ -443,6 +466,10 @@ class Gateway:
         fresh = await store.get_user(user.name)
         factor = Factor.from_extra(fresh.extra) if fresh is not None else None
         spent = verify_code(factor, code, now) if factor is not None else None
+        if spent is not None and factor is not None:
+            claim = f"totp:{user.name.lower()}:{spent_what(factor, spent)}"
+            if not await store.first_use(claim, now + CLAIM_KEEP):
+                spent = None  # another replica accepted this very code a moment ago
         if spent is None or fresh is None:
             await store.failures(key, now, window, add=True)
             await audit.emit([AuditEvent(now, ev.LOGIN, ev.FAILURE, user.name, None, None, ip, resource, "bad_totp")])

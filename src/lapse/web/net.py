@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -100,7 +101,25 @@ def original_request(headers: dict[str, str], peer_trusted: bool) -> Original:
     host = headers.get("x-forwarded-host") or host
     if not uri.startswith("/"):
         uri = "/" + uri
-    return Original(method.upper(), host, uri.split("?", 1)[0], uri)
+    return Original(method.upper(), host, canonical_path(uri.split("?", 1)[0]), uri)
+
+
+def canonical_path(raw: str) -> str:
+    """The path a normalising server serves for ``raw``: percent-decoded, ``\\`` as ``/``, dot segments
+    resolved, empty segments dropped. Forward-auth judges this form: the proxy in front passes the
+    raw URI on, and ``/x/../p%61y`` must be judged as the ``/pay`` the app will serve."""
+    decoded = unquote(raw).replace("\\", "/")
+    segments: list[str] = []
+    for segment in decoded.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    tail = "/" if segments and (decoded.endswith("/") or decoded.endswith("/.") or decoded.endswith("/..")) else ""
+    return "/" + "/".join(segments) + tail
 
 
 def header_dict(raw: Iterable[tuple[bytes, bytes]], wanted: frozenset[bytes] | None = None) -> dict[str, str]:

@@ -57,7 +57,7 @@ class OidcWeb:
         self.flows = Flows(gateway.rt.secrets.derive("oidc-flow"))
         server = gateway.rt.loaded.config.server
         self.base = server.public_url.rstrip("/")
-        self.flow_cookie = ("__Host-" if server.cookie_secure else "") + "lapse-oidc"
+        self.flow_cookie = ("__Host-" if server.cookie_secure else "") + "lapse-oidc"  # in Cookies.names too
         self._attrs = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if server.cookie_secure else "")
 
     @property

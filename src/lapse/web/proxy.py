@@ -1,8 +1,8 @@
 """Proxy mode: stream an allowed request to the upstream app and its answer back.
 
-Bodies are streamed both ways, never buffered whole. Hop-by-hop headers are
-dropped; identity headers a client sends (``Remote-User``, ``Remote-Groups``)
-are replaced by lapse's own, so an app can trust them.
+Bodies are streamed both ways, never buffered whole. What the upstream is told
+(identity, client address, no hop-by-hop headers, no lapse cookies) is
+``forwarding``'s.
 """
 
 from __future__ import annotations
@@ -16,13 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..core.session import Session
-
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-     "transfer-encoding", "upgrade", "proxy-connection"}
-)
-IDENTITY = frozenset({"remote-user", "remote-groups", "x-lapse-expires-in"})
-
+from .forwarding import HOP_BY_HOP, upstream_headers
 
 WIDGET_TAG = '<script src="/_lapse/widget.js" defer{nonce}></script>'
 HEAD_LIMIT = 64 * 1024  # look this far into an HTML page for </head>; past it, pass the page on untouched
@@ -41,28 +35,23 @@ class Upstream:
             follow_redirects=False,
         )
 
-    async def forward(self, request: Request, session: Session, client_ip: str | None) -> Response:
+    async def forward(self, request: Request, session: Session, client_ip: str | None, *, peer_trusted: bool,
+                      lapse_cookies: frozenset[str]) -> Response:
+        """Stream the request on (see ``forwarding``: what the upstream is told) and its answer back.
+
+        The client's ``Host`` goes on too: one upstream serves every app of a proxy-mode config, so it
+        must route by the Host lapse judged the request for.
+        """
         scope = request.scope
-        connection_tokens = {
-            t.strip().lower() for t in request.headers.get("connection", "").split(",") if t.strip()
-        }
-        headers = [
-            (k, v)
-            for k, v in request.headers.items()
-            if k not in HOP_BY_HOP and k not in IDENTITY and k not in connection_tokens and k != "host"
-        ]
-        headers += [("remote-user", session.user), ("remote-groups", ",".join(session.groups))]
+        skip = frozenset({"accept-encoding"}) if self.inject_widget else frozenset()
+        peer = scope["client"][0] if scope.get("client") else None
+        headers = upstream_headers(
+            scope["headers"], drop=skip, session=session, client_ip=client_ip, peer=peer, peer_trusted=peer_trusted,
+            proto=scope.get("scheme", "http"), lapse_cookies=lapse_cookies,
+        )
         if self.inject_widget:
             # Pages come back uncompressed, so the script tag can go in without re-encoding them.
-            headers = [(k, v) for k, v in headers if k != "accept-encoding"] + [("accept-encoding", "identity")]
-        peer = scope["client"][0] if scope.get("client") else ""
-        forwarded_for = request.headers.get("x-forwarded-for")
-        headers = [(k, v) for k, v in headers if not k.startswith("x-forwarded-")]
-        headers += [
-            ("x-forwarded-for", f"{forwarded_for}, {peer}" if forwarded_for else (client_ip or peer)),
-            ("x-forwarded-proto", scope.get("scheme", "http")),
-            ("x-forwarded-host", request.headers.get("host", "")),
-        ]
+            headers.append(("accept-encoding", "identity"))
         query = scope.get("query_string", b"")
         path = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
         url = httpx.URL(path=path, query=query) if query else httpx.URL(path=path)

@@ -39,6 +39,8 @@ class Cookies:
         self.secure = secure
         self.csrf_name = ("__Host-" if secure else "") + "lapse-csrf"
         self._attrs = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if secure else "")
+        # Every cookie lapse sets (the OIDC flow's too): never passed on to an upstream.
+        self.names = frozenset({name, self.csrf_name, ("__Host-" if secure else "") + "lapse-oidc"})
 
     def session(self, session_id: str) -> str:
         """A session cookie: no Expires/Max-Age (the server, not the browser, ends sessions)."""

@@ -19,14 +19,16 @@ import json
 import logging
 import re
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import websockets
 from starlette.types import Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 
+from ..core.policy import normalize_host
 from ..monitor import Facts, Monitor
+from .forwarding import upstream_headers
 from .net import client_ip, header_dict
-from .proxy import HOP_BY_HOP, IDENTITY
 from .tokens import parse_cookies
 
 if TYPE_CHECKING:
@@ -36,10 +38,10 @@ log = logging.getLogger("lapse.websocket")
 
 CUT_CODE = 4401  # application range: "unauthorized" by analogy with HTTP 401
 MAX_MESSAGE = 16 * 1024 * 1024  # as uvicorn's own default for the downstream side
-_NOT_FORWARDED = HOP_BY_HOP | IDENTITY | {
+_NOT_FORWARDED = frozenset({  # the websockets client writes its own handshake (and Host, from the upstream URL)
     "host", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol",
     "sec-websocket-accept",
-}
+})
 _UNSENDABLE = {1005, 1006, 1015}  # close codes that may not be put on the wire
 
 
@@ -68,6 +70,13 @@ class WebSocketProxy:
         sid = parse_cookies(headers.get("cookie", "")).get(gw.cookies.name)
         host, path = headers.get("host", ""), scope["path"]
         passive = headers.get("x-lapse-activity", "").lower() == "passive"
+        refused = gw.unservable(host, path)
+        if refused is not None:
+            await _refuse(scope, send, refused[0], "refused")
+            return
+        if not _same_origin(headers.get("origin"), host):
+            await _refuse(scope, send, 403, "origin")  # another site's page may not use this session
+            return
         verdict = await gw._check(host=host, path=path, method="GET", ip=ip, passive=passive, sid=sid)
         d = verdict.decision
         if not d.allowed or d.session is None or sid is None:
@@ -79,7 +88,7 @@ class WebSocketProxy:
         try:
             upstream = await connect(
                 self._url(scope),
-                additional_headers=self._headers(scope, headers, d.session, ip, peer),
+                additional_headers=self._headers(scope, d.session, ip, peer),
                 subprotocols=scope.get("subprotocols") or None,
                 compression=None,
                 max_size=MAX_MESSAGE,
@@ -161,25 +170,21 @@ class WebSocketProxy:
         query = scope.get("query_string", b"")
         return self.base + path.decode("latin-1") + (("?" + query.decode("latin-1")) if query else "")
 
-    def _headers(self, scope: Scope, headers: dict[str, str], session: Any, ip: str | None,
-                 peer: str | None) -> list[tuple[str, str]]:
-        connection_tokens = {t.strip() for t in headers.get("connection", "").lower().split(",") if t.strip()}
-        out = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in scope["headers"]
-            if (name := k.decode("latin-1").lower()) not in _NOT_FORWARDED
-            and name not in connection_tokens
-            and not name.startswith("x-forwarded-")
-        ]
-        forwarded_for = headers.get("x-forwarded-for")
-        out += [
-            ("remote-user", session.user),
-            ("remote-groups", ",".join(session.groups)),
-            ("x-forwarded-for", f"{forwarded_for}, {peer}" if forwarded_for else (ip or peer or "")),
-            ("x-forwarded-proto", "wss" if scope.get("scheme") == "wss" else "ws"),
-            ("x-forwarded-host", headers.get("host", "")),
-        ]
-        return out
+    def _headers(self, scope: Scope, session: Any, ip: str | None, peer: str | None) -> list[tuple[str, str]]:
+        gw = self.gw
+        return upstream_headers(
+            scope["headers"], drop=_NOT_FORWARDED, session=session, client_ip=ip, peer=peer,
+            peer_trusted=gw.trust(peer), proto="wss" if scope.get("scheme") == "wss" else "ws",
+            lapse_cookies=gw.cookies.names,
+        )
+
+
+def _same_origin(origin: str | None, host: str) -> bool:
+    """A browser's upgrade says where the page came from; it must be this host (clients that are not
+    browsers send no Origin). SameSite=Lax keeps other sites' pages out; this keeps sibling hosts out."""
+    if origin is None:
+        return True
+    return normalize_host(urlsplit(origin).netloc) == normalize_host(host) and bool(host)
 
 
 def _compile(text: str | None) -> re.Pattern[str] | None:

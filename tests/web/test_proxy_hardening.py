@@ -1,0 +1,147 @@
+"""What proxy mode judges is what the upstream serves, and what the upstream hears is lapse's word
+(security review findings H1, H2, M1, L3, L4, L7 of 2026-11-27)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from lapse.web.forwarding import unsafe_path
+from lapse.web.net import canonical_path
+from lapse.web.websocket import _same_origin
+
+from ..support import serve_in_thread
+from .test_gateway import harness, run
+
+
+async def _headers(request: Request) -> JSONResponse:
+    return JSONResponse({"path": request.url.path, "headers": dict(request.headers)})
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with serve_in_thread(Starlette(routes=[Route("/{path:path}", _headers)])) as url:
+        yield url
+
+
+async def raw(h, path: str, *, host: str = "app.test", cookie: str = "", accept: str = "application/json") -> int:
+    """One request straight into the ASGI app, its path exactly as given (httpx would tidy it)."""
+    statuses: list[int] = []
+    headers = [(b"host", host.encode()), (b"accept", accept.encode())]
+    if cookie:
+        headers.append((b"cookie", cookie.encode()))
+    raw_path = path.encode()
+    scope = {"type": "http", "http_version": "1.1", "method": "GET", "scheme": "http", "path": unquote(path),
+             "raw_path": raw_path, "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8080)}
+
+    sent = False
+    gone = asyncio.Event()  # never set: the client stays until the answer is complete
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    await h.app(scope, receive, send)
+    return statuses[0]
+
+
+def test_the_path_judged_is_the_path_served(tmp_path: Path, upstream: str):
+    """H1/L3: dot segments, empty segments and encoded look-alikes cannot move a request out of a strict app."""
+
+    async def main():
+        async with harness(tmp_path, mode="proxy", upstream=upstream) as h:
+            bob = f"__Host-lapse={await h.sid(user='bob')}"  # not in group finance: the pay app is closed to him
+            assert await raw(h, "/pay/x", cookie=bob) == 403
+            for sneaky in ("/x/../pay/x", "/x/%2e%2e/pay/x", "//pay/x", "/x/./pay", "/x\\..\\pay/x"):
+                assert await raw(h, sneaky, cookie=bob) == 400, sneaky
+            assert await raw(h, "/p%61y/x", cookie=bob) == 403  # judged decoded, as the upstream will serve it
+            assert await raw(h, "/docs/", cookie=bob) == 200
+
+    run(main())
+
+
+def test_a_host_no_app_claims_is_misdirected(tmp_path: Path, upstream: str):
+    """H2: the client may not pick a Host no app names to fall through to laxer limits."""
+
+    async def main():
+        async with harness(tmp_path, mode="proxy", upstream=upstream) as h:
+            bob = f"__Host-lapse={await h.sid(user='bob')}"
+            assert await raw(h, "/pay/x", host="other.test", cookie=bob) == 421
+            assert await raw(h, "/pay/x", host="APP.test:8080", cookie=bob) == 403
+            alice = f"__Host-lapse={await h.sid()}"
+            r = await h.client.get("/pay/x", headers={"cookie": alice})
+            assert r.json()["headers"]["host"] == "app.test"  # the upstream routes by the Host lapse judged
+
+    run(main())
+
+
+def test_the_upstream_hears_only_lapse_about_identity_and_address(tmp_path: Path, upstream: str):
+    """M1/L4: spoofed identity and address headers never reach the upstream, nor lapse's cookies."""
+
+    async def main():
+        async with harness(tmp_path / "outside", mode="proxy", upstream=upstream, peer="203.0.113.9") as h:
+            sid = await h.sid()
+            r = await h.client.get("/docs", headers={
+                "cookie": f"__Host-lapse={sid}; theme=dark; __Host-lapse-csrf=abc",
+                "x-real-ip": "10.9.9.9", "forwarded": "for=10.2.2.2", "x-forwarded-for": "10.1.1.1",
+                "x-original-uri": "/admin", "remote_user": "admin", "remote-groups": "admins",
+            })
+            seen = r.json()["headers"]
+            assert seen["x-forwarded-for"] == "203.0.113.9" and seen["x-real-ip"] == "203.0.113.9"
+            assert "forwarded" not in seen and "x-original-uri" not in seen and "remote_user" not in seen
+            assert seen["remote-user"] == "alice" and seen["remote-groups"] == "finance"
+            assert seen["cookie"] == "theme=dark"  # the session ID is a bearer credential: it stays here
+            assert sid not in str(seen)
+        async with harness(tmp_path / "inside", mode="proxy", upstream=upstream) as h:  # behind a trusted proxy
+            sid = await h.sid()
+            r = await h.client.get("/docs", headers={"cookie": f"__Host-lapse={sid}",
+                                                     "x-forwarded-for": "198.51.100.4"})
+            seen = r.json()["headers"]
+            assert seen["x-forwarded-for"] == "198.51.100.4, 127.0.0.1" and seen["x-real-ip"] == "198.51.100.4"
+
+    run(main())
+
+
+def test_forward_auth_judges_the_path_a_server_will_serve(tmp_path: Path):
+    """H1 for forward-auth: the proxy passes the raw URI on; lapse judges its normalised form."""
+
+    async def main():
+        async with harness(tmp_path) as h:
+            bob = await h.sid(user="bob")
+            for uri in ("/pay/x", "/x/../pay/x", "/p%61y/x", "//pay/x", "/x/%2E%2E/pay/x?y=1"):
+                r = await h.auth(bob, uri)
+                assert (r.status_code, r.headers["x-lapse-reason"]) == (403, "forbidden"), uri
+            assert (await h.auth(bob, "/docs")).status_code == 200
+
+    run(main())
+
+
+def test_path_rules():
+    assert canonical_path("/x/../p%61y/./x//y/") == "/pay/x/y/"
+    assert canonical_path("/../..") == "/"
+    assert unsafe_path("/a//b") and unsafe_path("/a/%2e/b") and unsafe_path("/a\\b")
+    assert not unsafe_path("/a/b/") and not unsafe_path("/") and not unsafe_path("/a.b/c..d")
+
+
+def test_websocket_origin_must_be_the_host():
+    """L7: a page on a sibling host may not open a WebSocket with this site's session."""
+    assert _same_origin(None, "app.test")  # not a browser
+    assert _same_origin("https://app.test", "app.test:443")
+    assert not _same_origin("https://evil.app.test", "app.test")
+    assert not _same_origin("null", "app.test")
