@@ -6,8 +6,11 @@ passes through, queries work, the warning is seen, the session is cut at its idl
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -19,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from lapse.config import parse_config
+from lapse.postgres import gateway as gateway_mod
+from lapse.postgres import protocol as pg
 from lapse.web.serve import Service
 
 from ..support import free_port, missing
@@ -212,3 +217,103 @@ def test_cancel_request_passes_through(gateway) -> None:
         with pytest.raises(psycopg.errors.QueryCanceled):
             conn.execute("select pg_sleep(5)")
         assert time.monotonic() - started < 3
+
+
+# ------------------------------------------------------------ M2: before authentication, nobody holds lapse
+
+
+def _raw(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def _startup_packet(user: str = "alice", database: str = "postgres") -> bytes:
+    body = struct.pack("!I", pg.PROTOCOL_3) + f"user\0{user}\0database\0{database}\0\0".encode()
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def _request(code: int) -> bytes:
+    return struct.pack("!II", 8, code)
+
+
+def _until_closed(sock: socket.socket, limit: float = 5.0) -> tuple[bytes, float]:
+    """Everything the gateway sends until it closes, and how long that took."""
+    started = time.monotonic()
+    sock.settimeout(limit)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data, time.monotonic() - started
+
+
+def _fatal(data: bytes) -> tuple[str, str]:
+    """(SQLSTATE, message) of the last ErrorResponse in ``data``; it must be FATAL."""
+    messages, _ = pg.split(bytearray(data))
+    error = [m for m in messages if m[:1] == b"E"][-1]
+    fields = {f[:1]: f[1:].decode() for f in error[5:].split(b"\0") if f}
+    assert fields[b"S"] == "FATAL", fields
+    return fields[b"C"], fields[b"M"]
+
+
+@pytest.mark.parametrize("order", [[pg.SSL_REQUEST, pg.SSL_REQUEST],
+                                   [pg.GSSENC_REQUEST, pg.SSL_REQUEST, pg.GSSENC_REQUEST]])
+def test_a_repeated_ssl_or_gssenc_request_is_a_protocol_violation(gateway, order) -> None:
+    """M2: each may come once (as PostgreSQL allows); an endless loop of them used to hold the connection."""
+    _, ports = gateway
+    with _raw(ports["slow"]) as sock:
+        for code in order[:-1]:
+            sock.sendall(_request(code))
+            assert sock.recv(1) == b"N"
+        sock.sendall(_request(order[-1]))
+        data, _ = _until_closed(sock)
+    sqlstate, message = _fatal(data)
+    assert sqlstate == "08P01" and "repeated" in message
+
+
+def test_an_oversized_message_before_authentication_is_refused_without_waiting_for_it(gateway, caplog) -> None:
+    """M2: a client may not make lapse buffer a huge "password" before PostgreSQL has said AuthenticationOk."""
+    _, ports = gateway
+    with caplog.at_level(logging.WARNING, logger="lapse.postgres"), _raw(ports["slow"]) as sock:
+        sock.sendall(_startup_packet())
+        sock.settimeout(5)
+        asked = sock.recv(65536)
+        assert asked[:1] == b"R"  # PostgreSQL asks for SCRAM
+        sock.sendall(b"p" + struct.pack("!I", pg.MAX_AUTH_MESSAGE + 1) + b"x" * 100)  # the body never comes
+        data, took = _until_closed(sock)
+    sqlstate, message = _fatal(data)
+    assert sqlstate == "08P01" and "bad message length" in message and took < 2
+    assert any("protocol violation" in r.getMessage() for r in caplog.records)
+
+
+def test_a_client_that_does_not_authenticate_in_time_is_closed(gateway, monkeypatch, caplog) -> None:
+    """M2: AUTH_TIMEOUT (30 s; short here) covers the startup packet and the whole authentication."""
+    _, ports = gateway
+    monkeypatch.setattr(gateway_mod, "AUTH_TIMEOUT", 0.5)
+    with caplog.at_level(logging.WARNING, logger="lapse.postgres"):
+        with _raw(ports["slow"]) as sock:
+            sock.sendall(_startup_packet()[:6])  # half a startup packet, then nothing
+            data, took = _until_closed(sock)
+        assert _fatal(data) == ("08P01", "lapse: authentication timed out") and 0.3 < took < 3
+        with _raw(ports["slow"]) as sock:
+            sock.sendall(_startup_packet())  # PostgreSQL asks for a password that never comes
+            data, took = _until_closed(sock)
+        assert data[:1] == b"R" and _fatal(data) == ("08P01", "lapse: authentication timed out") and took < 3
+    assert sum("did not authenticate within 0.5 s" in r.getMessage() for r in caplog.records) == 2
+    with _connect(ports["slow"]) as conn:  # a real client authenticates well within it
+        time.sleep(0.8)  # and the deadline no longer applies once signed in
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_after_authentication_long_messages_pass_and_absurd_ones_end_the_connection(gateway) -> None:
+    """M2: the small limit is for authentication only; past 1 GiB (PostgreSQL's own limit) is a FATAL 08P01."""
+    lapse, ports = gateway
+    with _connect(ports["slow"]) as conn:
+        assert conn.execute("select length(%s)", ["x" * 200_000]).fetchone() == (200_000,)
+        raw = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            raw.sendall(b"Q" + struct.pack("!I", pg.MAX_MESSAGE + 1))
+            data, _ = _until_closed(raw)
+        finally:
+            raw.close()
+    assert _fatal(data)[0] == "08P01"
+    cut = [e for e in _events(lapse, "connection.terminated", "dbslow") if e.reason == "protocol_violation"]
+    assert cut and cut[-1].user == "alice"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -160,6 +161,26 @@ def test_widget_at_expiry_lands_on_the_apps_login(alongside):
     r = alongside.get("/_lapse/login?next=/private&reason=idle")
     assert r.status_code == 303 and r.headers["location"] == "/login?next=/private&reason=idle"
     assert alongside.get("/private").headers["location"] == "/login?next=/private"
+
+
+def test_a_cross_site_get_of_lapse_login_ends_nothing_and_a_post_needs_the_csrf_token(alongside, tmp_path):
+    """L5: <img src="https://app/_lapse/login"> on another site used to end the lapse session and sign the user
+    out of the app (forced-logout CSRF). Now a GET of a live session asks; a POST with the token ends it."""
+    sign_in(alongside)
+    alongside.get("/private")
+    page = alongside.get("/_lapse/login?next=/private&reason=absolute", headers=HTML)
+    assert page.status_code == 200 and "Sign in again?" in page.text
+    assert page.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["cache-control"] == "no-store"
+    assert alongside.get("/private").status_code == 200  # still signed in, in the app and in lapse
+    assert all(e["event"] != "session.revoked" for e in audit(tmp_path))
+    forged = alongside.post("/_lapse/login?next=/private&reason=absolute", data={"csrf_token": "x" * 43})
+    assert forged.status_code == 403 and alongside.get("/private").status_code == 200
+    action = re.search(r'<form method="post" action="([^"]+)"', page.text).group(1).replace("&amp;", "&")
+    r = alongside.post(action, data={"csrf_token": csrf_field(page.text)})
+    assert r.status_code == 303 and r.headers["location"] == "/login?next=/private&reason=absolute"
+    assert alongside.get("/private").headers["location"] == "/login?next=/private"  # the app signed out
+    assert [(e["event"], e.get("reason")) for e in audit(tmp_path)][-1] == ("session.revoked", "reauth")
 
 
 def test_widget_is_served_and_in_the_page(alongside):

@@ -112,6 +112,21 @@ def test_login_again_issues_a_new_lapse_session(alongside, tmp_path):
     assert ("session.revoked", "reauth") in events(tmp_path)
 
 
+def test_a_cross_site_get_of_lapse_login_ends_nothing(alongside, tmp_path):
+    """L5: through the WSGI adapter too: a GET asks, only a POST with the session's CSRF token signs out."""
+    sign_in(alongside)
+    page = alongside.get("/_lapse/login?next=/private")
+    assert page.status_code == 200 and "Sign in again?" in page.text
+    assert alongside.get("/private").status_code == 200
+    assert ("session.revoked", "reauth") not in events(tmp_path)
+    assert alongside.post("/_lapse/login?next=/private", data={"csrf_token": "nope"}).status_code == 403
+    r = alongside.post("/_lapse/login?next=/private", data={"csrf_token": csrf_field(page.text)})
+    assert r.status_code == 303 and r.headers["location"] == "/login?next=/private"
+    with alongside.session_transaction() as s:
+        assert "_user_id" not in s
+    assert events(tmp_path)[-1] == ("session.revoked", "reauth")
+
+
 def test_widget_in_the_page_and_served(alongside):
     sign_in(alongside)
     assert '<script src="/_lapse/widget.js" defer></script>' in alongside.get("/private").text

@@ -8,6 +8,7 @@ be tried.) Requirement IDs: ../shared/research/standards-checklist.md.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from pathlib import Path
 from typing import Any
@@ -194,4 +195,18 @@ def test_a_rotated_key_is_fetched_once_and_made_up_kids_cannot_hammer_the_idp(tm
         for _ in range(5):
             assert (await post(logout_token(key=stranger))).status_code == 400
         assert idp.jwks_fetches == 2  # rate-limited: no refetch for made-up kids
+    run(tmp_path, monkeypatch, body)
+
+
+def test_a_deeply_nested_header_is_a_400_with_an_audit_event_not_a_500(tmp_path, monkeypatch) -> None:
+    """M4: b64url("[" * 6000) as the JOSE header used to raise RecursionError out of json.loads (a 500)."""
+    async def body(rt, idp, session, post, alive):
+        s1 = await session("S1")
+        head = base64.urlsafe_b64encode(b"[" * 6000).rstrip(b"=").decode()
+        r = await post(head + ".e30.c2ln")
+        assert (r.status_code, r.headers["cache-control"]) == (400, "no-store")
+        assert r.json() == {"error": "invalid_request", "error_description": "malformed"}
+        assert await alive(s1)
+        refused = [e for e in await rt.store.tail_audit(100) if e.event == "auth.backchannel_logout"]
+        assert [(e.outcome, e.reason) for e in refused] == [("failure", "malformed")]
     run(tmp_path, monkeypatch, body)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.jwk import ECKey, KeySet, OctKey, RSAKey
 
 from lapse.sso.tokens import (
@@ -228,3 +228,19 @@ def test_any_bit_flip_in_the_payload_or_signature_is_refused(noise: bytes, part:
 def test_no_weak_algorithm_is_ever_accepted(alg: str) -> None:
     """[BCL 2.6 / Core 3.1.3.7] never none, never an HMAC the client could forge."""
     assert reason_of(lambda: logout(unsigned(logout_claims(), {"alg": alg, "kid": "k1"}))) == "bad_alg"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def test_a_deeply_nested_header_or_payload_is_malformed_not_a_crash() -> None:
+    """M4: "[[[[..." in the JOSE header (or a signed payload) is TokenError("malformed"), never RecursionError."""
+    for depth in (1500, 6000):  # 1500 fits under the header cap and still nests past the parser's limit
+        with pytest.raises(TokenError) as err:
+            logout(_b64(b"[" * depth) + ".e30.c2ln")
+        assert err.value.reason == "malformed"
+    nested = jws.serialize_compact({"alg": "RS256", "kid": KEY.kid}, b"[" * 6000, KEY)
+    with pytest.raises(TokenError) as err:
+        logout(nested)
+    assert err.value.reason == "malformed"

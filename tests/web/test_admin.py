@@ -176,3 +176,21 @@ def test_oidc_admins_come_from_admin_groups(tmp_path: Path):
             assert pages["idp-user"].status_code == 403
 
     run(main())
+
+
+def test_an_oidc_session_is_never_admin_by_a_same_named_local_user(tmp_path: Path):
+    """H3 (c): a session with an SsoLink is an admin by ``link.admin`` only; a local admin "root" does not lend
+    its flag to an IdP sign-in that came back as "root" (the local user signing in with a password still is)."""
+    from lapse.store.base import SsoLink
+
+    async def main():
+        async with harness(tmp_path) as h:
+            local_root = await _admin(h)
+            sid, _ = await h.rt.gate.sign_in("root", host="app.test")
+            now = h.clock.now
+            await h.rt.store.put_link(SsoLink(h.rt.gate.key_of(sid), "https://idp.test", "idp-root", None, None, None,
+                                              False, now, now + 3600))
+            assert (await h.client.get("/_lapse/admin", headers=_cookie(sid))).status_code == 403
+            assert (await h.client.get("/_lapse/admin", headers=_cookie(local_root))).status_code == 200
+
+    run(main())

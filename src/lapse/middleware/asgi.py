@@ -173,7 +173,8 @@ class LapseMiddleware:
             sid = enf.cookie_sid(facts)
         else:
             sid = session.get(SESSION_FIELD)
-            form = await _form_token(receive) if facts.path == "/_lapse/logout" else None
+            wants_form = facts.method == "POST" and facts.path in ("/_lapse/login", "/_lapse/logout")
+            form = await _form_token(receive) if wants_form else None
             special = await enf.alongside_special(facts, sid, form)
             if special is not None:
                 reply, sign_out = special
@@ -246,7 +247,7 @@ async def send_reply(reply: Reply, send: Send) -> None:
 
 
 async def _form_token(receive: Receive) -> str | None:
-    """``csrf_token`` from the (small) body of the widget's sign-out form."""
+    """``csrf_token`` from the (small) body of the widget's sign-out (or sign-in-again) form."""
     body = b""
     while True:
         message = await receive()

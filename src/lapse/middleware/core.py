@@ -26,6 +26,7 @@ alongside
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import logging
 import re
@@ -270,15 +271,27 @@ class Enforcer:
         if facts.path == "/_lapse/login":
             # The widget sends people here at expiry, and "Sign in again now" before the absolute
             # deadline: the framework signs out (ending lapse's session too) and shows its login page.
-            if valid_id(sid):
-                verdict = await self.check(facts, sid, passive=True)
-                d = verdict.decision
-                if d.session is not None and not d.session.ended:
-                    reason = "reauth" if d.allowed else (d.reason or Reason.REVOKED).value
-                    await self.rt.gate.revoke(d.session.key, reason)
+            # A session that still lives ends only by a POST with its CSRF token: a GET (a link from
+            # another site) shows a confirmation and ends nothing (forced-logout CSRF).
             params = {k: v[0] for k, v in parse_qs(facts.query).items()}
             next_uri, reason = params.get("next", "/"), params.get("reason") or None
-            return Reply(303, [NO_STORE, ("Location", self.login_location(next_uri, reason))]), sid is not None
+            to_login = Reply(303, [NO_STORE, ("Location", self.login_location(next_uri, reason))])
+            if not valid_id(sid):
+                return to_login, sid is not None
+            verdict = await self.check(facts, sid, passive=True)
+            d = verdict.decision
+            if d.session is None or d.session.ended or d.reason in LAPSED:
+                if d.session is not None and not d.session.ended:
+                    await self.rt.gate.revoke(d.session.key, (d.reason or Reason.REVOKED).value)
+                return to_login, True
+            key = d.session.key
+            if facts.method != "POST":
+                return relogin_page(next_uri, reason, self.csrf.for_session(key)), False
+            token = facts.headers.get("x-csrf-token") or form_token
+            if not Csrf.same(token, self.csrf.for_session(key)):
+                return json_reply(403, {"error": "csrf", "detail": "missing or wrong csrf_token"}, [NO_STORE]), False
+            await self.rt.gate.revoke(key, "reauth")
+            return to_login, True
         if facts.path == "/_lapse/logout" and facts.method == "POST":
             if valid_id(sid):
                 key = self.rt.gate.key_of(sid)  # type: ignore[arg-type]
@@ -301,6 +314,24 @@ class Enforcer:
                          b"<!doctype html><title>Service unavailable</title>"
                          b"<h1>Sign-in service unavailable</h1><p>Please try again in a moment.</p>")
         return json_reply(503, {"error": "unavailable", "detail": "the session store cannot answer"}, headers)
+
+
+LAPSED = frozenset({Reason.MISSING, Reason.UNKNOWN, Reason.IDLE, Reason.ABSOLUTE, Reason.REVOKED})
+"""Refusals after which the session is over anyway: ``/_lapse/login`` may end it without a CSRF token."""
+
+
+def relogin_page(next_uri: str, reason: str | None, csrf_token: str) -> Reply:
+    """Alongside, ``GET /_lapse/login`` with a live session: a button that POSTs the CSRF token to sign in again."""
+    query = "next=" + quote(safe_next(next_uri), safe="/") + ("&reason=" + quote(reason) if reason else "")
+    body = ("<!doctype html><meta charset=utf-8><title>Sign in again</title>"
+            "<h1>Sign in again?</h1><p>You are still signed in. Signing in again ends this session first.</p>"
+            f'<form method="post" action="/_lapse/login?{html.escape(query)}">'
+            f'<input type="hidden" name="csrf_token" value="{html.escape(csrf_token)}">'
+            '<button type="submit">Sign out and sign in again</button></form>'
+            f'<p><a href="{html.escape(safe_next(next_uri))}">Stay signed in</a></p>').encode()
+    return Reply(200, [NO_STORE, ("Content-Type", "text/html; charset=utf-8"), ("X-Frame-Options", "DENY"),
+                       ("Content-Security-Policy", "default-src 'none'; form-action 'self'; frame-ancestors 'none'"),
+                       ("Referrer-Policy", "same-origin")], body)
 
 
 def presented(sid: str | None) -> str | None:

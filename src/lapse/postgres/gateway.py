@@ -5,7 +5,9 @@ Theory of operation:
 1. The client's startup packet tells the user and database. ``SSLRequest`` and
    ``GSSENCRequest`` are refused with ``N`` (the client goes on in plain text,
    or gives up if it demands TLS: put lapse beside the database, on loopback or
-   a private link). ``CancelRequest`` is passed to the server as it came.
+   a private link), each at most once. ``CancelRequest`` is passed to the server as it came.
+   Until ReadyForQuery the client has ``AUTH_TIMEOUT`` seconds and messages of at most
+   ``protocol.MAX_AUTH_MESSAGE`` bytes; breaking either is a FATAL 08P01 (protocol_violation).
 2. Authentication is PostgreSQL's own, passed through: lapse relays the
    exchange (SCRAM, md5, password, trust) and holds no database credentials.
    When the server says ``AuthenticationOk``, lapse signs the user in -- one
@@ -43,6 +45,8 @@ log = logging.getLogger("lapse.postgres")
 ACTIVE = frozenset(b"QPBEFd")  # Query, Parse, Bind, Execute, FunctionCall, CopyData
 ANSWERED = frozenset({2, 3, 5, 7, 8, 9, 10, 11})  # authentication requests the client answers
 READ = 64 * 1024
+AUTH_TIMEOUT = 30.0
+"""Seconds from accepting a connection to ReadyForQuery (startup packet and authentication); then it is closed."""
 
 
 class _Closed(Exception):
@@ -50,10 +54,11 @@ class _Closed(Exception):
 
 
 class _Messages:
-    """Whole protocol messages from one side."""
+    """Whole protocol messages from one side; one longer than ``limit`` is a ``ProtocolViolation``."""
 
-    def __init__(self, reader: asyncio.StreamReader) -> None:
+    def __init__(self, reader: asyncio.StreamReader, limit: int = pg.MAX_MESSAGE) -> None:
         self.reader = reader
+        self.limit = limit
         self.buffer = bytearray()
         self.ready: list[bytes] = []
 
@@ -67,7 +72,7 @@ class _Messages:
             if not chunk:
                 raise _Closed
             self.buffer += chunk
-            found, used = pg.split(self.buffer)
+            found, used = pg.split(self.buffer, self.limit)
             del self.buffer[:used]
             self.ready = found
 
@@ -96,23 +101,34 @@ class PostgresGateway:
         peer = writer.get_extra_info("peername")
         ip = peer[0] if peer else None
         up_writer: asyncio.StreamWriter | None = None
+        deadline = asyncio.timeout(AUTH_TIMEOUT)  # before authentication, nobody holds a connection open for long
         try:
-            startup = await _startup(reader, writer)
-            if startup is None:
-                return
-            packet, params = startup
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-            up_writer.write(packet)
-            if params is None:  # a CancelRequest: the server acts on it and closes
-                await up_writer.drain()
-                return
-            server, client = _Messages(up_reader), _Messages(reader)
-            opened = await self._authenticate(server, client, writer, up_writer, params, ip)
+            async with deadline:
+                startup = await _startup(reader, writer)
+                if startup is None:
+                    return
+                packet, params = startup
+                up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+                up_writer.write(packet)
+                if params is None:  # a CancelRequest: the server acts on it and closes
+                    await up_writer.drain()
+                    return
+                server, client = _Messages(up_reader), _Messages(reader, pg.MAX_AUTH_MESSAGE)
+                opened = await self._authenticate(server, client, writer, up_writer, params, ip)
             if opened is not None:
+                client.limit = pg.MAX_MESSAGE
                 await self._relay(server, client, writer, up_writer, *opened)
         except (_Closed, ConnectionError, asyncio.IncompleteReadError):
             pass
+        except pg.ProtocolViolation as exc:
+            log.warning("postgres gateway %s: protocol violation from %s: %s; closing", self.spec.name, ip, exc)
+            await _say(writer, pg.error(f"lapse: protocol violation: {exc}", pg.SQLSTATE_PROTOCOL))
         except OSError as exc:
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                log.warning("postgres gateway %s: %s did not authenticate within %g s; closing", self.spec.name,
+                            ip, AUTH_TIMEOUT)
+                await _say(writer, pg.error("lapse: authentication timed out", pg.SQLSTATE_PROTOCOL))
+                return
             log.warning("postgres gateway %s: upstream %s unreachable: %s", self.spec.name, self.spec.upstream, exc)
             await _say(writer, pg.error(f"lapse: database server unreachable ({exc.strerror or exc})", "08006"))
         except ValueError as exc:
@@ -212,11 +228,16 @@ class PostgresGateway:
         tasks = [asyncio.create_task(from_client()), asyncio.create_task(from_server()),
                  asyncio.create_task(monitor.watch())]
         reason: str | None = None
+        violation: pg.ProtocolViolation | None = None
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:
-                if task in done and not task.cancelled() and task.exception() is None:
-                    reason = reason or task.result()
+                if task in done and not task.cancelled():
+                    exc = task.exception()
+                    if exc is None:
+                        reason = reason or task.result()
+                    elif isinstance(exc, pg.ProtocolViolation):
+                        violation = violation or exc
         finally:
             for task in tasks:
                 task.cancel()
@@ -224,6 +245,14 @@ class PostgresGateway:
             monitor.close()
         gate = self.gate()
         try:
+            if violation is not None:
+                log.warning("postgres gateway %s: protocol violation from %s: %s; closing", self.spec.name,
+                            monitor.facts.ip, violation)
+                await _say(writer, pg.error(f"lapse: protocol violation: {violation}", pg.SQLSTATE_PROTOCOL))
+                up_writer.write(pg.TERMINATE)
+                await self.connections.terminated(monitor, "protocol_violation")
+                await gate.revoke(monitor.key, "logout")
+                return
             if reason is None:
                 await gate.revoke(monitor.key, "logout")
                 return
@@ -253,14 +282,21 @@ async def _say(writer: asyncio.StreamWriter, message: bytes) -> None:
 
 async def _startup(reader: asyncio.StreamReader,
                    writer: asyncio.StreamWriter) -> tuple[bytes, dict[str, str] | None] | None:
-    """(the startup packet, its parameters) or (a CancelRequest, None); None if the client gave up."""
+    """(the startup packet, its parameters) or (a CancelRequest, None); None if the client gave up.
+
+    At most one SSLRequest and one GSSENCRequest come first (as PostgreSQL allows); another is a violation.
+    """
+    asked: set[int] = set()
     while True:
         head = await reader.readexactly(8)
         length, code = struct.unpack("!II", head)
         if length < 8 or length > pg.MAX_STARTUP:
-            raise ValueError(f"bad startup packet length {length}")
+            raise pg.ProtocolViolation(f"bad startup packet length {length}")
         rest = await reader.readexactly(length - 8)
         if code in (pg.SSL_REQUEST, pg.GSSENC_REQUEST):
+            if code in asked:
+                raise pg.ProtocolViolation("repeated " + ("SSLRequest" if code == pg.SSL_REQUEST else "GSSENCRequest"))
+            asked.add(code)
             writer.write(b"N")  # no TLS here: the client may go on in plain text (or stop, if it requires TLS)
             await writer.drain()
             continue

@@ -15,12 +15,19 @@ SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
 MAX_STARTUP = 10_000  # PostgreSQL's own limit for a startup packet
+MAX_AUTH_MESSAGE = 65_535  # a client message before AuthenticationOk: PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH
+MAX_MESSAGE = 1 << 30  # any message after it: PostgreSQL's own limit is 1 GB (MaxAllocSize)
 AUTH_OK = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
 READY = ord("Z")
 
 SQLSTATE_IDLE = "57P05"  # idle_session_timeout
 SQLSTATE_ADMIN = "57P01"  # admin_shutdown: an absolute limit or a revocation ended the session
 SQLSTATE_DENIED = "28000"  # invalid_authorization_specification
+SQLSTATE_PROTOCOL = "08P01"  # protocol_violation
+
+
+class ProtocolViolation(ValueError):
+    """A peer broke the protocol (a bad or oversized length, a repeated SSLRequest, too slow to authenticate)."""
 
 
 def startup_params(body: bytes) -> dict[str, str]:
@@ -34,14 +41,18 @@ def startup_params(body: bytes) -> dict[str, str]:
     return out
 
 
-def split(buffer: bytearray) -> tuple[list[bytes], int]:
-    """Whole messages at the start of ``buffer`` and how many bytes they take (the rest is partial)."""
+def split(buffer: bytearray, max_length: int = MAX_MESSAGE) -> tuple[list[bytes], int]:
+    """Whole messages at the start of ``buffer`` and how many bytes they take (the rest is partial).
+
+    A length below 4 or above ``max_length`` is a ``ProtocolViolation`` as soon as the 5-byte header is
+    in: the body is never waited for, so the caller buffers at most ``max_length`` plus one read.
+    """
     out: list[bytes] = []
     at = 0
     while len(buffer) - at >= 5:
         (length,) = struct.unpack_from("!I", buffer, at + 1)
-        if length < 4:
-            raise ValueError(f"bad message length {length}")
+        if length < 4 or length > max_length:
+            raise ProtocolViolation(f"bad message length {length} (at most {max_length})")
         end = at + 1 + length
         if end > len(buffer):
             break

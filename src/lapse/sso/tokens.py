@@ -47,6 +47,9 @@ MAX_IAT_AGE = 600.0
 MAX_TOKEN = 16 * 1024
 """Bytes; anything larger is not a token an IdP would send."""
 
+MAX_HEADER = 2 * 1024
+"""Characters of the (base64url) JOSE header segment; real headers are a few dozen bytes of JSON."""
+
 SAFE_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 """Asymmetric algorithms only; never ``none``, never HMAC (a client secret is not an IdP signature)."""
 
@@ -113,10 +116,12 @@ def header(token: str) -> dict[str, Any]:
         raise TokenError("encrypted", "encrypted tokens are not accepted")
     if len(parts) != 3:
         raise TokenError("malformed", "not a compact JWS")
+    if len(parts[0]) > MAX_HEADER:
+        raise TokenError("malformed", "header too long")
     try:
         raw = parts[0] + "=" * (-len(parts[0]) % 4)
         head = json.loads(urlsafe_b64decode(raw.encode("ascii")))
-    except (ValueError, UnicodeError) as exc:
+    except (ValueError, UnicodeError, RecursionError) as exc:  # "[[[[..." nests past the parser's limit
         raise TokenError("malformed", "unreadable header") from exc
     if not isinstance(head, dict):
         raise TokenError("malformed", "header is not an object")
@@ -146,7 +151,7 @@ def verify(token: str, keys: KeySet, expect: Expect) -> tuple[dict[str, Any], di
         raise UnknownKey(kid) from exc
     except BadSignatureError as exc:
         raise TokenError("bad_signature") from exc
-    except (JoseError, ValueError, TypeError) as exc:
+    except (JoseError, ValueError, TypeError, RecursionError) as exc:  # the payload's JSON as the header's
         raise TokenError("malformed", type(exc).__name__) from exc
     if not isinstance(claims, dict):
         raise TokenError("malformed", "claims are not an object")

@@ -88,11 +88,15 @@ class Pages:
             out["Location"] = login_url(ADMIN if path.startswith(ADMIN) else SESSIONS, out.get("X-Lapse-Reason"))
             return Response(b"", 303, out)
         if admin:
-            # A local admin, or an OIDC sign-in whose groups met [oidc] admin_groups.
-            user = await self.gw.rt.store.get_user(d.session.user)
-            local = user is not None and user.admin and not user.disabled
-            link = None if local else await self.gw.rt.store.get_link(d.session.key)
-            if not local and not (link is not None and link.admin):
+            # An OIDC sign-in is an admin by its groups ([oidc] admin_groups) only, never by a local user
+            # of the same name; any other session by its local user's admin flag.
+            link = await self.gw.rt.store.get_link(d.session.key)
+            if link is not None:
+                allowed = link.admin
+            else:
+                user = await self.gw.rt.store.get_user(d.session.user)
+                allowed = user is not None and user.admin and not user.disabled
+            if not allowed:
                 return self.gw._error(403, "Administrators only", "This page is for lapse administrators.")
         return d.session, verdict.now, ip
 

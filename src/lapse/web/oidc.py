@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -25,6 +26,7 @@ from ..config import OIDC
 from ..core import events as ev
 from ..core.device import from_user_agent
 from ..core.events import AuditEvent
+from ..identity import UserError, check_name
 from ..sso.flow import FLOW_TTL, Flow, Flows
 from ..sso.provider import Provider, ProviderError, Rejected
 from ..sso.tokens import LEEWAY, MAX_IAT_AGE, IdClaims, TokenError
@@ -43,6 +45,8 @@ BACKCHANNEL = "/_lapse/oidc/backchannel-logout"
 SIGNED_OUT = "/_lapse/oidc/signed-out"
 BACKCHANNEL_EVENT = "auth.backchannel_logout"  # a refused logout token (a success shows as session.revoked)
 REVALIDATE_REASON = "idp_revalidation"  # session.revoked reason when the IdP says the sign-in is gone
+LOCAL_USER_CONFLICT = "local_user_conflict"  # auth.login failure: the IdP's user name is a local user's
+BAD_USERNAME = "bad_username"  # auth.login failure: neither username_claim nor sub is a usable lapse user name
 MFA_AMR = frozenset({"mfa", "otp", "hwk", "swk", "sms", "sc", "fpt", "face", "iris", "retina", "vbm", "pop"})
 """``amr`` values (RFC 8176) that count as a second factor for ``mfa = true`` routes."""
 
@@ -126,13 +130,14 @@ class OidcWeb:
     def _clear_flow(self) -> str:
         return f"{self.flow_cookie}={self._attrs}; Max-Age=0"
 
-    async def _fail(self, reason: str, ip: str | None, user: str | None = None, status: int = 400) -> Response:
+    async def _fail(self, reason: str, ip: str | None, user: str | None = None, status: int = 400,
+                    detail: str = "The sign-in through your identity provider did not succeed. Please try again.",
+                    ) -> Response:
         now = await self.gw.rt.store.now()
         await self.gw.rt.audit.emit([AuditEvent(now, ev.LOGIN, ev.FAILURE, user, None, None, ip,
                                                 f"GET {CALLBACK}", reason)])
         log.info("oidc: login refused: %s", reason)
-        response = self.gw._error(status, "Sign-in failed",
-                                  "The sign-in through your identity provider did not succeed. Please try again.")
+        response = self.gw._error(status, "Sign-in failed", detail)
         response.headers.append("Set-Cookie", self._clear_flow())
         return response
 
@@ -169,6 +174,16 @@ class OidcWeb:
             return await self._fail(exc.reason, ip, status=502)
 
         user = self._username(claims)
+        if user is None:
+            return await self._fail(BAD_USERNAME, ip, detail=(
+                "Your identity provider did not give a user name lapse can use (1-64 letters, digits, '.', '_', "
+                "'@' or '-', starting with a letter or digit). Please ask an administrator."))
+        if await self._local_user(user):
+            # One namespace: an IdP user may not take over a local user's name (admin flag, allow rules,
+            # Remote-User, the sessions page all go by the name).
+            return await self._fail(LOCAL_USER_CONFLICT, ip, user, status=403, detail=(
+                "Your user name at the identity provider is also the name of a local lapse account, so it cannot "
+                "be used through single sign-on. Please ask an administrator to rename one of the two accounts."))
         if flow.max_age is not None:
             if claims.auth_time is None:
                 return await self._fail("missing_auth_time", ip, user)
@@ -200,17 +215,36 @@ class OidcWeb:
         response.headers.append("Set-Cookie", self._clear_flow())
         return response
 
-    def _username(self, claims: IdClaims) -> str:
+    def _username(self, claims: IdClaims) -> str | None:
+        """``username_claim`` if it is a valid lapse user name (``check_name``), else ``sub`` if that is; else None."""
         value = claims.claims.get(self.cfg.username_claim)
-        return value if isinstance(value, str) and value.strip() else claims.sub
+        if isinstance(value, str) and _valid_name(value):
+            return value
+        if value is not None:
+            log.warning("oidc: the %s claim is not a usable user name; trying sub", self.cfg.username_claim)
+        return claims.sub if _valid_name(claims.sub) else None
+
+    async def _local_user(self, name: str) -> bool:
+        """True if a local user has this name, compared without regard to case (as apps may compare Remote-User)."""
+        if await self.gw.rt.store.get_user(name) is not None:
+            return True
+        folded = name.casefold()
+        return any(u.name.casefold() == folded for u in await self.gw.rt.store.users())
 
     def _groups(self, claims: IdClaims) -> tuple[str, ...]:
+        """The group names of ``groups_claim``; a name with ``,`` or a control character is dropped (Remote-Groups
+        joins names with ``,``; the store with ``\\x1f``), with one warning per login that never quotes the token."""
         value = claims.claims.get(self.cfg.groups_claim)
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
             return ()
-        return tuple(dict.fromkeys(g for g in value if isinstance(g, str) and g and "\x1f" not in g))
+        names = [g for g in value if isinstance(g, str) and g]
+        kept = [g for g in names if "," not in g and not any(unicodedata.category(c) == "Cc" for c in g)]
+        if len(kept) < len(names):
+            log.warning("oidc: dropped %d group name(s) of the %s claim holding ',' or a control character",
+                        len(names) - len(kept), self.cfg.groups_claim)
+        return tuple(dict.fromkeys(kept))
 
     # --------------------------------------------------------------- logout
 
@@ -327,6 +361,14 @@ class OidcWeb:
 
 async def _revoke(gw: Gateway, keys: Sequence[str], reason: str) -> int:
     return sum([await gw.gate.revoke(key, reason) for key in keys])
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except UserError:
+        return False
+    return True
 
 
 def _path(target: str) -> str:
