@@ -35,7 +35,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -51,6 +51,7 @@ from ..core.events import AuditEvent
 from ..core.session import Session
 from . import redis_scripts as lua
 from .base import AuditQuery, SessionExists, SsoLink, StoreUnavailable, User, WriteResult, apply_write
+from .redis_batch import AutoPipeline
 from .redis_codec import (
     SHARDS,
     Damaged,
@@ -72,6 +73,7 @@ SAFETY = 7 * 86400 * 1000  # ms a live record outlives its sweeper deadline befo
 ENDED_KEEP = 35 * 86400 * 1000  # ms an ended record is kept at most (the sweeper purges it sooner)
 CAS_ATTEMPTS = 16  # compare-and-swap rounds before a write gives up (only under a storm on one session)
 BATCH = 1000  # keys per pipeline or purge step
+SEEN_MAX = 100_000  # sessions whose last decoded record is kept for ``read`` (forgotten at once when full)
 WATCH_RETRY = 1.0  # seconds between attempts to subscribe again after the connection to Redis was lost
 
 Client = Redis | RedisCluster
@@ -118,6 +120,12 @@ class RedisStore:
     def __init__(self, url: str, clock: Callable[[], float] | None = None) -> None:
         self.target = parse_redis_url(url)
         self._r = connect(self.target)
+        # Standalone and Sentinel: one pipeline per event-loop turn (redis_batch). A Cluster client routes
+        # each command to its master, so there every script call stays its own command.
+        self._batch = None if isinstance(self._r, RedisCluster) else AutoPipeline(self._r, self.target.timeout)
+        # key -> (record bytes, Session) of the last read: identical bytes give back the identical object,
+        # which lets Gate reuse its answer (enforce.py). Not a cache: every read still asks Redis.
+        self._seen: dict[str, tuple[bytes, Session]] = {}
         self._clock = clock
         self._prefix = self.target.prefix.encode()
         self._users = self._prefix + b"users"
@@ -142,13 +150,16 @@ class RedisStore:
             self._down = False
             log.warning("redis store %s answers again", self.target.redacted())
 
+    def _command(self, *command: Any) -> Awaitable[Any]:
+        return self._r.execute_command(*command) if self._batch is None else self._batch.call(*command)
+
     async def _eval(self, script: str, keys: Sequence[bytes], args: Iterable[Any] = ()) -> Any:
         sha = self._sha[script]
         try:
-            return await self._r.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+            return await self._command("EVALSHA", sha, len(keys), *keys, *args)
         except NoScriptError:  # a fresh or restarted Redis: load it (on every primary of a Cluster)
             await self._r.script_load(script)
-            return await self._r.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+            return await self._command("EVALSHA", sha, len(keys), *keys, *args)
 
     async def _pipeline(self, what: str, commands: Iterable[tuple[Any, ...]]) -> list[Any]:
         """Many single-key commands in one round trip per node (Cluster pipelines route each command)."""
@@ -200,7 +211,16 @@ class RedisStore:
         if self._down:
             self._answered()
         now = self._clock() if self._clock is not None else int(sec) + int(usec) / 1_000_000
-        return (None if blob is None else self._decode(key, blob)), now
+        if blob is None:
+            return None, now
+        seen = self._seen.get(key)
+        if seen is not None and seen[0] == blob:
+            return seen[1], now
+        session = self._decode(key, blob)
+        if len(self._seen) >= SEEN_MAX:
+            self._seen.clear()
+        self._seen[key] = (blob, session)
+        return session, now
 
     async def create(self, session: Session) -> None:
         member = pack_member(session.key)
