@@ -123,9 +123,9 @@ class RedisStore:
         # Standalone and Sentinel: one pipeline per event-loop turn (redis_batch). A Cluster client routes
         # each command to its master, so there every script call stays its own command.
         self._batch = None if isinstance(self._r, RedisCluster) else AutoPipeline(self._r, self.target.timeout)
-        # key -> (record bytes, Session) of the last read: identical bytes give back the identical object,
-        # which lets Gate reuse its answer (enforce.py). Not a cache: every read still asks Redis.
-        self._seen: dict[str, tuple[bytes, Session]] = {}
+        # key -> (Redis key, record bytes, Session) of the last read: identical bytes give back the identical
+        # object, which lets Gate reuse its answer (enforce.py). Not a cache: every read still asks Redis.
+        self._seen: dict[str, tuple[bytes, bytes, Session]] = {}
         self._clock = clock
         self._prefix = self.target.prefix.encode()
         self._users = self._prefix + b"users"
@@ -200,12 +200,16 @@ class RedisStore:
         return sec + usec / 1_000_000
 
     async def read(self, key: str) -> tuple[Session | None, float]:
+        seen = self._seen.get(key)
+        if seen is not None:
+            record_key = seen[0]
+        else:
+            try:
+                record_key = self._record_key(pack_member(key))
+            except ValueError:
+                return None, await self.now()
         try:
-            member = pack_member(key)
-        except ValueError:
-            return None, await self.now()
-        try:
-            (sec, usec), blob = await self._eval(lua.READ, (self._record_key(member),))
+            (sec, usec), blob = await self._eval(lua.READ, (record_key,))
         except (RedisError, OSError) as exc:
             raise self._unavailable("read", exc) from exc
         if self._down:
@@ -213,13 +217,12 @@ class RedisStore:
         now = self._clock() if self._clock is not None else int(sec) + int(usec) / 1_000_000
         if blob is None:
             return None, now
-        seen = self._seen.get(key)
-        if seen is not None and seen[0] == blob:
-            return seen[1], now
+        if seen is not None and seen[1] == blob:
+            return seen[2], now
         session = self._decode(key, blob)
         if len(self._seen) >= SEEN_MAX:
             self._seen.clear()
-        self._seen[key] = (blob, session)
+        self._seen[key] = (record_key, blob, session)
         return session, now
 
     async def create(self, session: Session) -> None:
