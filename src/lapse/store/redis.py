@@ -52,6 +52,7 @@ from ..core.session import Session
 from . import redis_scripts as lua
 from .base import AuditQuery, SessionExists, SsoLink, StoreUnavailable, User, WriteResult, apply_write
 from .redis_batch import AutoPipeline
+from .redis_batch import pack as pack_command
 from .redis_codec import (
     SHARDS,
     Damaged,
@@ -123,9 +124,10 @@ class RedisStore:
         # Standalone and Sentinel: one pipeline per event-loop turn (redis_batch). A Cluster client routes
         # each command to its master, so there every script call stays its own command.
         self._batch = None if isinstance(self._r, RedisCluster) else AutoPipeline(self._r, self.target.timeout)
-        # key -> (Redis key, record bytes, Session) of the last read: identical bytes give back the identical
-        # object, which lets Gate reuse its answer (enforce.py). Not a cache: every read still asks Redis.
-        self._seen: dict[str, tuple[bytes, bytes, Session]] = {}
+        # key -> (Redis key, its packed READ command, record bytes, Session) of the last read: identical bytes
+        # give back the identical object, which lets Gate reuse its answer (enforce.py) without decoding or
+        # judging again. Not a cache: every read still asks Redis.
+        self._seen: dict[str, tuple[bytes, bytes, bytes, Session]] = {}
         self._clock = clock
         self._prefix = self.target.prefix.encode()
         self._users = self._prefix + b"users"
@@ -151,7 +153,7 @@ class RedisStore:
             log.warning("redis store %s answers again", self.target.redacted())
 
     def _command(self, *command: Any) -> Awaitable[Any]:
-        return self._r.execute_command(*command) if self._batch is None else self._batch.call(*command)
+        return self._r.execute_command(*command) if self._batch is None else self._batch.call(pack_command(command))
 
     async def _eval(self, script: str, keys: Sequence[bytes], args: Iterable[Any] = ()) -> Any:
         sha = self._sha[script]
@@ -202,14 +204,21 @@ class RedisStore:
     async def read(self, key: str) -> tuple[Session | None, float]:
         seen = self._seen.get(key)
         if seen is not None:
-            record_key = seen[0]
+            record_key, command = seen[0], seen[1]
         else:
             try:
                 record_key = self._record_key(pack_member(key))
             except ValueError:
                 return None, await self.now()
+            command = pack_command(("EVALSHA", self._sha[lua.READ], 1, record_key))
         try:
-            (sec, usec), blob = await self._eval(lua.READ, (record_key,))
+            if self._batch is None:
+                (sec, usec), blob = await self._eval(lua.READ, (record_key,))
+            else:
+                try:
+                    (sec, usec), blob = await self._batch.call(command)
+                except NoScriptError:
+                    (sec, usec), blob = await self._eval(lua.READ, (record_key,))  # loads it
         except (RedisError, OSError) as exc:
             raise self._unavailable("read", exc) from exc
         if self._down:
@@ -217,12 +226,12 @@ class RedisStore:
         now = self._clock() if self._clock is not None else int(sec) + int(usec) / 1_000_000
         if blob is None:
             return None, now
-        if seen is not None and seen[1] == blob:
-            return seen[2], now
+        if seen is not None and seen[2] == blob:
+            return seen[3], now
         session = self._decode(key, blob)
         if len(self._seen) >= SEEN_MAX:
             self._seen.clear()
-        self._seen[key] = (record_key, blob, session)
+        self._seen[key] = (record_key, command, blob, session)
         return session, now
 
     async def create(self, session: Session) -> None:
@@ -247,7 +256,8 @@ class RedisStore:
         keys = session_keys(self._prefix, member)
         # First guess: the record is still ``before`` (the caller has just read it). The swap checks it.
         stored: Session | None = before
-        expected: bytes | None = pack(before)
+        seen = self._seen.get(before.key)
+        expected: bytes | None = seen[2] if seen is not None and seen[3] is before else pack(before)  # as read
         guessed = True
         try:
             for _ in range(CAS_ATTEMPTS):

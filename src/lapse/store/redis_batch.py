@@ -26,11 +26,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-_Queued = list[tuple[tuple[Any, ...], "asyncio.Future[Any]"]]
+_Queued = list[tuple[bytes, "asyncio.Future[Any]"]]
 
 
 class AutoPipeline:
-    """``await call(*command)``: sent with the others of this loop turn, on one pooled connection."""
+    """``await call(pack(command))``: sent with the others of this loop turn, on one pooled connection."""
 
     def __init__(self, client: Redis, timeout: float) -> None:
         self._pool = client.connection_pool
@@ -39,7 +39,7 @@ class AutoPipeline:
         self._next: asyncio.Task[None] | None = None  # the flush that will take ``_queue``
         self._flushing: set[asyncio.Task[None]] = set()  # held so they are not garbage-collected mid-flight
 
-    def call(self, *command: Any) -> asyncio.Future[Any]:
+    def call(self, packed: bytes) -> asyncio.Future[Any]:
         if self._next is not None:
             # Its flush has not started, so this is its turn and its loop. (Not get_running_loop(): on
             # Python 3.11 that is a getpid() system call, a tenth of a decision's CPU on this machine.)
@@ -50,7 +50,7 @@ class AutoPipeline:
             self._next = task = loop.create_task(self._flush())
             self._flushing.add(task)
             task.add_done_callback(self._finished)
-        self._queue.append((command, future))
+        self._queue.append((packed, future))
         return future
 
     def _finished(self, task: asyncio.Task[None]) -> None:
@@ -87,7 +87,7 @@ class AutoPipeline:
             raise _Broken(batch, exc) from exc
         try:
             try:
-                await connection.send_packed_command(b"".join([pack(command) for command, _ in batch]), check_health=False)
+                await connection.send_packed_command(b"".join([packed for packed, _ in batch]), check_health=False)
             except RedisConnectionError as exc:
                 raise _Broken(batch, exc) from exc
             async with asyncio.timeout(self._timeout):
@@ -114,7 +114,8 @@ def pack(command: tuple[Any, ...]) -> bytes:
     """One command in RESP, as redis-py encodes it (bytes as they are, str as UTF-8, numbers by ``repr``).
 
     Here rather than redis-py's ``pack_commands``: its chunking for large values is of no use for
-    these small commands, and it was a tenth of the CPU of a decision.
+    these small commands, and it was a tenth of the CPU of a decision. Packed once, a command can be
+    sent again as it is (the store keeps each session's read command).
     """
     out = [b"*%d\r\n" % len(command)]
     for arg in command:
