@@ -216,7 +216,7 @@ class RedisStore:
                 (sec, usec), blob = await self._eval(lua.READ, (record_key,))
             else:
                 try:
-                    (sec, usec), blob = await self._batch.call(command)
+                    (sec, usec), blob = await self._batch.call(command, read_only=True)
                 except NoScriptError:
                     (sec, usec), blob = await self._eval(lua.READ, (record_key,))  # loads it
         except (RedisError, OSError) as exc:

@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-_Queued = list[tuple[bytes, "asyncio.Future[Any]"]]
+_Queued = list[tuple[bytes, "list[asyncio.Future[Any]]"]]  # a command and the callers waiting for its reply
 
 
 class AutoPipeline:
@@ -36,10 +36,18 @@ class AutoPipeline:
         self._pool = client.connection_pool
         self._timeout = timeout
         self._queue: _Queued = []
+        self._shared: dict[bytes, list[asyncio.Future[Any]]] = {}  # read-only commands in ``_queue``
         self._next: asyncio.Task[None] | None = None  # the flush that will take ``_queue``
         self._flushing: set[asyncio.Task[None]] = set()  # held so they are not garbage-collected mid-flight
 
-    def call(self, packed: bytes) -> asyncio.Future[Any]:
+    def call(self, packed: bytes, *, read_only: bool = False) -> asyncio.Future[Any]:
+        """The reply to ``packed`` (one command), sent with the others queued in this turn.
+
+        ``read_only``: the same command already queued in this turn (not sent yet) is sent once and its
+        reply given to every caller: as fresh as separate reads, since Redis runs it after all of them
+        asked (a page's parallel requests with one cookie read the session once).
+        """
+        waiters = self._shared.get(packed) if read_only else None
         if self._next is not None:
             # Its flush has not started, so this is its turn and its loop. (Not get_running_loop(): on
             # Python 3.11 that is a getpid() system call, a tenth of a decision's CPU on this machine.)
@@ -50,20 +58,27 @@ class AutoPipeline:
             self._next = task = loop.create_task(self._flush())
             self._flushing.add(task)
             task.add_done_callback(self._finished)
-        self._queue.append((packed, future))
+        if waiters is not None:
+            waiters.append(future)  # each caller its own future: one cancelled caller cancels no other
+            return future
+        waiters = [future]
+        self._queue.append((packed, waiters))
+        if read_only:
+            self._shared[packed] = waiters
         return future
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._flushing.discard(task)
         if task is self._next:  # cancelled before it took its batch (its event loop is closing)
             self._next = None
-            batch, self._queue = self._queue, []
-            for _, future in batch:
-                future.cancel()
+            batch, self._queue, self._shared = self._queue, [], {}
+            for _, waiters in batch:
+                for future in waiters:
+                    future.cancel()
 
     async def _flush(self) -> None:
         self._next = None
-        batch, self._queue = self._queue, []
+        batch, self._queue, self._shared = self._queue, [], {}
         try:
             try:
                 await self._send(batch)
@@ -73,9 +88,10 @@ class AutoPipeline:
             failure = exc if isinstance(exc, Exception) else RedisConnectionError("the pipeline was cancelled")
             if isinstance(exc, _Broken):
                 failure = exc.cause
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(failure)
+            for _, waiters in batch:
+                for future in waiters:
+                    if not future.done():
+                        future.set_exception(failure)
             if not isinstance(exc, Exception):
                 raise
 
@@ -91,19 +107,20 @@ class AutoPipeline:
             except RedisConnectionError as exc:
                 raise _Broken(batch, exc) from exc
             async with asyncio.timeout(self._timeout):
-                for at, (_, future) in enumerate(batch):
+                for at, (_, waiters) in enumerate(batch):
                     try:
                         reply = await connection.read_response(timeout=math.inf)  # the batch's timeout rules
                     except ResponseError as exc:
                         reply = exc
                     except RedisConnectionError as exc:
                         raise _Broken(batch[at:], exc) from exc
-                    if future.done():  # its caller gave up (cancelled): the reply is read all the same
-                        continue
-                    if isinstance(reply, Exception):
-                        future.set_exception(reply)
-                    else:
-                        future.set_result(reply)
+                    for future in waiters:
+                        if future.done():  # its caller gave up (cancelled): the reply is read all the same
+                            continue
+                        if isinstance(reply, Exception):
+                            future.set_exception(reply)
+                        else:
+                            future.set_result(reply)
         except TimeoutError:
             raise RedisTimeoutError(f"no reply from Redis within {self._timeout} s") from None
         finally:
