@@ -2,7 +2,7 @@
 
 Why. redis-py's per-command path (a pool checkout, the retry wrapper, a timeout
 context and a parse per call) costs far more CPU than the round trip itself:
-~60-90 µs per command with 32 concurrent requests on this project's 2-vCPU test
+~55-90 µs per command with 32 concurrent requests on this project's 2-vCPU test
 machine. Here every caller still sends its own command and gets its own reply
 (nothing is cached, merged or reordered: Redis answers a pipeline in order, as
 if the commands came one by one on one connection), but the commands queued in
