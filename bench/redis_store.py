@@ -86,8 +86,12 @@ def population(count: int, now: float, start: int = 0) -> list[Session]:
 # ------------------------------------------------------------------ a replica
 
 
-async def _drive(store, seconds: float, start_at: float) -> tuple[int, int, float]:
-    """(decisions, writes, elapsed) of CONCURRENCY tasks calling Gate.check until the time is up."""
+async def _drive(store, seconds: float, start_at: float) -> tuple[int, int, float, float]:
+    """(decisions, writes, elapsed, CPU seconds) of CONCURRENCY tasks calling Gate.check until the time is up.
+
+    CPU time is this process's (user + system) over the same span: per decision it is what a replica
+    pays, and unlike the rate it barely moves when other work shares the machine.
+    """
     gate = Gate(store, policy(), AuditLog([]), HASH_KEY)
     ids = [sid(i) for i in range(HOT)]
     counts = [0, 0]
@@ -103,14 +107,14 @@ async def _drive(store, seconds: float, start_at: float) -> tuple[int, int, floa
                 raise RuntimeError(f"refused: {v.decision.reason}")
 
     await asyncio.sleep(max(0.0, start_at - time.time()))
-    began = time.time()
+    began, cpu = time.time(), time.process_time()
     stop = began + seconds
     await asyncio.gather(*(worker(os.getpid() * 100 + n) for n in range(CONCURRENCY)))
-    return counts[0], counts[1], time.time() - began
+    return counts[0], counts[1], time.time() - began, time.process_time() - cpu
 
 
 def replica(kind: str, target: str, seconds: float, start_at: float, out: mp.Queue) -> None:
-    async def main() -> tuple[int, int, float]:
+    async def main() -> tuple[int, int, float, float]:
         store = RedisStore(target) if kind == "redis" else SqliteStore(target)
         try:
             return await _drive(store, seconds, start_at)
@@ -125,7 +129,7 @@ def replica(kind: str, target: str, seconds: float, start_at: float, out: mp.Que
         out.put(asyncio.run(main()))
 
 
-def run_replicas(kind: str, target: str, n: int, seconds: float) -> list[tuple[int, int, float]]:
+def run_replicas(kind: str, target: str, n: int, seconds: float) -> list[tuple[int, int, float, float]]:
     ctx = mp.get_context("spawn")  # a fresh interpreter each, like `lapse serve` processes
     out: mp.Queue = ctx.Queue()
     start_at = time.time() + 2.0  # time to import; then all start together
@@ -231,15 +235,15 @@ def main() -> int:
           "uniform picks, real clocks (steady state: coalesced writes)", flush=True)
     now = time.time()
     hot = population(HOT, now)
-    rows: list[tuple[str, float, float, float | None]] = []
+    rows: list[tuple[str, float, float, float | None, float]] = []
     with tempfile.TemporaryDirectory(prefix="lapse-bench-redis-") as tmp:
         db = Path(tmp) / "bench.db"
         sqlite = SqliteStore(db)
         asyncio.run(_create_all(sqlite, hot))
         asyncio.run(sqlite.close())
-        [(n, w, dt)] = run_replicas("sqlite", str(db), 1, seconds)
+        [(n, w, dt, cpu)] = run_replicas("sqlite", str(db), 1, seconds)
         base = n / dt
-        rows.append(("sqlite, 1 node", base, w / n, None))
+        rows.append(("sqlite, 1 node", base, w / n, None, cpu / n))
 
         server = Server(Path(tmp))
         try:
@@ -249,9 +253,9 @@ def main() -> int:
                 results = run_replicas("redis", server.url, replicas, seconds)
                 trips = server.round_trips()
                 decisions = sum(r[0] for r in results)
-                for i, (n, w, dt) in enumerate(results):
+                for i, (n, w, dt, cpu) in enumerate(results):
                     rows.append((f"redis, {replicas} replica{'s' if replicas > 1 else ''}: #{i + 1}", n / dt, w / n,
-                                 trips / decisions))
+                                 trips / decisions, cpu / n))
             server.command("FLUSHALL")
             time.sleep(0.5)
             before = int(server.info("memory")["used_memory"])
@@ -264,14 +268,16 @@ def main() -> int:
         finally:
             server.stop()
 
-    print("=" * 100)
-    print(f"{'Gate.check':<32}{'decisions/s':>14}{'x sqlite':>10}{'wrote':>9}{'round trips/decision':>24}")
-    print("-" * 100)
-    for name, rate, wrote, trips in rows:
-        print(f"{name:<32}{rate:>14,.0f}{rate / base:>10.2f}{wrote:>9.1%}{'' if trips is None else f'{trips:.3f}':>24}")
+    print("=" * 107)
+    print(f"{'Gate.check':<32}{'decisions/s':>14}{'x sqlite':>10}{'wrote':>9}{'round trips/decision':>24}"
+          f"{'CPU us/decision':>18}")
+    print("-" * 107)
+    for name, rate, wrote, trips, cpu in rows:
+        print(f"{name:<32}{rate:>14,.0f}{rate / base:>10.2f}{wrote:>9.1%}{'' if trips is None else f'{trips:.3f}':>24}"
+              f"{cpu * 1e6:>18.1f}")
     two = [r for r in rows if r[0].startswith("redis, 2")]
     print(f"{'redis, 2 replicas: together':<32}{sum(r[1] for r in two):>14,.0f}{sum(r[1] for r in two) / base:>10.2f}")
-    print("-" * 100)
+    print("-" * 107)
     print(f"Redis memory per live session at {big:,}: {per_session:,.0f} B (INFO memory used_memory delta; "
           f"loaded in {loaded:.0f} s)")
     worst_trips = max(r[3] for r in rows if r[3] is not None)
@@ -283,7 +289,7 @@ def main() -> int:
         (f"<= {TARGETS['bytes']} B of Redis memory per session", f"{per_session:,.0f} B", per_session <= TARGETS["bytes"]),
     ]:
         print(f"    {'PASS' if ok else 'MISS'}  {name:<50} {got}")
-    print("=" * 100)
+    print("=" * 107)
     print(f"total wall time {time.perf_counter() - started:.0f} s; load average {loadavg()}")
     return 0
 

@@ -233,3 +233,32 @@ async def test_ends_are_pushed_on_a_cluster(cluster: RedisCluster) -> None:
     finally:
         await here.close()
         await there.close()
+
+
+async def test_reads_in_one_turn_are_one_pipeline(server: RedisServer) -> None:
+    """Auto-pipelining: reads issued together share a round trip; the same read is sent once, fresh for all."""
+    store = RedisStore(server.url)
+    try:
+        one, two = make_session(1, expires_in=100.0), make_session(2, expires_in=100.0)
+        await store.create(one)
+        await store.create(two)
+        await asyncio.gather(*(store.read(s.key) for s in [one, two] * 20))  # loads the script, opens connections
+        before = _calls(server)
+        replies = await asyncio.gather(*(store.read(s.key) for s in [one] * 10 + [two] * 5))
+        assert _calls(server) - before == 2  # one command per distinct session
+        assert [r[0] for r in replies] == [one] * 10 + [two] * 5
+        assert len({id(r[0]) for r in replies}) == 2  # identical records: the identical object (Gate reuses)
+
+        # A caller that gives up cancels no other caller's read of the same record.
+        first = asyncio.ensure_future(store.read(one.key))
+        second = asyncio.ensure_future(store.read(one.key))
+        await asyncio.sleep(0)
+        first.cancel()
+        assert (await second)[0] == one
+        assert first.cancelled()
+
+        moved = active(one, T0 + 5)
+        assert await store.write(one, moved) is WriteResult.APPLIED
+        assert (await store.read(one.key))[0] == moved  # new bytes: decoded again, never the old object
+    finally:
+        await store.close()
