@@ -180,6 +180,16 @@ class Lapse:
     def audit(self, n: int = 200) -> list[Any]:
         return self.run(lambda rt: rt.store.tail_audit(n))
 
+    def audit_once(self, event: str, reason: str | None = None, n: int = 500, timeout: float = 2.0) -> list[Any]:
+        """The events named ``event`` (with ``reason``), waiting until one is there: lapse writes the
+        ``connection.terminated`` of a cut just after the close frame, in a batch with the moment's others."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.audit(n) if e.event == event and (reason is None or e.reason == reason)]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
     def cookie(self, sid: str) -> str:
         return f"{self.loaded.config.server.effective_cookie_name}={sid}"
 

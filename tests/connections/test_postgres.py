@@ -167,7 +167,7 @@ def test_warning_then_fatal_57P05_at_the_idle_deadline(gateway) -> None:
         assert caught.value.sqlstate == "57P05" or "idle-session timeout" in str(caught.value), caught.value
     finally:
         conn.close()
-    cut = [e for e in _events(lapse, "connection.terminated", "db") if e.reason == "idle"]
+    cut = [e for e in lapse.audit_once("connection.terminated", "idle") if e.app == "db"]
     assert cut and cut[-1].user == "alice" and cut[-1].resource == "CONNECT /postgres"
     assert 3.0 - 0.3 <= cut[-1].ts - last <= 3.0 + SLACK, cut[-1].ts - last
     assert any(e.event == "session.expired" and e.reason == "idle" and e.session == cut[-1].session
@@ -187,7 +187,7 @@ def test_revocation_by_another_handle_cuts_within_a_second(gateway) -> None:
         assert caught.value.sqlstate == "57P01" or "lapse session revoked" in str(caught.value), caught.value
     finally:
         conn.close()
-    cut = [e for e in _events(lapse, "connection.terminated", "dbslow") if e.reason == "revoked"]
+    cut = [e for e in lapse.audit_once("connection.terminated", "revoked") if e.app == "dbslow"]
     assert cut and cut[-1].ts - asked <= SLACK, cut[-1].ts - asked
 
 
@@ -315,5 +315,5 @@ def test_after_authentication_long_messages_pass_and_absurd_ones_end_the_connect
         finally:
             raw.close()
     assert _fatal(data)[0] == "08P01"
-    cut = [e for e in _events(lapse, "connection.terminated", "dbslow") if e.reason == "protocol_violation"]
+    cut = [e for e in lapse.audit_once("connection.terminated", "protocol_violation") if e.app == "dbslow"]
     assert cut and cut[-1].user == "alice"

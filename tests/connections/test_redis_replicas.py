@@ -59,5 +59,6 @@ def test_a_logout_on_replica_b_cuts_a_websocket_on_replica_a_within_a_second(rep
     rcvd = ws.protocol.close_rcvd
     assert rcvd is not None and (rcvd.code, rcvd.reason) == (4401, "lapse: session revoked")
     assert taken <= SLACK, taken
+    a.audit_once("connection.terminated", "revoked")
     ended = [e for e in a.audit() if e.event in ("session.revoked", "connection.terminated")]
     assert [(e.event, e.reason) for e in ended] == [("session.revoked", "logout"), ("connection.terminated", "revoked")]

@@ -76,7 +76,7 @@ def test_idle_connection_is_cut_at_its_deadline(lapse: Lapse) -> None:
         taken, code, reason, _ = _until_closed(ws)
     assert code == 4401 and reason == "lapse: session idle"
     assert IDLE - 0.3 <= taken <= IDLE + SLACK, taken
-    events = [e for e in lapse.audit() if e.event == "connection.terminated" and e.reason == "idle"]
+    events = lapse.audit_once("connection.terminated", "idle")
     assert events and events[-1].user == "alice" and events[-1].resource == "GET /ws" and events[-1].app == "main"
 
 

@@ -250,7 +250,7 @@ class PostgresGateway:
                             monitor.facts.ip, violation)
                 await _say(writer, pg.error(f"lapse: protocol violation: {violation}", pg.SQLSTATE_PROTOCOL))
                 up_writer.write(pg.TERMINATE)
-                await self.connections.terminated(monitor, "protocol_violation")
+                self.connections.terminated(monitor, "protocol_violation")
                 await gate.revoke(monitor.key, "logout")
                 return
             if reason is None:
@@ -258,7 +258,7 @@ class PostgresGateway:
                 return
             await _say(writer, pg.error(_cut_message(reason), pg.SQLSTATE_IDLE if reason == "idle" else pg.SQLSTATE_ADMIN))
             up_writer.write(pg.TERMINATE)
-            await self.connections.terminated(monitor, reason)
+            self.connections.terminated(monitor, reason)
             await gate.revoke(monitor.key, reason if reason in ("idle", "absolute") else "logout")
         except StoreUnavailable as exc:
             log.error("postgres gateway: store unavailable at the end of a connection: %s", exc)

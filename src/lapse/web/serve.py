@@ -126,6 +126,7 @@ class Service:
             for listener in listeners:
                 listener.close()
             await asyncio.gather(*tasks)
+            await self.gateway.connections.drain()  # the last connection.terminated events are written
             if self.gateway.upstream is not None:
                 await self.gateway.upstream.aclose()
             if self.gateway.oidc is not None:

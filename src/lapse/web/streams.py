@@ -60,7 +60,7 @@ async def _guarded(body: AsyncIterator[bytes | str], connections: Connections, f
                 yield chunk
                 continue
             reason = cut.result()
-            await connections.terminated(monitor, reason)
+            connections.terminated(monitor, reason)
             if sse:
                 yield f"event: {FINAL_EVENT}\ndata: {json.dumps({'reason': reason})}\n\n".encode()
             return

@@ -139,7 +139,11 @@ class WebSocketProxy:
             return "server", (upstream.close_code, upstream.close_reason)
 
         async def watched() -> tuple[str, Any]:
-            return "cut", await monitor.watch()
+            reason = await monitor.watch()
+            # The cut goes out the moment it is decided: when thousands of connections of one session
+            # end together, each close frame must not wait for every other relay to be torn down.
+            await _close(send, CUT_CODE, cut_reason(reason))
+            return "cut", reason
 
         tasks = [asyncio.create_task(from_client()), asyncio.create_task(from_server()),
                  asyncio.create_task(watched())]
@@ -149,16 +153,18 @@ class WebSocketProxy:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        winner = next(t for t in tasks if t in done)
+        # A cut wins over the client's answer to it (its close frame may arrive in the same moment).
+        winner = tasks[2] if tasks[2] in done else next(t for t in tasks if t in done)
         try:
             kind, value = winner.result()
         except Exception as exc:  # a send on a connection that just went away
             log.debug("websocket relay ended: %r", exc)
             kind, value = "server", (1011, "")
         if kind == "cut":
-            await _close(send, CUT_CODE, cut_reason(value))
+            if winner is not tasks[2]:  # cut on activity (a refused client message): not yet told
+                await _close(send, CUT_CODE, cut_reason(value))
+            self.gw.connections.terminated(monitor, value)
             await upstream.close(1000, "session ended")
-            await self.gw.connections.terminated(monitor, value)
         elif kind == "client":
             await upstream.close(value if value not in _UNSENDABLE and 1000 <= value < 5000 else 1000)
         else:
