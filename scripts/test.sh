@@ -16,6 +16,7 @@ missing=()
 have nginx || missing+=(nginx)
 have caddy || missing+=(caddy)
 have redis-server || missing+=(redis-server)
+have openssl || missing+=(openssl)   # certificates for the Redis TLS test
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 # tests/oidc runs a real OpenID provider (npm oidc-provider) on Node: Debian's nodejs (npm below).
 have node || missing+=(nodejs)

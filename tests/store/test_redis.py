@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,8 @@ from lapse.enforce import Gate
 from lapse.store.base import StoreUnavailable, User, WriteResult
 from lapse.store.redis import RedisStore
 
-from ..redis_server import RedisCluster, RedisServer, round_trips
+from ..redis_server import RedisCluster, RedisServer, redis_binary, round_trips
+from ..support import free_port, port_open
 from .test_contract import T0, active, make_session
 
 HASH_KEY = b"k" * 32
@@ -262,3 +264,63 @@ async def test_reads_in_one_turn_are_one_pipeline(server: RedisServer) -> None:
         assert (await store.read(one.key))[0] == moved  # new bytes: decoded again, never the old object
     finally:
         await store.close()
+
+
+async def test_through_a_real_sentinel(server: RedisServer, tmp_path: Path) -> None:
+    """``redis+sentinel://``: lapse asks a real Sentinel where the master is, then works there."""
+    port = free_port()
+    folder = tmp_path / "sentinel"
+    folder.mkdir()
+    conf = folder / "sentinel.conf"  # Sentinel rewrites its config file: it must be its own
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+                    f"sentinel monitor lapsemaster 127.0.0.1 {server.port} 1\n")
+    log = open(folder / "sentinel.log", "wb")  # noqa: SIM115  (the process owns it)
+    proc = subprocess.Popen([redis_binary(), str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        deadline = time.monotonic() + 10
+        while b"+monitor master lapsemaster" not in (folder / "sentinel.log").read_bytes() or not port_open(port):
+            assert proc.poll() is None and time.monotonic() < deadline, (folder / "sentinel.log").read_text()
+            await asyncio.sleep(0.02)
+        store = RedisStore(f"redis+sentinel://127.0.0.1:{port}/lapsemaster")
+        try:
+            session = make_session(7, expires_in=100.0)
+            await store.create(session)
+            assert (await store.read(session.key))[0] == session
+            assert (await RedisStore(server.url).read(session.key))[0] == session  # it went to the master
+            assert await _gate(store).revoke(session.key, "admin")
+        finally:
+            await store.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_over_tls(tmp_path: Path) -> None:
+    """``rediss://``: a real TLS listener with a certificate lapse is told to trust, and one it is not."""
+    folder = tmp_path / "tls"
+    folder.mkdir()
+    done = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(folder / "key.pem"),
+         "-out", str(folder / "cert.pem"), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    port = free_port()
+    cert = folder / "cert.pem"
+    tls = RedisServer(folder, port, "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
+                      "--tls-key-file", str(folder / "key.pem"), "--tls-ca-cert-file", str(cert),
+                      "--tls-auth-clients", "no").start()
+    try:
+        store = RedisStore(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}")
+        untrusting = RedisStore(f"rediss://127.0.0.1:{port}/0")  # the system's CAs: a self-made cert fails
+        try:
+            session = make_session(8, expires_in=100.0)
+            await store.create(session)
+            assert (await store.read(session.key))[0] == session
+            with pytest.raises(StoreUnavailable):
+                await untrusting.ping()
+        finally:
+            await store.close()
+            await untrusting.close()
+    finally:
+        tls.stop()
