@@ -71,21 +71,16 @@ class Account:
 
     async def _password_ok(self, user: User, password: str, ip: str | None, resource: str) -> bool | Response:
         """The current password, under the login throttle (per user and per IP)."""
-        gw, store = self.gw, self.gw.rt.store
-        now = await store.now()
-        window, limit = gw.login_cfg.window, gw.login_cfg.max_attempts
+        gw = self.gw
+        now = await gw.rt.store.now()
         keys = [f"user:{user.name.lower()}"] + ([f"ip:{ip}"] if ip else [])
-        for key in keys:
-            if await store.failures(key, now, window) >= limit:
-                await gw.rt.audit.emit([AuditEvent(now, ev.THROTTLED, ev.FAILURE, user.name, None, None, ip,
-                                                   resource, key.split(":", 1)[0])])
-                page = gw._error(429, "Too many attempts", "Please wait a few minutes and try again.")
-                page.headers["Retry-After"] = str(int(window))
-                return page
+        if await gw.attempts.locked(keys, now, user=user.name, ip=ip, resource=resource):
+            page = gw._error(429, "Too many attempts", "Please wait a few minutes and try again.")
+            page.headers["Retry-After"] = str(int(gw.login_cfg.window))
+            return page
         if await asyncio.to_thread(verify_password, user, password):
             return True
-        for key in keys:
-            await store.failures(key, now, window, add=True)
+        await gw.attempts.failed(keys, now)
         await gw.rt.audit.emit([AuditEvent(now, ev.LOGIN, ev.FAILURE, user.name, None, None, ip, resource,
                                            "bad_credentials")])
         return False
@@ -166,30 +161,22 @@ class Account:
         if not ok:
             return self._page("totp.html", session, user, title="One-time codes", step="password",
                               message="Your password is not right.")
-        factor = totp.Factor.from_extra(user.extra)
-        if factor is not None and not await self._current_code_ok(user, factor, form.get("code", ""), ip):
+        if totp.Factor.from_extra(user.extra) is not None and not await self._current_code_ok(
+            user, form.get("code", ""), ip
+        ):
             # Replacing a factor takes the factor: a stolen session plus a phished password must not
             # be enough to lock the owner out of their second factor and keep it for oneself.
             return self._page("totp.html", session, user, title="One-time codes", step="password",
                               message="To replace your one-time codes, enter a current code (or a recovery code).")
         return self._show_secret(session, user, totp.new_secret())
 
-    async def _current_code_ok(self, user: User, factor: totp.Factor, code: str, ip: str | None) -> bool:
-        """A current code or recovery code, under the same lockout as at sign-in, spent once."""
-        gw, store = self.gw, self.gw.rt.store
-        now = await store.now()
-        window, limit = gw.login_cfg.window, gw.login_cfg.max_attempts
-        key = f"totp:{user.name.lower()}"
-        if await store.failures(key, now, window) >= limit:
+    async def _current_code_ok(self, user: User, code: str, ip: str | None) -> bool:
+        """A current code or recovery code, under the same lock-out as at sign-in, spent once."""
+        attempts, resource = self.gw.attempts, f"POST {TOTP}"
+        now = await self.gw.rt.store.now()
+        if await attempts.locked([f"totp:{user.name.lower()}"], now, user=user.name, ip=ip, resource=resource):
             return False
-        spent = totp.verify(factor, code, now)
-        if spent is None or not await store.first_use(f"{key}:{totp.spent_what(factor, spent)}", now + totp.CLAIM_KEEP):
-            await store.failures(key, now, window, add=True)
-            await gw.rt.audit.emit([AuditEvent(now, ev.LOGIN, ev.FAILURE, user.name, None, None, ip, f"POST {TOTP}",
-                                               "bad_totp")])
-            return False
-        await store.put_user(replace(user, extra={**user.extra, "totp": spent.to_dict()}))
-        return True
+        return await attempts.spend_code(user.name, code, now, ip, resource)
 
     def _show_secret(self, session: Session, user: User, secret: str, message: str | None = None) -> Response:
         link = totp.uri(secret, user.name)

@@ -14,7 +14,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -35,9 +34,9 @@ from ..identity import verify_password
 from ..monitor import Connections, Facts
 from ..runtime import Runtime
 from ..store.base import StoreUnavailable, User
-from ..totp import CLAIM_KEEP, Factor, spent_what
-from ..totp import verify as verify_code
+from ..totp import Factor
 from .account import PASSWORD, TOTP, Account
+from .attempts import Attempts
 from .forms import read_form
 from .forwarding import unsafe_path
 from .metrics import Metrics
@@ -97,6 +96,7 @@ class Gateway:
         self._public_host = normalize_host(urlsplit(str(cfg.server.public_url)).netloc)
         self.csrf = Csrf(runtime.secrets.csrf_key)
         self.login_cfg = cfg.login
+        self.attempts = Attempts(runtime.store, runtime.audit, cfg.login.window, cfg.login.max_attempts)
         self.pages = Environment(loader=PackageLoader("lapse.web"), autoescape=True)
         self.upstream = (
             Upstream(cfg.server.upstream, inject_widget=cfg.server.inject_widget)
@@ -403,22 +403,17 @@ class Gateway:
         store, audit = self.rt.store, self.rt.audit
         now = await store.now()
         resource = f"POST {LOGIN}"
-        window, limit = self.login_cfg.window, self.login_cfg.max_attempts
         keys = ([f"user:{username.lower()}"] if username else []) + ([f"ip:{ip}"] if ip else [])
-        for key in keys:
-            if await store.failures(key, now, window) >= limit:
-                await audit.emit([AuditEvent(now, ev.THROTTLED, ev.FAILURE, username or None, None, None, ip,
-                                             resource, key.split(":", 1)[0])])
-                page = await self.login_page(request, message="Too many attempts. Please wait a few minutes.",
-                                             status=429, username=username, next_=target, reason="")
-                page.headers["Retry-After"] = str(int(window))
-                return page
+        if await self.attempts.locked(keys, now, user=username or None, ip=ip, resource=resource):
+            page = await self.login_page(request, message="Too many attempts. Please wait a few minutes.",
+                                         status=429, username=username, next_=target, reason="")
+            page.headers["Retry-After"] = str(int(self.login_cfg.window))
+            return page
 
         user = await store.get_user(username) if username else None
         ok = await asyncio.to_thread(verify_password, user, password)  # argon2 takes ~50 ms: off the loop
         if not ok or user is None or user.disabled:
-            for key in keys:
-                await store.failures(key, now, window, add=True)
+            await self.attempts.failed(keys, now)
             why = "disabled" if ok and user is not None and user.disabled else "bad_credentials"
             await audit.emit([AuditEvent(now, ev.LOGIN, ev.FAILURE, username or None, None, None, ip, resource, why)])
             return await self.login_page(request, message="Wrong user name or password.", status=200,
@@ -448,34 +443,17 @@ class Gateway:
         Wrong codes count towards their own lockout (``totp:NAME``), so guessing six
         digits is bounded by the login throttle's numbers, and each is audited.
         """
-        store, audit = self.rt.store, self.rt.audit
-        window, limit = self.login_cfg.window, self.login_cfg.max_attempts
-        key = f"totp:{user.name.lower()}"
         ask = {"username": user.name, "next_": target, "reason": "", "need_totp": True}
         if not code.strip():
             return await self.login_page(request, message="Enter the one-time code from your authenticator app "
                                          "(or a recovery code), with your password.", **ask)
-        if await store.failures(key, now, window) >= limit:
-            await audit.emit([AuditEvent(now, ev.THROTTLED, ev.FAILURE, user.name, None, None, ip, resource, "totp")])
+        if await self.attempts.locked([f"totp:{user.name.lower()}"], now, user=user.name, ip=ip, resource=resource):
             page = await self.login_page(request, message="Too many wrong codes. Please wait a few minutes.",
                                          status=429, **ask)
-            page.headers["Retry-After"] = str(int(window))
+            page.headers["Retry-After"] = str(int(self.login_cfg.window))
             return page
-        # Read the factor afresh right before checking it, and spend the code at once:
-        # no other request can slip the same code in between (one event loop per store handle).
-        fresh = await store.get_user(user.name)
-        factor = Factor.from_extra(fresh.extra) if fresh is not None else None
-        spent = verify_code(factor, code, now) if factor is not None else None
-        if spent is not None and factor is not None:
-            claim = f"totp:{user.name.lower()}:{spent_what(factor, spent)}"
-            if not await store.first_use(claim, now + CLAIM_KEEP):
-                spent = None  # another replica accepted this very code a moment ago
-        if spent is None or fresh is None:
-            await store.failures(key, now, window, add=True)
-            await audit.emit([AuditEvent(now, ev.LOGIN, ev.FAILURE, user.name, None, None, ip, resource, "bad_totp")])
+        if not await self.attempts.spend_code(user.name, code, now, ip, resource):
             return await self.login_page(request, message="That code is not valid (or was already used).", **ask)
-        await store.put_user(replace(fresh, extra={**fresh.extra, "totp": spent.to_dict()}))
-        await store.clear_failures(key)
         return None
 
     async def logout(self, request: Request) -> Response:
