@@ -176,9 +176,9 @@ def _serve_split_uvicorn(config: str, which: str, ids_file: str = "") -> None:
     acc = {"app": 0.0, "send": 0.0, "n": 0, "writes": 0}
     write = SqliteStore.write
 
-    async def counted_write(self, before, after):  # noqa: ANN001, ANN202
+    async def counted_write(self, before, after, events=()):  # noqa: ANN001, ANN202
         acc["writes"] += 1
-        return await write(self, before, after)
+        return await write(self, before, after, events)
 
     SqliteStore.write = counted_write  # type: ignore[method-assign]
     perf = time.perf_counter
@@ -630,10 +630,10 @@ async def _in_process(config: Path, ids_file: Path, n: int = 20_000) -> str:
         writes = 0
         write = rt.store.write
 
-        async def counted_write(before, after):  # noqa: ANN001, ANN202
+        async def counted_write(before, after, events=()):  # noqa: ANN001, ANN202
             nonlocal writes
             writes += 1
-            return await write(before, after)
+            return await write(before, after, events)
 
         rt.store.write = counted_write  # type: ignore[method-assign]
 

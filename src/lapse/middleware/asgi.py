@@ -34,9 +34,6 @@ from .core import (
 )
 
 MAX_FORM = 16 * 1024  # a sign-out form is a few dozen bytes
-_WANTED = frozenset({b"host", b"cookie", b"x-lapse-activity"})
-"""The request headers an app request is judged by; the rest are never decoded."""
-_FROM_PROXY = _WANTED | {b"x-forwarded-for", b"x-real-ip"}
 
 
 def session_user(scope: Scope) -> str | None:
@@ -89,10 +86,10 @@ class LapseMiddleware:
             return
         # The hot path, as forward-auth's: only the headers judging needs, one awaited gate check.
         host, ip, passive, cookie = peek(enf, scope)
-        sid = enf.sid_in(cookie)
+        sid, judged = enf.cookies.presented(cookie)
         try:
             verdict = await enf.rt.gate.check(host=host, path=path, method=scope.get("method", "GET"), ip=ip,
-                                              passive_header=passive, session_id=presented(sid))
+                                              passive_header=passive, session_id=judged)
         except StoreUnavailable as exc:
             await refuse(scope, send, enf.unavailable(facts_of(scope), exc), 1011)
             return
@@ -212,15 +209,29 @@ class LapseMiddleware:
 
 
 def peek(enf: Enforcer, scope: Scope) -> tuple[str, str | None, bool, str]:
-    """(host, client IP, passive, Cookie header) from the raw ASGI headers, decoding only those
-    (and the forwarded ones only when the peer is a trusted proxy)."""
+    """(host, client IP, passive, Cookie header) from the raw ASGI headers, decoding only those;
+    the forwarded ones count only when the peer is a trusted proxy. One pass, no dict: every app
+    request runs this."""
+    host = activity = b""
+    cookie = forwarded = real = None
+    for name, value in scope["headers"]:  # ASGI header names are lower-case; repeats join as header_dict's
+        if name == b"cookie":
+            cookie = value if cookie is None else cookie + b"; " + value
+        elif name == b"host":
+            host = value
+        elif name == b"x-lapse-activity":
+            activity = value
+        elif name == b"x-forwarded-for":
+            forwarded = value if forwarded is None else forwarded + b", " + value
+        elif name == b"x-real-ip":
+            real = value
     client = scope.get("client")
-    peer = client[0] if client else None
-    trusted = enf.trust(peer)
-    headers = header_dict(scope["headers"], _FROM_PROXY if trusted else _WANTED)
-    ip = client_ip(peer, headers, enf.trust) if trusted else peer
-    passive = headers.get("x-lapse-activity", "").lower() == "passive"
-    return enf.app_host or headers.get("host", ""), ip, passive, headers.get("cookie", "")
+    ip = peer = client[0] if client else None
+    if (forwarded is not None or real is not None) and enf.trust(peer):
+        sent = {"x-forwarded-for": forwarded, "x-real-ip": real}
+        ip = client_ip(peer, {k: v.decode("latin-1") for k, v in sent.items() if v is not None}, enf.trust)
+    return (enf.app_host or host.decode("latin-1"), ip, activity.lower() == b"passive",
+            cookie.decode("latin-1") if cookie else "")
 
 
 def facts_of(scope: Scope) -> Facts:

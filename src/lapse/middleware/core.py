@@ -47,7 +47,7 @@ from ..runtime import Runtime, open_runtime
 from ..store.base import StoreUnavailable
 from ..web.app import Gateway, safe_next
 from ..web.net import Trust, client_ip
-from ..web.tokens import Cookies, Csrf, parse_cookies, valid_id
+from ..web.tokens import Cookies, Csrf, valid_id
 
 log = logging.getLogger("lapse.middleware")
 
@@ -158,10 +158,8 @@ class Enforcer:
         return self.sid_in(facts.headers.get("cookie", ""))
 
     def sid_in(self, cookie_header: str) -> str | None:
-        """Lapse's cookie from a ``Cookie`` header, without parsing the header when it is not there."""
-        if self.cookies.name not in cookie_header:
-            return None
-        return parse_cookies(cookie_header).get(self.cookies.name)
+        """Lapse's cookie from a ``Cookie`` header."""
+        return self.cookies.session_id(cookie_header)
 
     def is_public(self, path: str) -> bool:
         return self._public is not None and self._public.match(path) is not None

@@ -283,7 +283,7 @@ class Gateway:
         trusted = self.trust(peer)
         ip = client_ip(peer, headers, self.trust) if trusted else peer
         original = original_request(headers, trusted)
-        sid = _cookie(headers.get("cookie", ""), self.cookies.name)
+        sid = self.cookies.session_id(headers.get("cookie", ""))
         verdict = await self._check(
             host=original.host, path=original.path, method=original.method, ip=ip,
             passive=headers.get("x-lapse-activity", "").lower() == "passive", sid=sid,
@@ -597,13 +597,6 @@ def _deadline(body: dict[str, Any], field: str) -> float:
     """A deadline as an instant (to the tenth of a second), so a stream speaks only when it moves."""
     value = body.get(field)
     return -1.0 if value is None else round(body["server_time"] + value, 1)
-
-
-def _cookie(header: str, name: str) -> str | None:
-    """One cookie's value, without building a dict of all of them."""
-    if name not in header:
-        return None
-    return parse_cookies(header).get(name)
 
 
 def _wants_html(headers: dict[str, str]) -> bool:

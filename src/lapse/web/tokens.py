@@ -14,6 +14,8 @@ import re
 import secrets
 
 _ID = re.compile(r"[A-Za-z0-9_-]{20,128}")
+_SEEN_MAX = 4096  # Cookie headers remembered (forgotten at once when full)
+_SEEN_LONGEST = 4096  # longer headers are parsed every time, never remembered
 
 
 def valid_id(value: str | None) -> bool:
@@ -41,6 +43,27 @@ class Cookies:
         self._attrs = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if secure else "")
         # Every cookie lapse sets (the OIDC flow's too): never passed on to an upstream.
         self.names = frozenset({name, self.csrf_name, ("__Host-" if secure else "") + "lapse-oidc"})
+        self._seen: dict[str, tuple[str | None, str | None]] = {}
+
+    def session_id(self, header: str) -> str | None:
+        """The session cookie's value from a ``Cookie`` header."""
+        return self.presented(header)[0]
+
+    def presented(self, header: str) -> tuple[str | None, str | None]:
+        """(the session cookie's value, the ID to judge) from a ``Cookie`` header: a value lapse could
+        never have issued is judged as ``invalid``, never hashed whole. Remembered per header: a
+        browser sends the same one request after request, and this runs on every request."""
+        try:
+            return self._seen[header]
+        except KeyError:
+            pass
+        sid = parse_cookies(header).get(self.name) if self.name in header else None
+        found = (sid, sid if sid is None or valid_id(sid) else "invalid")
+        if len(header) <= _SEEN_LONGEST:
+            if len(self._seen) >= _SEEN_MAX:
+                self._seen.clear()
+            self._seen[header] = found
+        return found
 
     def session(self, session_id: str) -> str:
         """A session cookie: no Expires/Max-Age (the server, not the browser, ends sessions)."""
