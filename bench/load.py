@@ -250,7 +250,7 @@ mode = "forward-auth"
 secret_file = "{secret}"
 
 [store]
-url = "sqlite:///{db}"
+url = "{store}"
 
 [audit]
 sinks = []
@@ -293,9 +293,10 @@ cidrs = ["0.0.0.0/0", "::/0"]
 """
 
 
-def write_config(work: Path, name: str, port: int) -> Path:
+def write_config(work: Path, name: str, port: int, store: str = "") -> Path:
+    """``work/name.toml``; the store is ``store`` if given, else a SQLite file ``work/name.db``."""
     path = work / f"{name}.toml"
-    path.write_text(CONFIG.format(port=port, secret=work / "secret", db=work / f"{name}.db"))
+    path.write_text(CONFIG.format(port=port, secret=work / "secret", store=store or f"sqlite:///{work / name}.db"))
     return path
 
 
