@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from lapse import totp
+from lapse.sealed import Sealer, SealError
 
 SECRET = totp.new_secret()
 
@@ -38,5 +40,11 @@ def test_recovery_codes_are_stored_hashed_and_spent_once():
     assert spent is not None and len(spent.recovery) == totp.RECOVERY_CODES - 1
     assert totp.verify(spent, codes[3], 0) is None
     assert totp.verify(factor, "zzzzz-zzzzz", 0) is None
-    restored = totp.Factor.from_extra({"totp": spent.to_dict()})
-    assert restored == spent
+    sealer = Sealer(bytes(32))
+    stored = spent.to_dict(sealer, "alice")
+    assert SECRET not in str(stored)  # the seed is sealed at rest, bound to its user
+    assert totp.Factor.from_extra({"totp": stored}, sealer, "alice") == spent
+    with pytest.raises(SealError):
+        totp.Factor.from_extra({"totp": stored}, sealer, "mallory")
+    legacy = {"secret": SECRET, "last_step": spent.last_step, "recovery": list(spent.recovery)}
+    assert totp.Factor.from_extra({"totp": legacy}, sealer, "alice") == spent  # stored before sealing

@@ -438,7 +438,7 @@ def users_totp(name: str, reset: bool, remove: bool) -> None:
 
     async def body(rt: Runtime) -> tuple[str, list[str]] | None:
         user = await _existing(rt, name)
-        has = totp.Factor.from_extra(user.extra) is not None
+        has = totp.enrolled(user.extra)
         if remove:
             extra = {k: v for k, v in user.extra.items() if k != "totp"}
             await rt.store.put_user(replace(user, extra=extra))
@@ -448,7 +448,7 @@ def users_totp(name: str, reset: bool, remove: bool) -> None:
             raise Fail(f"user {name!r} already has a one-time-code factor (--reset replaces it, --remove removes it)")
         secret = totp.new_secret()
         factor, codes = totp.enrol(secret)
-        await rt.store.put_user(replace(user, extra={**user.extra, "totp": factor.to_dict()}))
+        await rt.store.put_user(replace(user, extra={**user.extra, "totp": factor.to_dict(rt.sealer, user.name)}))
         await _user_event(rt, "user.totp_enrolled", name)
         return totp.uri(secret, name), codes
 

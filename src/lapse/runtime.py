@@ -15,6 +15,7 @@ from .audit import AuditLog, open_sink
 from .config import LoadedConfig, build_policy
 from .core.policy import Policy
 from .enforce import Gate
+from .sealed import Sealer
 from .secret import Secrets, load_or_create
 from .store import SessionStore, open_store
 
@@ -26,6 +27,7 @@ class Runtime:
     audit: AuditLog
     gate: Gate
     secrets: Secrets
+    sealer: Sealer  # TOTP seeds and OIDC tokens at rest
 
     @property
     def policy(self) -> Policy:
@@ -42,7 +44,7 @@ async def open_runtime(loaded: LoadedConfig, *, clock: Callable[[], float] | Non
     audit = AuditLog([open_sink(sink.spec, store, loaded.base_dir) for sink in cfg.audit.parsed_sinks])
     try:
         gate = Gate(store, build_policy(cfg), audit, secrets.session_hash_key)
-        yield Runtime(loaded, store, audit, gate, secrets)
+        yield Runtime(loaded, store, audit, gate, secrets, Sealer(secrets.seal_key))
     finally:
         await audit.flush()
         audit.close()

@@ -37,6 +37,11 @@ class Secrets:
     def csrf_key(self) -> bytes:
         return self.derive("csrf")
 
+    @property
+    def seal_key(self) -> bytes:
+        """AES-256 key for values kept sealed at rest (``lapse.sealed``)."""
+        return self.derive("seal")
+
 
 def load_or_create(path: Path) -> tuple[Secrets, list[str]]:
     """Read the secret file, creating it (0600, atomically) if absent. Returns warnings too."""

@@ -1,10 +1,11 @@
 """The second factor: time-based one-time codes (RFC 6238) and one-time recovery codes.
 
 A user's factor lives in ``User.extra["totp"]`` in the store, so every replica
-sees it: the base32 secret, the last time step a code was accepted for, and
-SHA-256 hashes of the unused recovery codes (random 50-bit codes need no slow
-hash; a hash keeps a leaked store from handing them out). Everything here is
-pure: callers pass the clock and write back the state it returns.
+sees it: the base32 secret (sealed: ``lapse.sealed``, bound to the user), the
+last time step a code was accepted for, and SHA-256 hashes of the unused
+recovery codes (random 50-bit codes need no slow hash; a hash keeps a leaked
+store from handing them out). Everything here is pure: callers pass the clock
+and write back the state it returns.
 
 Codes are accepted within one step (30 s) either side of now, and never twice:
 a code's step must be later than the last accepted one (RFC 6238 §5.2), so a
@@ -23,6 +24,8 @@ from typing import Any
 
 import pyotp
 
+from .sealed import Sealer
+
 STEP = 30  # seconds per code (RFC 6238 default; what every authenticator app uses)
 WINDOW = 1  # steps accepted either side of now
 RECOVERY_CODES = 10
@@ -36,15 +39,28 @@ class Factor:
     last_step: int = -1  # the step of the last accepted code
     recovery: tuple[str, ...] = ()  # SHA-256 hex of each unused recovery code
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"secret": self.secret, "last_step": self.last_step, "recovery": list(self.recovery)}
+    def to_dict(self, sealer: Sealer, user: str) -> dict[str, Any]:
+        """For ``User.extra["totp"]`` of ``user`` (the stored name), the secret sealed to that user."""
+        return {"secret": sealer.seal(self.secret, _owner(user)), "last_step": self.last_step,
+                "recovery": list(self.recovery)}
 
     @classmethod
-    def from_extra(cls, extra: dict[str, Any]) -> Factor | None:
+    def from_extra(cls, extra: dict[str, Any], sealer: Sealer, user: str) -> Factor | None:
+        """The factor of ``user`` (the stored name); ``SealError`` if its secret does not open."""
         raw = extra.get("totp")
         if not raw:
             return None
-        return cls(str(raw["secret"]), int(raw.get("last_step", -1)), tuple(raw.get("recovery", ())))
+        secret = sealer.open(str(raw["secret"]), _owner(user))
+        return cls(secret, int(raw.get("last_step", -1)), tuple(raw.get("recovery", ())))
+
+
+def enrolled(extra: dict[str, Any]) -> bool:
+    """Does this user have a factor? (Nothing is opened to tell.)"""
+    return bool(extra.get("totp"))
+
+
+def _owner(user: str) -> str:
+    return f"totp:{user}"
 
 
 def new_secret() -> str:

@@ -7,6 +7,7 @@ Logout 1.0, RPIL = RP-Initiated Logout 1.0, Core = OpenID Connect Core 1.0).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -163,7 +164,8 @@ def test_rp_initiated_logout_ends_the_session_then_goes_to_the_idp(make_lapse, b
     assert f"{target.scheme}://{target.netloc}{target.path}" == idp.url + "/session/end"
     assert query["post_logout_redirect_uri"] == [lapse.url + "/_lapse/oidc/signed-out"]
     link = lapse.call(lapse.rt.store.get_link(key(lapse, sid)))
-    assert query["id_token_hint"] == [link.id_token]
+    assert link.id_token.startswith("sealed:v1:")  # at rest, sealed to the session; the IdP gets it opened
+    assert query["id_token_hint"] == [lapse.rt.sealer.open(link.id_token, f"oidc:{link.session}")]
     assert lapse.auth(sid).status_code == 401  # ended before the browser even reaches the IdP
     back = b.at_idp_until_back(r.headers["location"])
     assert back.startswith(lapse.url + "/_lapse/oidc/signed-out")
@@ -220,15 +222,30 @@ def test_revalidate_every_ends_the_session_once_the_idp_session_is_gone(make_lap
     b.sign_in()
     k = key(lapse, b.sid)
     first = lapse.call(lapse.rt.store.get_link(k))
-    assert first.refresh_token
+    assert first.refresh_token and first.refresh_token.startswith("sealed:v1:")
     lapse.clock.advance(61)
     assert lapse.call(lapse.gateway.oidc.revalidate_once()) == 0  # the IdP still vouches: refresh rotated
     second = lapse.call(lapse.rt.store.get_link(k))
-    assert second.checked_at > first.checked_at
+    assert second.checked_at > first.checked_at and second.refresh_token.startswith("sealed:v1:")
     b.logout_at_idp()
     assert lapse.auth(b.sid).status_code == 200  # no back-channel call for rp2: lapse cannot know yet
     lapse.clock.advance(61)
     assert lapse.call(lapse.gateway.oidc.revalidate_once()) == 1
     r = lapse.auth(b.sid)
     assert (r.status_code, r.headers["x-lapse-reason"]) == (401, "revoked")
+    assert [e["reason"] for e in lapse.events("session.revoked")] == ["idp_revalidation"]
+
+
+def test_a_refresh_token_that_does_not_open_ends_the_session(make_lapse, browser_for):
+    """Tokens are sealed to their session: one copied from another session's link (or sealed under
+    another secret file) cannot be used, so revalidation cannot vouch and the session ends (fail closed)."""
+    lapse = make_lapse(client="rp2", revalidate="1m")
+    b = browser_for(lapse)
+    b.sign_in()
+    k = key(lapse, b.sid)
+    link = lapse.call(lapse.rt.store.get_link(k))
+    moved = lapse.rt.sealer.seal(lapse.rt.sealer.open(link.refresh_token, f"oidc:{k}"), "oidc:another-session")
+    lapse.call(lapse.rt.store.put_link(replace(link, refresh_token=moved)))
+    lapse.clock.advance(61)
+    assert lapse.call(lapse.gateway.oidc.revalidate_once()) == 1
     assert [e["reason"] for e in lapse.events("session.revoked")] == ["idp_revalidation"]

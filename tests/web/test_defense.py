@@ -28,7 +28,7 @@ async def enrol(h, name: str = "alice") -> tuple[str, list[str]]:
     user = await h.rt.store.get_user(name)
     secret = totp.new_secret()
     factor, codes = totp.enrol(secret)
-    await h.rt.store.put_user(replace(user, extra={**user.extra, "totp": factor.to_dict()}))
+    await h.rt.store.put_user(replace(user, extra={**user.extra, "totp": factor.to_dict(h.rt.sealer, user.name)}))
     return secret, codes
 
 
@@ -93,8 +93,9 @@ def test_recovery_codes_work_once_and_wrong_codes_lock_out(tmp_path: Path):
             _, codes = await enrol(h)
             assert (await h.login(totp=codes[0])).status_code == 303
             assert (await h.login(totp=codes[0])).status_code == 200  # spent
-            stored = totp.Factor.from_extra((await h.rt.store.get_user("alice")).extra)
-            assert len(stored.recovery) == len(codes) - 1 and codes[0] not in str(stored.to_dict())
+            extra = (await h.rt.store.get_user("alice")).extra
+            stored = totp.Factor.from_extra(extra, h.rt.sealer, "alice")
+            assert len(stored.recovery) == len(codes) - 1 and codes[0] not in str(extra)
             # max_attempts = 3 in the config: the spent code and two wrong ones, then none is even checked.
             for _ in range(2):
                 assert (await h.login(totp="000000")).status_code == 200
@@ -257,7 +258,7 @@ def test_totp_enrolment_from_the_web_needs_the_password_and_a_working_code(tmp_p
             assert (await h.client.post("/_lapse/totp", data=forged, headers=jar)).status_code == 403
             bad = await h.client.post("/_lapse/totp", data={**confirm, "code": "000000"}, headers=jar)
             assert "did not match" in bad.text
-            assert totp.Factor.from_extra((await h.rt.store.get_user("alice")).extra) is None
+            assert not totp.enrolled((await h.rt.store.get_user("alice")).extra)
             done = await h.client.post("/_lapse/totp", data={**confirm, "code": totp.code_at(secret, T0)},
                                        headers=jar)
             codes = re.findall(r"<code>([a-z0-9]{5}-[a-z0-9]{5})</code>", done.text)
@@ -361,5 +362,27 @@ def test_account_pages_are_not_for_single_sign_on_sessions(tmp_path: Path):
                 assert r.status_code == 403 and "sign-in provider" in r.text
             login = await h.client.get("/_lapse/login?reason=step_up", headers={"cookie": f"__Host-lapse={sid}"})
             assert 'value="alice"' not in login.text
+
+    run(main())
+
+
+def test_totp_seeds_are_sealed_at_rest_and_one_that_does_not_open_refuses_without_an_error(tmp_path: Path, caplog):
+    """A copy of the store must not hand out second factors: the seed is stored sealed (AES-GCM, bound to
+    its user). A seed that does not open (the secret file replaced, the value altered or moved to another
+    user) makes every code wrong, is said in the log with the way out, and is never a 500."""
+
+    async def main():
+        async with harness(tmp_path, config=MFA_CONFIG) as h:
+            secret, _ = await enrol(h)
+            store_text = str((await h.rt.store.get_user("alice")).extra)
+            assert secret not in store_text and "sealed:v1:" in store_text
+            assert (await h.login(totp=totp.code_at(secret, T0))).status_code == 303
+            h.clock.now = T0 + totp.STEP
+            # Alice's sealed seed moved to bob: bound to alice, it does not open for him.
+            alice, bob = await h.rt.store.get_user("alice"), await h.rt.store.get_user("bob")
+            await h.rt.store.put_user(replace(bob, extra={**bob.extra, "totp": alice.extra["totp"]}))
+            refused = await h.login(user="bob", totp=totp.code_at(secret, h.clock.now))
+            assert refused.status_code == 200 and "not valid" in refused.text
+            assert "lapse users totp bob --reset" in caplog.text
 
     run(main())

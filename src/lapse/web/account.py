@@ -61,7 +61,7 @@ class Account:
     def _page(self, name: str, session: Session, user: User, status: int = 200, **context: Any) -> Response:
         csrf = self.gw.csrf.for_session(session.key)
         return self.gw._render(name, status, title=context.pop("title"), user=user.name, csrf_token=csrf,
-                               has_totp=totp.Factor.from_extra(user.extra) is not None, **context)
+                               has_totp=totp.enrolled(user.extra), **context)
 
     async def _form_checked(self, request: Request, session: Session) -> dict[str, str] | None:
         form = await read_form(request)
@@ -161,7 +161,7 @@ class Account:
         if not ok:
             return self._page("totp.html", session, user, title="One-time codes", step="password",
                               message="Your password is not right.")
-        if totp.Factor.from_extra(user.extra) is not None and not await self._current_code_ok(
+        if totp.enrolled(user.extra) and not await self._current_code_ok(
             user, form.get("code", ""), ip
         ):
             # Replacing a factor takes the factor: a stolen session plus a phished password must not
@@ -197,7 +197,7 @@ class Account:
             return self._show_secret(session, user, secret, "That code did not match. Check the app's clock and "
                                      "try the newest code.")
         fresh = await store.get_user(user.name) or user
-        await store.put_user(replace(fresh, extra={**fresh.extra, "totp": checked.to_dict()}))
+        await store.put_user(replace(fresh, extra={**fresh.extra, "totp": checked.to_dict(gw.rt.sealer, fresh.name)}))
         await gw.rt.audit.emit([AuditEvent(now, "user.totp_enrolled", ev.SUCCESS, user.name, session.key, None, ip,
                                            f"POST {TOTP}")])
         return self._page("totp.html", session, user, title="One-time codes are on", step="done", codes=codes)

@@ -34,7 +34,7 @@ from ..identity import verify_password
 from ..monitor import Connections, Facts
 from ..runtime import Runtime
 from ..store.base import StoreUnavailable, User
-from ..totp import Factor
+from ..totp import enrolled
 from .account import PASSWORD, TOTP, Account
 from .attempts import Attempts
 from .forms import read_form
@@ -96,7 +96,7 @@ class Gateway:
         self._public_host = normalize_host(urlsplit(str(cfg.server.public_url)).netloc)
         self.csrf = Csrf(runtime.secrets.csrf_key)
         self.login_cfg = cfg.login
-        self.attempts = Attempts(runtime.store, runtime.audit, cfg.login.window, cfg.login.max_attempts)
+        self.attempts = Attempts(runtime.store, runtime.audit, runtime.sealer, cfg.login.window, cfg.login.max_attempts)
         self.pages = Environment(loader=PackageLoader("lapse.web"), autoescape=True)
         self.upstream = (
             Upstream(cfg.server.upstream, inject_widget=cfg.server.inject_widget)
@@ -369,7 +369,7 @@ class Gateway:
                 username = session.user
         if username and not need_totp:
             user = await self.rt.store.get_user(username)
-            need_totp = user is not None and Factor.from_extra(user.extra) is not None and reason == "step_up"
+            need_totp = user is not None and enrolled(user.extra) and reason == "step_up"
         return self._render(
             "login.html",
             status,
@@ -421,7 +421,7 @@ class Gateway:
 
         await store.clear_failures(f"user:{username.lower()}")
         mfa = False
-        if Factor.from_extra(user.extra) is not None:
+        if enrolled(user.extra):
             checked = await self._second_factor(request, user, form.get("totp", ""), target, ip, now, resource)
             if isinstance(checked, Response):
                 return checked

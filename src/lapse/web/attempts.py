@@ -8,20 +8,24 @@ lock-out is audited (``auth.throttled``), and so is every wrong code.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 
 from ..audit import AuditLog
 from ..core import events as ev
 from ..core.events import AuditEvent
-from ..store.base import SessionStore
+from ..sealed import Sealer, SealError
+from ..store.base import SessionStore, User
 from ..totp import CLAIM_KEEP, Factor, spent_what
 from ..totp import verify as verify_code
 
+log = logging.getLogger("lapse.web")
+
 
 class Attempts:
-    def __init__(self, store: SessionStore, audit: AuditLog, window: float, limit: int) -> None:
-        self.store, self.audit, self.window, self.limit = store, audit, window, limit
+    def __init__(self, store: SessionStore, audit: AuditLog, sealer: Sealer, window: float, limit: int) -> None:
+        self.store, self.audit, self.sealer, self.window, self.limit = store, audit, sealer, window, limit
 
     async def locked(self, keys: Sequence[str], now: float, *, user: str | None, ip: str | None,
                      resource: str) -> bool:
@@ -46,7 +50,7 @@ class Attempts:
         """
         key = f"totp:{name.lower()}"
         fresh = await self.store.get_user(name)
-        factor = Factor.from_extra(fresh.extra) if fresh is not None else None
+        factor = self._factor(fresh) if fresh is not None else None
         spent = verify_code(factor, code, now) if factor is not None else None
         if spent is not None and factor is not None:
             if not await self.store.first_use(f"{key}:{spent_what(factor, spent)}", now + CLAIM_KEEP):
@@ -55,6 +59,15 @@ class Attempts:
             await self.failed([key], now)
             await self.audit.emit([AuditEvent(now, ev.LOGIN, ev.FAILURE, name, None, None, ip, resource, "bad_totp")])
             return False
-        await self.store.put_user(replace(fresh, extra={**fresh.extra, "totp": spent.to_dict()}))
+        await self.store.put_user(replace(fresh, extra={**fresh.extra, "totp": spent.to_dict(self.sealer, fresh.name)}))
         await self.store.clear_failures(key)
         return True
+
+    def _factor(self, user: User) -> Factor | None:
+        """The user's factor; None (no code can be right) if its secret does not open, said in the log."""
+        try:
+            return Factor.from_extra(user.extra, self.sealer, user.name)
+        except SealError as exc:
+            log.error("one-time codes of user %r cannot be checked: %s; reset them with "
+                      "`lapse users totp %s --reset`", user.name, exc, user.name)
+            return None

@@ -15,6 +15,7 @@ import logging
 import math
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -27,6 +28,7 @@ from ..core import events as ev
 from ..core.device import from_user_agent
 from ..core.events import AuditEvent
 from ..identity import UserError, check_name
+from ..sealed import SealError
 from ..sso.flow import FLOW_TTL, Flow, Flows
 from ..sso.provider import Provider, ProviderError, Rejected
 from ..sso.tokens import LEEWAY, MAX_IAT_AGE, IdClaims, TokenError
@@ -204,7 +206,7 @@ class OidcWeb:
         )
         assert decision.session is not None
         refresh = tokens.get("refresh_token")
-        await store.put_link(SsoLink(
+        await self._put_link(SsoLink(
             session=decision.session.key, issuer=claims.claims["iss"], subject=claims.sub, sid=claims.sid,
             id_token=id_token, refresh_token=refresh if isinstance(refresh, str) else None,
             admin=bool(set(groups) & set(self.cfg.admin_groups)), checked_at=now,
@@ -246,6 +248,22 @@ class OidcWeb:
                         len(names) - len(kept), self.cfg.groups_claim)
         return tuple(dict.fromkeys(kept))
 
+    # ------------------------------------------------------ tokens at rest
+
+    async def _put_link(self, link: SsoLink) -> None:
+        """Store a new link with its tokens sealed to its session (``lapse.sealed``)."""
+        await self.gw.rt.store.put_link(replace(
+            link, id_token=self._seal(link.id_token, link.session),
+            refresh_token=self._seal(link.refresh_token, link.session),
+        ))
+
+    def _seal(self, token: str | None, session_key: str) -> str | None:
+        return None if token is None else self.gw.rt.sealer.seal(token, f"oidc:{session_key}")
+
+    def _open(self, token: str | None, session_key: str) -> str | None:
+        """A stored token as the IdP issued it; ``SealError`` if it does not open."""
+        return None if token is None else self.gw.rt.sealer.open(token, f"oidc:{session_key}")
+
     # --------------------------------------------------------------- logout
 
     async def end_session_url(self, session_key: str) -> str | None:
@@ -254,7 +272,12 @@ class OidcWeb:
         if link is None:
             return None
         try:
-            return await self.provider.end_session_url(id_token=link.id_token,
+            hint = self._open(link.id_token, link.session)
+        except SealError as exc:
+            log.error("oidc: logging out without id_token_hint: %s", exc)
+            hint = None
+        try:
+            return await self.provider.end_session_url(id_token=hint,
                                                        post_logout_redirect_uri=self.post_logout_redirect_uri)
         except ProviderError as exc:
             log.error("oidc: no IdP logout (discovery failed): %s", exc)
@@ -323,7 +346,11 @@ class OidcWeb:
             if link is None or link.refresh_token is None or now - link.checked_at < every:
                 continue
             try:
-                tokens = await self.provider.refresh(link.refresh_token)
+                tokens = await self.provider.refresh(self._open(link.refresh_token, link.session))  # type: ignore[arg-type]
+            except SealError as exc:
+                log.error("oidc: revalidation impossible (%s): ending the session", exc)
+                ended += await _revoke(self.gw, [session.key], REVALIDATE_REASON)
+                continue
             except Rejected as exc:
                 log.info("oidc: revalidation refused (%s): ending the session", exc.reason)
                 ended += await _revoke(self.gw, [session.key], REVALIDATE_REASON)
@@ -333,11 +360,10 @@ class OidcWeb:
                 continue
             rotated = tokens.get("refresh_token")
             id_token = tokens.get("id_token")
-            await store.put_link(SsoLink(
-                link.session, link.issuer, link.subject, link.sid,
-                id_token if isinstance(id_token, str) else link.id_token,
-                rotated if isinstance(rotated, str) else link.refresh_token,
-                link.admin, now, link.keep_until,
+            await store.put_link(replace(
+                link, checked_at=now,
+                id_token=self._seal(id_token, link.session) if isinstance(id_token, str) else link.id_token,
+                refresh_token=self._seal(rotated, link.session) if isinstance(rotated, str) else link.refresh_token,
             ))
         return ended
 
