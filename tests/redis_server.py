@@ -1,4 +1,6 @@
-"""Real ``redis-server`` processes for the tests: one server, or a 3-master Cluster, on loopback.
+"""Real ``redis-server`` processes for the tests, on loopback: one server, a 3-master Cluster, or a master
+with a replica and three sentinels (``redis-server --sentinel``: no redis-sentinel package needed); and
+certificates for the TLS tests (``openssl``).
 
 Never a system service: each server runs on a free port with persistence off
 (``--save '' --appendonly no``) in a temporary folder, and is stopped by its
@@ -15,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .support import free_port, missing, port_open
@@ -69,6 +72,8 @@ def round_trips(commandstats: str) -> int:
 class RedisServer:
     """One ``redis-server``; ``stop()`` and ``start()`` again keep its port (the outage tests)."""
 
+    READY = b"Ready to accept connections"  # the log line that says this process is serving
+
     def __init__(self, folder: Path, port: int | None = None, *extra: str) -> None:
         self.folder = folder
         self.port = port or free_port()
@@ -79,20 +84,20 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def argv(self) -> list[str]:
+        return [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--daemonize", "no", "--dir", str(self.folder), *self.extra]
+
     def start(self) -> RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         log = open(self.folder / f"redis-{self.port}.log", "ab")  # noqa: SIM115  (the process owns it)
-        self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--dir", str(self.folder), *self.extra],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT)
         log.close()
         # Ready when *this* process says so: an open port alone may be someone else's (another test run's
         # server on a port that was free a moment ago), and then ours has just failed to bind.
         logfile = self.folder / f"redis-{self.port}.log"
         deadline = time.monotonic() + 10
-        while b"Ready to accept connections" not in logfile.read_bytes() or not port_open(self.port):
+        while self.READY not in logfile.read_bytes() or not port_open(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"redis-server on {self.port} did not start: {logfile.read_text()[-2000:]}")
@@ -105,6 +110,13 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no goodbye to replicas or clients (a crashed or powered-off host)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(10)
         self.proc = None
 
@@ -180,3 +192,129 @@ class RedisCluster:
             node.stop()
         for node in self.nodes:
             shutil.rmtree(node.folder, ignore_errors=True)
+
+
+class SentinelServer(RedisServer):
+    """One ``redis-server --sentinel`` watching ``master_port`` under ``name``, in a folder of its own.
+
+    Sentinel rewrites its config file (what it learns: the other sentinels, the replicas, a new master),
+    so each sentinel gets its own, written afresh at every start.
+    """
+
+    READY = b"+monitor master"  # Sentinel never logs "Ready to accept connections"
+
+    def __init__(self, folder: Path, name: str, master_port: int, *settings: str) -> None:
+        super().__init__(folder)
+        self.name, self.master_port, self.settings = name, master_port, settings
+
+    def argv(self) -> list[str]:
+        conf = self.folder / "sentinel.conf"
+        lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.folder}",
+                 f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} 2",
+                 *(f"sentinel {setting}" for setting in self.settings)]
+        conf.write_text("\n".join(lines) + "\n")
+        return [redis_binary(), str(conf), "--sentinel"]
+
+
+def _info(server: RedisServer, section: str) -> dict[str, str]:
+    lines = server.command("INFO", section).decode().splitlines()
+    return dict(line.split(":", 1) for line in lines if ":" in line and not line.startswith("#"))
+
+
+class RedisSentinels:
+    """A master, one replica (``replicaof``) and three sentinels, quorum 2: the smallest real failover.
+
+    ``down_after_ms`` is how long the master must be silent before a sentinel calls it down;
+    ``failover_timeout_ms`` bounds one failover attempt and spaces retries (twice it) after a split vote.
+    """
+
+    NAME = "lapsemaster"
+
+    def __init__(self, folder: Path, *, down_after_ms: int = 1000, failover_timeout_ms: int = 2000) -> None:
+        self.folder = folder
+        self.master = RedisServer(folder / "master", None, "--repl-diskless-sync-delay", "0")  # else 5 s to sync
+        self.replica = RedisServer(folder / "replica", None, "--replicaof", "127.0.0.1", str(self.master.port))
+        settings = (f"down-after-milliseconds {self.NAME} {down_after_ms}",
+                    f"failover-timeout {self.NAME} {failover_timeout_ms}")
+        self.sentinels = [SentinelServer(folder / f"sentinel{i}", self.NAME, self.master.port, *settings)
+                          for i in range(3)]
+
+    @property
+    def url(self) -> str:
+        return "redis+sentinel://" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels) + f"/{self.NAME}"
+
+    def start(self, timeout: float = 15) -> RedisSentinels:
+        """Everything up, and every sentinel knowing the replica and the two other sentinels (a failover
+        needs a majority of sentinels that know each other; they meet over the master's hello channel)."""
+        try:
+            self.master.start()
+            self.replica.start()
+            deadline = time.monotonic() + timeout
+            while _info(self.replica, "replication").get("master_link_status") != "up":
+                self._before(deadline, "the replica did not sync with the master")
+            for sentinel in self.sentinels:
+                sentinel.start()
+            ready = f"status=ok,address=127.0.0.1:{self.master.port},slaves=1,sentinels=3"
+            while not all(ready in _info(s, "sentinel").get("master0", "") for s in self.sentinels):
+                self._before(deadline, "the sentinels did not find each other and the replica")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _before(self, deadline: float, what: str) -> None:
+        if time.monotonic() > deadline:
+            logs = "\n".join(p.read_text()[-1500:] for p in sorted(self.folder.glob("*/*.log")))
+            raise RuntimeError(f"{what}:\n{logs}")
+        time.sleep(0.02)
+
+    def master_ports(self) -> list[int | None]:
+        """The master each sentinel names now (``None``: a sentinel that does not answer)."""
+        ports: list[int | None] = []
+        for sentinel in self.sentinels:
+            try:
+                fields = dict(kv.split("=", 1) for kv in _info(sentinel, "sentinel")["master0"].split(","))
+                ports.append(int(fields["address"].rsplit(":", 1)[1]))
+            except (OSError, KeyError, ValueError):
+                ports.append(None)
+        return ports
+
+    def wait_replicated(self, timeout: float = 5) -> None:
+        """Until the replica has applied every write the master has made so far (its offset caught up)."""
+        target = int(_info(self.master, "replication")["master_repl_offset"])
+        deadline = time.monotonic() + timeout
+        while int(_info(self.replica, "replication")["master_repl_offset"]) < target:
+            self._before(deadline, "the replica did not catch up")
+
+    def stop(self) -> None:
+        for server in [*self.sentinels, self.replica, self.master]:
+            server.stop()
+
+
+@dataclass(frozen=True)
+class Certificate:
+    cert: Path
+    key: Path
+
+
+def certificate(folder: Path, name: str, *, signed_by: Certificate | None = None) -> Certificate:
+    """A key and a certificate for ``127.0.0.1``, made with ``openssl``: self-signed (a certificate that is
+    its own CA, so it can also be one: ``ssl_ca_certs`` or ``--tls-ca-cert-file``) or signed by ``signed_by``."""
+    if shutil.which("openssl") is None:
+        missing("openssl is not installed (scripts/test.sh installs it with apt)")
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    common = ["-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-subj", f"/CN={name}"]
+    if signed_by is None:
+        steps = [["openssl", "req", "-x509", *common, "-out", str(cert), "-days", "1",
+                  "-addext", "subjectAltName=IP:127.0.0.1"]]
+    else:
+        request, extensions = folder / f"{name}.csr", folder / f"{name}.ext"
+        extensions.write_text("basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n")
+        steps = [["openssl", "req", "-new", *common, "-out", str(request)],
+                 ["openssl", "x509", "-req", "-in", str(request), "-CA", str(signed_by.cert), "-CAkey",
+                  str(signed_by.key), "-set_serial", str(random.getrandbits(63)), "-days", "1",
+                  "-extfile", str(extensions), "-out", str(cert)]]
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr.decode()
+    return Certificate(cert, key)

@@ -24,7 +24,7 @@ from lapse.enforce import Gate
 from lapse.store.base import StoreUnavailable, User, WriteResult
 from lapse.store.redis import RedisStore
 
-from ..redis_server import RedisCluster, RedisServer, redis_binary, round_trips
+from ..redis_server import RedisCluster, RedisServer, certificate, redis_binary, round_trips
 from ..support import free_port, port_open
 from .test_contract import T0, active, make_session
 
@@ -300,15 +300,11 @@ async def test_over_tls(tmp_path: Path) -> None:
     """``rediss://``: a real TLS listener with a certificate lapse is told to trust, and one it is not."""
     folder = tmp_path / "tls"
     folder.mkdir()
-    done = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(folder / "key.pem"),
-         "-out", str(folder / "cert.pem"), "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"], capture_output=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    made = certificate(folder, "server")  # self-signed: the server's certificate and its own CA
     port = free_port()
-    cert = folder / "cert.pem"
+    cert = made.cert
     tls = RedisServer(folder, port, "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
-                      "--tls-key-file", str(folder / "key.pem"), "--tls-ca-cert-file", str(cert),
+                      "--tls-key-file", str(made.key), "--tls-ca-cert-file", str(cert),
                       "--tls-auth-clients", "no").start()
     try:
         store = RedisStore(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}")

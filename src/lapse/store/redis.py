@@ -49,6 +49,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..core.events import AuditEvent
 from ..core.session import Session
@@ -79,6 +80,7 @@ CAS_ATTEMPTS = 16  # compare-and-swap rounds before a write gives up (only under
 BATCH = 1000  # keys per pipeline or purge step
 SEEN_MAX = 100_000  # sessions whose last decoded record is kept for ``read`` (forgotten at once when full)
 WATCH_RETRY = 1.0  # seconds between attempts to subscribe again after the connection to Redis was lost
+WATCH_PING = 1.0  # seconds of silence on the subscription before it asks Redis (PING) whether it is still there
 
 Client = Redis | RedisCluster
 
@@ -566,6 +568,9 @@ class RedisStore:
         return stop
 
     async def _listen(self) -> None:
+        """Subscribe, and again whenever the subscription is lost, or silent past a PING: a master that froze
+        or was cut off closes nothing, and after a Sentinel failover the ends are published elsewhere."""
+        loop = asyncio.get_running_loop()
         subscribed_before = False
         while self._watchers:
             pubsub = self._r.pubsub()
@@ -575,10 +580,20 @@ class RedisStore:
                 if subscribed_before:
                     self._watchers.notify(None)
                 subscribed_before = True
+                heard, pinged = loop.time(), False
                 while self._watchers:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        self._watchers.notify((unpack_member(message["data"]),))
+                    due = heard + WATCH_PING + (self.target.timeout if pinged else 0.0)
+                    message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                       timeout=max(due - loop.time(), 0.0))
+                    if message is not None:
+                        heard, pinged = loop.time(), False  # a message or the PING's pong
+                        if message.get("type") == "message":
+                            self._watchers.notify((unpack_member(message["data"]),))
+                    elif loop.time() >= due:
+                        if pinged:
+                            raise RedisTimeoutError(f"no answer to PING within {self.target.timeout} s")
+                        await pubsub.ping()
+                        pinged = True
             except Exception as exc:  # noqa: BLE001 - whatever broke it, monitors must not go deaf silently
                 log.warning("session watch: redis subscription lost, every connection re-checks: %s", exc)
                 self._watchers.notify(None)
