@@ -162,7 +162,7 @@ def test_redis_stopped_means_503_on_both_and_they_recover_without_a_restart(pair
     assert b.auth(sid).status_code == 200
     redis.stop()  # then gone
     for replica in (a, b):
-        assert replica.auth(sid).status_code == 503
+        assert all(replica.auth(sid).status_code == 503 for _ in range(20))
         assert httpx.get(f"{replica.base}/_lapse/healthz").status_code == 503
     redis.start()  # back, empty (tests run Redis without persistence): the old session is unknown, not served
     for replica in (a, b):
@@ -175,6 +175,8 @@ def test_redis_stopped_means_503_on_both_and_they_recover_without_a_restart(pair
         logged = [json.loads(line)["msg"] for line in replica.proc.stderr.read().splitlines() if line.startswith("{")]
         store_lines = [m for m in logged if m.startswith("redis store")]
         assert any("failing closed" in m for m in store_lines) and any("answers again" in m for m in store_lines)
+        # 22+ refused requests over two outages: the gateway says so once an outage, not once a request.
+        assert 1 <= sum(m.startswith("store unavailable, failing closed") for m in logged) <= 2
 
 
 def test_one_replica_killed_under_load_loses_no_session_and_duplicates_no_event(tmp_path: Path, redis) -> None:

@@ -43,6 +43,7 @@ from ..core.decide import Reason
 from ..core.device import from_user_agent
 from ..core.policy import glob_regex
 from ..enforce import Verdict, run_sweeper
+from ..outage import OutageLog
 from ..runtime import Runtime, open_runtime
 from ..store.base import StoreUnavailable
 from ..web.app import Gateway, safe_next
@@ -145,6 +146,7 @@ class Enforcer:
         self.gateway = Gateway(runtime)
         self.app_host = _host_of_app(runtime.loaded, settings.app)
         self._public = glob_regex(settings.public_paths)
+        self._outage = OutageLog(log, "store unavailable, failing closed")
 
     # ------------------------------------------------------------------ facts
 
@@ -304,8 +306,8 @@ class Enforcer:
         return None
 
     def unavailable(self, facts: Facts, exc: BaseException) -> Reply:
-        """The store cannot answer: 503, fail closed, one log line."""
-        log.error("store unavailable, failing closed: %s", exc)
+        """The store cannot answer: 503, fail closed, one log line per outage."""
+        self._outage.refused(exc)
         headers = [NO_STORE, ("Retry-After", "5")]
         if facts.wants_html:
             return Reply(503, [*headers, ("Content-Type", "text/html; charset=utf-8")],

@@ -32,6 +32,7 @@ from ..core.policy import normalize_host
 from ..enforce import Gate, Verdict
 from ..identity import verify_password
 from ..monitor import Connections, Facts
+from ..outage import OutageLog
 from ..runtime import Runtime
 from ..store.base import StoreUnavailable, User
 from ..totp import enrolled
@@ -97,6 +98,7 @@ class Gateway:
         self.csrf = Csrf(runtime.secrets.csrf_key)
         self.login_cfg = cfg.login
         self.attempts = Attempts(runtime.store, runtime.audit, runtime.sealer, cfg.login.window, cfg.login.max_attempts)
+        self._outage = OutageLog(log, "store unavailable, failing closed")
         self.pages = Environment(loader=PackageLoader("lapse.web"), autoescape=True)
         self.upstream = (
             Upstream(cfg.server.upstream, inject_widget=cfg.server.inject_widget)
@@ -168,7 +170,7 @@ class Gateway:
                 try:
                     await self.websockets(scope, receive, send)
                 except StoreUnavailable as exc:
-                    log.error("store unavailable, refusing a websocket: %s", exc)
+                    self._outage.refused(exc)
                     await send({"type": "websocket.close", "code": 1011, "reason": "session store unavailable"})
                 return
             await send({"type": "websocket.close", "code": 1008, "reason": "websockets are proxied in proxy mode only"})
@@ -186,7 +188,7 @@ class Gateway:
         await response(scope, receive, send)
 
     def _unavailable(self, exc: Exception, scope: Scope) -> Response:
-        log.error("store unavailable, failing closed: %s", exc)
+        self._outage.refused(exc)
         headers = {"Cache-Control": NO_STORE, "Retry-After": "5"}
         if _wants_html(header_dict(scope["headers"])):
             page = self.pages.get_template("unavailable.html").render(title="Sign-in service unavailable", retry_url="/")
