@@ -190,6 +190,8 @@ ERROR_CASES = [
     ('[store]\nurl = "postgres://db/lapse"\n', "store.url", 2, "memory://"),
     ('[store]\nurl = "sqlite:///"\n', "store.url", 2, "sqlite"),
     ('[store]\nurl = "redis://:6379/x"\n', "store.url", 2, "redis"),
+    ('[store]\nurl = "rediss://h/0?ssl_certfile=/nonexistent/client.pem"\n', "store.url", 2,
+     "ssl_certfile=/nonexistent/client.pem: no such file"),
     ('[store]\nsweep_interval = 1\n', "store.sweep_interval", 2, "duration"),
     ('[audit]\nsinks = ["store", "kafka"]\n', "audit.sinks[1]", 2, "jsonl:PATH"),
     ('[audit]\nsinks = ["store", "store"]\n', "audit.sinks[1]", 2, "same sink"),
@@ -434,3 +436,10 @@ def test_a_network_factor_past_the_preset_is_warned_about() -> None:
     assert ("networks[0]", "network office gives app billing idle 20m, more generous than preset pci-dss-4 (idle 15m)") in messages
     line = next(w.line for w in loaded.warnings if w.path == "networks[0]")
     assert text.splitlines()[line - 1].startswith("[[networks]]")
+
+
+def test_a_bad_redis_url_is_quoted_without_its_passwords() -> None:
+    """Config errors reach logs (journald, CI output): passwords in a store URL never do."""
+    with pytest.raises(ConfigError) as err:
+        parse_config('[store]\nurl = "redis+sentinel://:hunter2@a:1/m/x?sentinel_password=swordfish"\n')
+    assert "hunter2" not in str(err.value) and "swordfish" not in str(err.value) and ":***@" in str(err.value)

@@ -58,7 +58,7 @@ from lapse.core.durations import format_duration, parse_duration
 from lapse.core.presets import PRESETS
 
 from .core.policy import AppSpec, Layer, NetworkSpec, Policy, PolicySpec, PrivilegedSpec, compile_policy
-from .store.redis_url import is_redis_url, parse_redis_url
+from .store.redis_url import is_redis_url, parse_redis_url, redact, unreadable_files
 
 __all__ = [
     "Problem",
@@ -494,10 +494,13 @@ class Store(_Section):
                 self._sqlite_path = _resolve(_base_dir(info), written)
         elif is_redis_url(url):
             try:
-                parse_redis_url(url)
+                unreadable = unreadable_files(parse_redis_url(url))
             except ValueError as exc:
-                problem = (f'bad redis URL {json.dumps(url)} ({exc}): expected "redis://HOST:PORT/DB", '
+                problem = (f'bad redis URL {json.dumps(redact(url))} ({exc}): expected "redis://HOST:PORT/DB", '
                            '"redis+sentinel://HOST:PORT,.../NAME/DB" or "redis+cluster://HOST:PORT,..." (see docs/redis.md)')
+            else:
+                if unreadable:
+                    problem = f"redis URL {json.dumps(redact(url))}: " + "; ".join(unreadable)
         else:
             problem = (
                 f'unsupported store URL {json.dumps(url)}: expected "memory://", "sqlite:///PATH" '

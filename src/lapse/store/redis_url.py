@@ -18,6 +18,8 @@ the password is the data nodes'; ``sentinel_password`` is the sentinels'.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -62,6 +64,25 @@ class RedisTarget:
 
 def is_redis_url(url: str) -> bool:
     return url.split("://", 1)[0] in SCHEMES and "://" in url
+
+
+_SECRETS = (re.compile(r"(://[^/@]*?:)[^/@]*@"), re.compile(r"((?:^|[?&])sentinel_password=)[^&#]*"))
+
+
+def redact(url: str) -> str:
+    """The URL as given, for error messages, with its passwords replaced by ``***`` (it may not parse)."""
+    url = _SECRETS[0].sub(r"\1***@", url, count=1)
+    return _SECRETS[1].sub(r"\1***", url)
+
+
+def unreadable_files(target: RedisTarget) -> list[str]:
+    """The TLS files named in the URL that this process cannot read (``option=path: why``)."""
+    problems = []
+    for name, path in target.tls_options.items():
+        if name != "ssl_cert_reqs" and not os.access(path, os.R_OK):
+            why = "no such file" if not os.path.exists(path) else "not readable"
+            problems.append(f"{name}={path}: {why}")
+    return problems
 
 
 def parse_redis_url(url: str) -> RedisTarget:
