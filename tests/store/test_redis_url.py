@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lapse.config import ConfigError, parse_config
-from lapse.store.redis_url import RedisTarget, parse_redis_url
+from lapse.store.redis_url import RedisTarget, parse_redis_url, redact
 
 
 @pytest.mark.parametrize("url, expected", [
@@ -52,3 +54,14 @@ def test_redacted_has_no_credentials() -> None:
     target = parse_redis_url("rediss+sentinel://user:hunter2@s1,s2/main/1")
     assert target.redacted() == "rediss+sentinel://s1:26379,s2:26379/main/1"
     assert "hunter2" not in target.redacted()
+
+
+@settings(max_examples=300)
+@given(user=st.from_regex(r"[a-z]{0,8}", fullmatch=True), password=st.from_regex(r"[A-Za-z0-9%!*]{1,16}", fullmatch=True),
+       sentinel=st.from_regex(r"[A-Za-z0-9%!*]{1,16}", fullmatch=True), tail=st.sampled_from(["", "/0", "/0?timeout=1"]))
+def test_redact_hides_every_password_of_any_url(user, password, sentinel, tail):
+    """For messages about URLs that may not even parse: the password and sentinel_password never show."""
+    for url in (f"redis://{user}:{password}@h:1{tail}", f"redis+sentinel://{user}:{password}@a:1,b:2/m{tail}"
+                f"{'&' if '?' in tail else '?'}sentinel_password={sentinel}"):
+        shown = redact(url)
+        assert f":{password}@" not in shown and f"={sentinel}" not in shown and "***" in shown

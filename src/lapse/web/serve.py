@@ -32,6 +32,7 @@ from ..core.events import rfc3339
 from ..enforce import run_sweeper
 from ..runtime import open_runtime
 from ..store.base import StoreUnavailable
+from ..store.redis_url import redact
 from .app import Gateway
 from .metrics import Metrics
 
@@ -119,7 +120,7 @@ class Service:
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return
             cfg = self.loaded.config.server
-            log.info("lapse serving %s mode on %s (store %s)", cfg.mode, cfg.listen, self.loaded.config.store.url)
+            log.info("lapse serving %s mode on %s (store %s)", cfg.mode, cfg.listen, redact(self.loaded.config.store.url))
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown: uvicorn has drained the requests by now
             stop.set()
