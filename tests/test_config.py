@@ -442,4 +442,4 @@ def test_a_bad_redis_url_is_quoted_without_its_passwords() -> None:
     """Config errors reach logs (journald, CI output): passwords in a store URL never do."""
     with pytest.raises(ConfigError) as err:
         parse_config('[store]\nurl = "redis+sentinel://:hunter2@a:1/m/x?sentinel_password=swordfish"\n')
-    assert "hunter2" not in str(err.value) and "swordfish" not in str(err.value) and ":***@" in str(err.value)
+    assert "hunter2" not in str(err.value) and "swordfish" not in str(err.value) and "//***@" in str(err.value)

@@ -503,7 +503,7 @@ class Store(_Section):
                     problem = f"redis URL {json.dumps(redact(url))}: " + "; ".join(unreadable)
         else:
             problem = (
-                f'unsupported store URL {json.dumps(url)}: expected "memory://", "sqlite:///PATH" '
+                f'unsupported store URL {json.dumps(redact(url))}: expected "memory://", "sqlite:///PATH" '
                 'or "redis://HOST:PORT/DB" ("rediss://" for TLS; redis+sentinel:// and redis+cluster:// too)'
             )
         if problem:

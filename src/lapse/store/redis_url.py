@@ -46,9 +46,9 @@ class RedisTarget:
     hosts: tuple[tuple[str, int], ...]
     db: int = 0
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a repr that reaches a log
     service: str | None = None  # Sentinel: the monitored master's name
-    sentinel_password: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
     timeout: float = DEFAULT_TIMEOUT
     prefix: str = DEFAULT_PREFIX
     audit_maxlen: int = DEFAULT_AUDIT_MAXLEN
@@ -66,13 +66,14 @@ def is_redis_url(url: str) -> bool:
     return url.split("://", 1)[0] in SCHEMES and "://" in url
 
 
-_SECRETS = (re.compile(r"(://[^/@]*?:)[^/@]*@"), re.compile(r"((?:^|[?&])sentinel_password=)[^&#]*"))
+_CREDENTIALS = re.compile(r"^([^:/?#]*://).*@")  # greedy, to the last "@": more hidden rather than less
+_QUERY_PASSWORD = re.compile(r"(?i)((?:^|[?&])(?:sentinel_)?password=).*")  # to the end: "&", "#" may be its
 
 
 def redact(url: str) -> str:
-    """The URL as given, for error messages, with its passwords replaced by ``***`` (it may not parse)."""
-    url = _SECRETS[0].sub(r"\1***@", url, count=1)
-    return _SECRETS[1].sub(r"\1***", url)
+    """Any URL as given, for messages, with its credentials and password options replaced by ``***``
+    (it may not parse: a wrong one is exactly what an error message quotes)."""
+    return _CREDENTIALS.sub(r"\1***@", _QUERY_PASSWORD.sub(r"\1***", url), count=1)
 
 
 def unreadable_files(target: RedisTarget) -> list[str]:
@@ -91,6 +92,9 @@ def parse_redis_url(url: str) -> RedisTarget:
     if scheme not in SCHEMES or not _:
         raise ValueError(f"scheme must be one of {', '.join(s + '://' for s in SCHEMES)}")
     kind, tls = SCHEMES[scheme]
+    # Error messages quote pieces of the URL only when it holds no "@": a password that should have
+    # been percent-encoded ("/", "?", "#") would otherwise land, cut, where a host or option is read.
+    quote = "@" not in rest
     parts = urlsplit("x://" + rest)
     netloc = parts.netloc
     username = password = None
@@ -101,7 +105,7 @@ def parse_redis_url(url: str) -> RedisTarget:
         password = unquote(pw) if has_pw else None
         if not has_pw:  # redis://secret@host: a bare credential is the password (requirepass)
             username, password = None, unquote(user)
-    hosts = tuple(_host(h, DEFAULT_PORT[kind]) for h in netloc.split(",")) if netloc else ()
+    hosts = tuple(_host(h, DEFAULT_PORT[kind], quote) for h in netloc.split(",")) if netloc else ()
     if not hosts:
         raise ValueError("no host")
     if kind == "standalone" and len(hosts) > 1:
@@ -135,15 +139,21 @@ def parse_redis_url(url: str) -> RedisTarget:
         elif name in TLS_OPTIONS and tls:
             target.setdefault("tls_options", {})[name] = value
         else:
-            raise ValueError(f"unknown option {name!r}")
+            raise ValueError(f"unknown option {name!r}" if quote else f"unknown option ({_ENCODE})")
     return RedisTarget(**target)  # type: ignore[arg-type]
 
 
-def _host(text: str, default_port: int) -> tuple[str, int]:
+_ENCODE = "not shown: the URL holds credentials; a password with '/', '?' or '#' must be percent-encoded"
+
+
+def _host(text: str, default_port: int, quote: bool = True) -> tuple[str, int]:
     parts = urlsplit("x://" + text)
-    if not parts.hostname:
-        raise ValueError(f"bad host {text!r}")
-    return parts.hostname, parts.port or default_port  # .port raises ValueError on a bad one
+    try:
+        if not parts.hostname:
+            raise ValueError("no host name")
+        return parts.hostname, parts.port or default_port  # .port raises ValueError on a bad one
+    except ValueError as exc:
+        raise ValueError(f"bad host {text!r}: {exc}" if quote else f"bad host ({_ENCODE})") from None
 
 
 def _positive(name: str, value: str) -> float:
