@@ -1,10 +1,11 @@
 """The second factor: time-based one-time codes (RFC 6238) and one-time recovery codes.
 
 A user's factor lives in ``User.extra["totp"]`` in the store, so every replica
-sees it: the base32 secret (sealed: ``lapse.sealed``, bound to the user), the
-last time step a code was accepted for, and SHA-256 hashes of the unused
-recovery codes (random 50-bit codes need no slow hash; a hash keeps a leaked
-store from handing them out). Everything here is pure: callers pass the clock
+sees it: the base32 secret, the last time step a code was accepted for, and
+SHA-256 hashes of the unused recovery codes. The secret and the hashes are
+sealed (``lapse.sealed``, bound to the user): a copy of the store yields
+neither the seed nor hashes to search (~49-bit codes under one unsalted hash
+would fall to a GPU in hours). Everything here is pure: callers pass the clock
 and write back the state it returns.
 
 Codes are accepted within one step (30 s) either side of now, and never twice:
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,9 +42,9 @@ class Factor:
     recovery: tuple[str, ...] = ()  # SHA-256 hex of each unused recovery code
 
     def to_dict(self, sealer: Sealer, user: str) -> dict[str, Any]:
-        """For ``User.extra["totp"]`` of ``user`` (the stored name), the secret sealed to that user."""
+        """For ``User.extra["totp"]`` of ``user`` (the stored name): secret and recovery hashes sealed to that user."""
         return {"secret": sealer.seal(self.secret, _owner(user)), "last_step": self.last_step,
-                "recovery": list(self.recovery)}
+                "recovery": sealer.seal(json.dumps(list(self.recovery)), _owner(user))}
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any], sealer: Sealer, user: str) -> Factor | None:
@@ -51,7 +53,10 @@ class Factor:
         if not raw:
             return None
         secret = sealer.open(str(raw["secret"]), _owner(user))
-        return cls(secret, int(raw.get("last_step", -1)), tuple(raw.get("recovery", ())))
+        recovery = raw.get("recovery", [])
+        if isinstance(recovery, str):  # sealed; a list is from before sealing
+            recovery = json.loads(sealer.open(recovery, _owner(user)))
+        return cls(secret, int(raw.get("last_step", -1)), tuple(recovery))
 
 
 def enrolled(extra: dict[str, Any]) -> bool:
