@@ -1,6 +1,6 @@
 """Real ``redis-server`` processes for the tests, on loopback: one server, a 3-master Cluster, or a master
 with a replica and three sentinels (``redis-server --sentinel``: no redis-sentinel package needed); and
-certificates for the TLS tests (``openssl``).
+(re-exported from ``tests/certs.py``) certificates for the TLS tests.
 
 Never a system service: each server runs on a free port with persistence off
 (``--save '' --appendonly no``) in a temporary folder, and is stopped by its
@@ -17,9 +17,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from .certs import Certificate as Certificate  # the TLS tests' certificates live in tests/certs.py now
+from .certs import certificate as certificate
 from .support import free_port, missing, port_open
 
 
@@ -289,32 +290,3 @@ class RedisSentinels:
     def stop(self) -> None:
         for server in [*self.sentinels, self.replica, self.master]:
             server.stop()
-
-
-@dataclass(frozen=True)
-class Certificate:
-    cert: Path
-    key: Path
-
-
-def certificate(folder: Path, name: str, *, signed_by: Certificate | None = None) -> Certificate:
-    """A key and a certificate for ``127.0.0.1``, made with ``openssl``: self-signed (a certificate that is
-    its own CA, so it can also be one: ``ssl_ca_certs`` or ``--tls-ca-cert-file``) or signed by ``signed_by``."""
-    if shutil.which("openssl") is None:
-        missing("openssl is not installed (scripts/test.sh installs it with apt)")
-    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
-    common = ["-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-subj", f"/CN={name}"]
-    if signed_by is None:
-        steps = [["openssl", "req", "-x509", *common, "-out", str(cert), "-days", "1",
-                  "-addext", "subjectAltName=IP:127.0.0.1"]]
-    else:
-        request, extensions = folder / f"{name}.csr", folder / f"{name}.ext"
-        extensions.write_text("basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n")
-        steps = [["openssl", "req", "-new", *common, "-out", str(request)],
-                 ["openssl", "x509", "-req", "-in", str(request), "-CA", str(signed_by.cert), "-CAkey",
-                  str(signed_by.key), "-set_serial", str(random.getrandbits(63)), "-days", "1",
-                  "-extfile", str(extensions), "-out", str(cert)]]
-    for step in steps:
-        done = subprocess.run(step, capture_output=True, timeout=60)
-        assert done.returncode == 0, done.stderr.decode()
-    return Certificate(cert, key)

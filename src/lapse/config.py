@@ -16,7 +16,7 @@ Conventions the policy builder relies on:
 - Relative paths are resolved against the config file's folder (the current
   directory for built-in defaults) and exposed beside the raw value:
   ``server.secret_path``, ``store.sqlite_path``, ``audit.parsed_sinks``,
-  ``oidc.client_secret_path``.
+  ``oidc.client_secret_path``, ``postgres[i].tls_paths``.
 """
 
 from __future__ import annotations
@@ -672,6 +672,40 @@ class Postgres(_Limits):
     warn_before: Duration | None = None
     on_ip_change: OnIpChange | None = None
     allow: Annotated[tuple[AllowRule, ...], Field(min_length=1)] | None = None
+    tls_cert: StrictStr | None = None  # PEM: the certificate (then its intermediates) clients see
+    tls_key: StrictStr | None = None  # PEM: its private key, unencrypted
+    tls_required: StrictBool = False  # refuse clients that do not ask for TLS (FATAL 28000, like hostssl)
+
+    _tls_paths: tuple[Path, Path] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> Postgres:
+        """Both TLS files or neither, and loaded here: a bad pair is a config error, not a failed handshake later."""
+        from .postgres.tls import TlsFileError, server_context  # here: lapse.postgres imports this module
+
+        issues: list[tuple[tuple[str | int, ...], str]] = []
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, absent = ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key", "tls_cert")
+            issues.append(((absent,), f"{given} is set, so {absent} is needed too: give both (the certificate "
+                                      "and its private key) or neither"))
+        elif self.tls_cert is not None and self.tls_key is not None:
+            base = _base_dir(info)
+            paths = (_resolve(base, self.tls_cert), _resolve(base, self.tls_key))
+            try:
+                server_context(*paths)
+                self._tls_paths = paths
+            except TlsFileError as exc:
+                issues.append(((exc.key,), exc.message))
+        if self.tls_required and (self.tls_cert is None or self.tls_key is None):
+            issues.append((("tls_required",), "tls_required = true needs tls_cert and tls_key"))
+        if issues:
+            raise _issues(*issues)
+        return self
+
+    @property
+    def tls_paths(self) -> tuple[Path, Path] | None:
+        """(certificate, key) resolved against the config file's folder; None without TLS."""
+        return self._tls_paths
 
     @property
     def passive_paths(self) -> tuple[str, ...]:
@@ -995,6 +1029,12 @@ def _warnings(config: Config, locations: dict[str, int]) -> list[Problem]:
                 f"(cookie \"{config.server.effective_cookie_name}\"); use only behind TLS you control, or for testing"
             )
         warn("server.insecure_http", message)
+    for index, pg in enumerate(config.postgres):
+        if pg.tls_paths is not None:
+            from .postgres.tls import tls_warnings
+
+            for key, message in tls_warnings(*pg.tls_paths):
+                warn(f"postgres[{index}].{key}", message)
     return sorted(warnings, key=lambda p: (p.line is None, p.line or 0))
 
 

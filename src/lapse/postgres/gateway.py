@@ -2,10 +2,14 @@
 
 Theory of operation:
 
-1. The client's startup packet tells the user and database. ``SSLRequest`` and
-   ``GSSENCRequest`` are refused with ``N`` (the client goes on in plain text,
-   or gives up if it demands TLS: put lapse beside the database, on loopback or
-   a private link), each at most once. ``CancelRequest`` is passed to the server as it came.
+1. The client's startup packet tells the user and database. ``SSLRequest`` is
+   answered ``S`` when the listener has a certificate (``tls_cert``, ``tls_key``):
+   the client side of the connection becomes TLS in place and the startup goes on,
+   encrypted; without one, ``N`` (the client goes on in plain text, or gives up if
+   it demands TLS). ``GSSENCRequest`` is always ``N``; each request at most once.
+   With ``tls_required`` a plain startup packet is refused (FATAL 28000, as a
+   ``hostssl`` line would). The hop to the server stays plain TCP: lapse runs beside
+   the database. ``CancelRequest`` is passed to the server as it came.
    Until ReadyForQuery the client has ``AUTH_TIMEOUT`` seconds and messages of at most
    ``protocol.MAX_AUTH_MESSAGE`` bytes; breaking either is a FATAL 08P01 (protocol_violation).
 2. Authentication is PostgreSQL's own, passed through: lapse relays the
@@ -32,6 +36,7 @@ import asyncio
 import logging
 import struct
 from collections.abc import Callable
+from typing import Literal
 
 from ..config import Config, Postgres, parse_listen, postgres_host
 from ..core.device import from_application_name
@@ -39,6 +44,7 @@ from ..enforce import Gate
 from ..monitor import Connections, Facts, Monitor
 from ..store.base import StoreUnavailable
 from . import protocol as pg
+from .tls import ServerTls
 
 log = logging.getLogger("lapse.postgres")
 
@@ -46,11 +52,24 @@ ACTIVE = frozenset(b"QPBEFd")  # Query, Parse, Bind, Execute, FunctionCall, Copy
 ANSWERED = frozenset({2, 3, 5, 7, 8, 9, 10, 11})  # authentication requests the client answers
 READ = 64 * 1024
 AUTH_TIMEOUT = 30.0
-"""Seconds from accepting a connection to ReadyForQuery (startup packet and authentication); then it is closed."""
+"""Seconds from accepting a connection to ReadyForQuery (startup packet, TLS handshake, authentication); then it is closed."""
+TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello: a client that skipped SSLRequest
 
 
 class _Closed(Exception):
     """One side went away."""
+
+
+class _HandshakeFailed(Exception):
+    """The client's TLS handshake did not succeed (garbage, a refused certificate, a client that left)."""
+
+
+class _Client:
+    """The client side of one connection; ``tls`` says how far encryption got (``handshake`` while it runs)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.tls: Literal["none", "handshake", "on"] = "none"
 
 
 class _Messages:
@@ -89,12 +108,14 @@ class PostgresGateway:
         self.connections = connections
         self.host = postgres_host(spec.name)
         self.upstream = parse_listen(spec.upstream)
+        self.tls = ServerTls(*spec.tls_paths) if spec.tls_paths is not None else None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> asyncio.Server:
         host, port = parse_listen(self.spec.listen)
         server = await asyncio.start_server(self._serve, host, port, reuse_port=True)
-        log.info("postgres gateway %s on %s -> %s", self.spec.name, self.spec.listen, self.spec.upstream)
+        tls = "off" if self.tls is None else "required" if self.spec.tls_required else "on"
+        log.info("postgres gateway %s on %s -> %s (TLS %s)", self.spec.name, self.spec.listen, self.spec.upstream, tls)
         return server
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -102,9 +123,10 @@ class PostgresGateway:
         ip = peer[0] if peer else None
         up_writer: asyncio.StreamWriter | None = None
         deadline = asyncio.timeout(AUTH_TIMEOUT)  # before authentication, nobody holds a connection open for long
+        client_side = _Client(reader, writer)
         try:
             async with deadline:
-                startup = await _startup(reader, writer)
+                startup = await self._startup(client_side, ip)
                 if startup is None:
                     return
                 packet, params = startup
@@ -120,10 +142,17 @@ class PostgresGateway:
                 await self._relay(server, client, writer, up_writer, *opened)
         except (_Closed, ConnectionError, asyncio.IncompleteReadError):
             pass
+        except _HandshakeFailed as exc:
+            log.warning("postgres gateway %s: TLS handshake with %s failed: %s; closing", self.spec.name, ip,
+                        exc)
         except pg.ProtocolViolation as exc:
             log.warning("postgres gateway %s: protocol violation from %s: %s; closing", self.spec.name, ip, exc)
             await _say(writer, pg.error(f"lapse: protocol violation: {exc}", pg.SQLSTATE_PROTOCOL))
         except OSError as exc:
+            if isinstance(exc, TimeoutError) and deadline.expired() and client_side.tls == "handshake":
+                log.warning("postgres gateway %s: TLS handshake with %s did not finish within %g s; closing",
+                            self.spec.name, ip, AUTH_TIMEOUT)
+                return  # nothing to say: the client speaks neither plain protocol nor TLS yet
             if isinstance(exc, TimeoutError) and deadline.expired():
                 log.warning("postgres gateway %s: %s did not authenticate within %g s; closing", self.spec.name,
                             ip, AUTH_TIMEOUT)
@@ -137,6 +166,64 @@ class PostgresGateway:
             for w in (writer, up_writer):
                 if w is not None:
                     w.close()
+
+    async def _startup(self, client: _Client, ip: str | None) -> tuple[bytes, dict[str, str] | None] | None:
+        """(the startup packet, its parameters) or (a CancelRequest, None); None if the client gave up or was refused.
+
+        At most one SSLRequest and one GSSENCRequest come first (as PostgreSQL allows); another is a violation.
+        """
+        reader, writer = client.reader, client.writer
+        asked: set[int] = set()
+        while True:
+            head = await reader.readexactly(8)
+            if not asked and head[0] == TLS_HANDSHAKE:
+                log.warning("postgres gateway %s: %s started TLS directly (sslnegotiation=direct), which lapse does "
+                            "not support; closing (sslnegotiation=postgres, the default, works)", self.spec.name, ip)
+                return None
+            length, code = struct.unpack("!II", head)
+            if length < 8 or length > pg.MAX_STARTUP:
+                raise pg.ProtocolViolation(f"bad startup packet length {length}")
+            rest = await reader.readexactly(length - 8)
+            if code in (pg.SSL_REQUEST, pg.GSSENC_REQUEST):
+                if code in asked:
+                    raise pg.ProtocolViolation("repeated " + ("SSLRequest" if code == pg.SSL_REQUEST else "GSSENCRequest"))
+                asked.add(code)
+                if code == pg.SSL_REQUEST and self.tls is not None:
+                    await self._start_tls(client)
+                    continue
+                writer.write(b"N")  # the client may go on in plain text (or stop, if it requires encryption)
+                await writer.drain()
+                continue
+            if code == pg.CANCEL_REQUEST:  # not encrypted by every client (libpq's PQcancel never): PostgreSQL takes both
+                return head + rest, None
+            if code >> 16 != 3:
+                writer.write(pg.error(f"lapse: unsupported frontend protocol {code >> 16}.{code & 0xFFFF}", "0A000"))
+                await writer.drain()
+                return None
+            params = pg.startup_params(rest)
+            if self.spec.tls_required and client.tls != "on":
+                user = params.get("user", "")
+                database = params.get("database") or user
+                log.warning("postgres gateway %s: refused %s (user %s, database %s) without TLS: tls_required",
+                            self.spec.name, ip, user, database)
+                await _say(writer, pg.error(
+                    f'lapse: TLS is required: no encryption for host "{ip}", user "{user}", database "{database}"',
+                    pg.SQLSTATE_DENIED, detail="Connect with sslmode=require (or verify-ca, verify-full)."))
+                return None
+            return head + rest, params
+
+    async def _start_tls(self, client: _Client) -> None:
+        """Answer ``S`` and turn the client side into TLS in place; the startup goes on, encrypted."""
+        assert self.tls is not None
+        if _buffered(client.reader):  # PostgreSQL's check (CVE-2021-23214): it would be read as if encrypted
+            raise pg.ProtocolViolation("received unencrypted data after SSL request")
+        client.writer.write(b"S")
+        client.tls = "handshake"
+        try:
+            await client.writer.start_tls(self.tls.context())
+        except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError
+            raise _HandshakeFailed(str(exc)) from exc
+        client.tls = "on"
 
     async def _authenticate(self, server: _Messages, client: _Messages, writer: asyncio.StreamWriter,
                             up_writer: asyncio.StreamWriter, params: dict[str, str],
@@ -272,41 +359,17 @@ def _cut_message(reason: str) -> str:
     return f"terminating connection: lapse session {reason}"
 
 
+def _buffered(reader: asyncio.StreamReader) -> int:
+    """Bytes received and not yet read. ``StreamReader`` has no public way to tell; its buffer is ``_buffer``."""
+    return len(getattr(reader, "_buffer", b""))
+
+
 async def _say(writer: asyncio.StreamWriter, message: bytes) -> None:
     try:
         writer.write(message)
         await writer.drain()
     except (ConnectionError, RuntimeError):
         pass
-
-
-async def _startup(reader: asyncio.StreamReader,
-                   writer: asyncio.StreamWriter) -> tuple[bytes, dict[str, str] | None] | None:
-    """(the startup packet, its parameters) or (a CancelRequest, None); None if the client gave up.
-
-    At most one SSLRequest and one GSSENCRequest come first (as PostgreSQL allows); another is a violation.
-    """
-    asked: set[int] = set()
-    while True:
-        head = await reader.readexactly(8)
-        length, code = struct.unpack("!II", head)
-        if length < 8 or length > pg.MAX_STARTUP:
-            raise pg.ProtocolViolation(f"bad startup packet length {length}")
-        rest = await reader.readexactly(length - 8)
-        if code in (pg.SSL_REQUEST, pg.GSSENC_REQUEST):
-            if code in asked:
-                raise pg.ProtocolViolation("repeated " + ("SSLRequest" if code == pg.SSL_REQUEST else "GSSENCRequest"))
-            asked.add(code)
-            writer.write(b"N")  # no TLS here: the client may go on in plain text (or stop, if it requires TLS)
-            await writer.drain()
-            continue
-        if code == pg.CANCEL_REQUEST:
-            return head + rest, None
-        if code >> 16 != 3:
-            writer.write(pg.error(f"lapse: unsupported frontend protocol {code >> 16}.{code & 0xFFFF}", "0A000"))
-            await writer.drain()
-            return None
-        return head + rest, pg.startup_params(rest)
 
 
 async def start_listeners(config: Config, gate: Callable[[], Gate], connections: Connections) -> list[asyncio.Server]:
