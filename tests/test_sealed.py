@@ -39,5 +39,10 @@ def test_an_altered_value_does_not_open(position, junk):
             SEALER.open(altered, "oidc:k")
 
 
+def test_any_str_an_idp_could_send_seals_and_opens():
+    token = "a\ud800b\udfffc"  # lone surrogates: valid JSON escapes, not valid UTF-8
+    assert SEALER.open(SEALER.seal(token, "oidc:k"), "oidc:k") == token
+
+
 def test_a_value_from_before_sealing_reads_as_it_is():
     assert SEALER.open("JBSWY3DPEHPK3PXP", "totp:alice") == "JBSWY3DPEHPK3PXP"

@@ -36,7 +36,7 @@ class Sealer:
 
     def seal(self, plain: str, owner: str) -> str:
         nonce = os.urandom(_NONCE)
-        sealed = self._aead.encrypt(nonce, plain.encode(), owner.encode())
+        sealed = self._aead.encrypt(nonce, _bytes(plain), _bytes(owner))
         return PREFIX + base64.urlsafe_b64encode(nonce + sealed).decode("ascii")
 
     def open(self, value: str, owner: str) -> str:
@@ -48,7 +48,12 @@ class Sealer:
             raw = base64.urlsafe_b64decode(text.encode("ascii"))
             if base64.urlsafe_b64encode(raw).decode("ascii") != text:  # only the encoding seal() writes
                 raise ValueError("not canonical base64")
-            return self._aead.decrypt(raw[:_NONCE], raw[_NONCE:], owner.encode()).decode()
+            return self._aead.decrypt(raw[:_NONCE], raw[_NONCE:], _bytes(owner)).decode("utf-8", "surrogatepass")
         except (InvalidTag, ValueError, binascii.Error) as exc:  # UnicodeError is a ValueError
             raise SealError("a sealed value does not open with this secret file (replaced, or the value "
                             "was altered)") from exc
+
+
+def _bytes(text: str) -> bytes:
+    """UTF-8, lone surrogates included: whatever str an IdP's JSON decoded to seals and opens unchanged."""
+    return text.encode("utf-8", "surrogatepass")
