@@ -48,3 +48,31 @@ def test_recovery_codes_are_stored_hashed_and_spent_once():
         totp.Factor.from_extra({"totp": stored}, sealer, "mallory")
     legacy = {"secret": SECRET, "last_step": spent.last_step, "recovery": list(spent.recovery)}
     assert totp.Factor.from_extra({"totp": legacy}, sealer, "alice") == spent  # stored before sealing
+
+
+def test_factors_stored_before_sealing_are_sealed_at_start_and_still_work(tmp_path):
+    """Upgrading: `lapse serve` seals plain seeds and bare recovery hashes once (idempotent); the codes
+    keep working; a factor sealed under another secret file is left alone, not a failed start."""
+    import asyncio
+
+    from lapse.config import parse_config
+    from lapse.runtime import open_runtime, seal_stored_factors
+    from lapse.store.base import User
+
+    async def main():
+        loaded = parse_config('[store]\nurl = "sqlite:///lapse.db"\n', "lapse.toml", tmp_path)
+        async with open_runtime(loaded) as rt:
+            factor, codes = totp.enrol(SECRET)
+            legacy = {"secret": SECRET, "last_step": -1, "recovery": list(factor.recovery)}
+            foreign = Sealer(bytes(32)).seal(SECRET, "totp:carol")
+            await rt.store.put_user(User("alice", "x", extra={"totp": legacy}))
+            await rt.store.put_user(User("bob", "x"))
+            await rt.store.put_user(User("carol", "x", extra={"totp": {"secret": foreign, "recovery": []}}))
+            assert await seal_stored_factors(rt) == 1
+            assert await seal_stored_factors(rt) == 0
+            stored = (await rt.store.get_user("alice")).extra
+            assert SECRET not in str(stored) and codes and factor.recovery[0] not in str(stored)
+            assert totp.Factor.from_extra(stored, rt.sealer, "alice") == factor
+            assert (await rt.store.get_user("carol")).extra["totp"]["secret"] == foreign
+
+    asyncio.run(main())

@@ -30,7 +30,7 @@ import uvicorn
 from ..config import ConfigError, LoadedConfig, build_policy, load_config, parse_listen
 from ..core.events import rfc3339
 from ..enforce import run_sweeper
-from ..runtime import open_runtime
+from ..runtime import open_runtime, seal_stored_factors
 from ..store.base import StoreUnavailable
 from ..store.redis_url import redact
 from .app import Gateway
@@ -100,6 +100,8 @@ class Service:
             try:
                 rt = await stack.enter_async_context(open_runtime(self.loaded))
                 await rt.store.ping()
+                if sealed := await seal_stored_factors(rt):
+                    log.info("sealed the one-time-code factors of %d user(s), stored before sealing", sealed)
                 metrics = self._metrics()
                 self.gateway = Gateway(rt, metrics)
                 stop = asyncio.Event()
