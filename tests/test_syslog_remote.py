@@ -226,8 +226,9 @@ def test_tcp_reconnects_after_the_collector_restarts(rsyslog, caplog) -> None:
             await wait_for(lambda: sink.depth == 0, "the writer")
         await wait_for(lambda: sink.dropped == 5, "the drops")
         collector.start()
-        i = 10
+        i, deadline = 10, time.monotonic() + 5
         while len(collector.lines()) == 5:  # lapse reconnects by itself: probe until one arrives
+            assert time.monotonic() < deadline, "lapse did not reconnect"
             sent.append(event(i))
             await audit.emit([sent[-1]])
             await asyncio.sleep(0.01)
