@@ -20,14 +20,17 @@ have openssl || missing+=(openssl)   # certificates for the Redis TLS test
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 # tests/oidc runs a real OpenID provider (npm oidc-provider) on Node: Debian's nodejs (npm below).
 have node || missing+=(nodejs)
+# tests/test_syslog_remote.py starts its own rsyslogd (free ports, -n; never the service); TLS needs its gtls driver.
+have rsyslogd || missing+=(rsyslog)
+ls /usr/lib/*/rsyslog/lmnsd_gtls.so >/dev/null 2>&1 || missing+=(rsyslog-gnutls)
 # tests/connections starts its own PostgreSQL cluster (initdb/pg_ctl; as root through runuser -u postgres).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && have psql || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then as_root=(); elif sudo -n true 2>/dev/null; then as_root=(sudo -n); else as_root=(none); fi
     if [ "${as_root[*]}" = none ]; then
-        echo "warning: ${missing[*]} missing and not root: tests/e2e, tests/browser, tests/oidc and the Redis tests will skip (or fail under CI=true)" >&2
+        echo "warning: ${missing[*]} missing and not root: tests/e2e, tests/browser, tests/oidc, the Redis and the remote syslog tests will skip (or fail under CI=true)" >&2
     else
-        echo "installing ${missing[*]} for the end-to-end, browser, OIDC and Redis tests (apt)..." >&2
+        echo "installing ${missing[*]} for the end-to-end, browser, OIDC, Redis and syslog tests (apt)..." >&2
         "${as_root[@]}" apt-get update -qq
         servers=("${missing[@]/chromium}")
         if [ -n "${servers[*]// }" ]; then

@@ -57,6 +57,9 @@ from lapse.config_lines import format_path, line_of, locate
 from lapse.core.durations import format_duration, parse_duration
 from lapse.core.presets import PRESETS
 
+from .audit.remote import SPELLING as SYSLOG_SPELLING
+from .audit.remote import SyslogTarget
+from .audit.remote import parse_target as parse_syslog_target
 from .core.policy import AppSpec, Layer, NetworkSpec, Policy, PolicySpec, PrivilegedSpec, compile_policy
 from .store.redis_url import is_redis_url, parse_redis_url, redact, unreadable_files
 
@@ -134,11 +137,12 @@ class LoadedConfig:
 
 @dataclass(frozen=True, slots=True)
 class AuditSink:
-    """One entry of ``audit.sinks``, parsed: ``kind`` and, for jsonl, its file."""
+    """One entry of ``audit.sinks``, parsed: ``kind`` and, for jsonl, its file; for a remote syslog, its target."""
 
     kind: Literal["store", "stdout", "syslog", "jsonl"]
     path: Path | None
     spec: str  # as written in the file
+    target: SyslogTarget | None = None  # syslog:udp|tcp|tls://HOST:PORT (beyond CONTRACT.md's "syslog")
 
 
 # --------------------------------------------------------------------------
@@ -282,7 +286,14 @@ def _sink(value: str) -> str:
         return value
     if value.startswith("jsonl:") and value[len("jsonl:") :].strip():
         return value
-    raise ValueError(f"bad audit sink {json.dumps(value)}: expected \"store\", \"stdout\", \"syslog\" or \"jsonl:PATH\"")
+    if value.startswith("syslog:"):
+        try:
+            parse_syslog_target(value)  # the spelling; the CA file is checked with the config's folder known
+        except ValueError as exc:
+            raise ValueError(f"bad audit sink {json.dumps(value)}: {exc}") from None
+        return value
+    raise ValueError(f"bad audit sink {json.dumps(value)}: expected \"store\", \"stdout\", \"syslog\", "
+                     f"\"jsonl:PATH\" or {SYSLOG_SPELLING}")
 
 
 SinkSpec = Annotated[StrictStr, AfterValidator(_sink)]
@@ -540,11 +551,20 @@ class Audit(_Section):
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> Audit:
-        self._parsed = tuple(_parse_sink(spec, _base_dir(info)) for spec in self.sinks)
-        seen: dict[tuple[str, Path | None], int] = {}
-        issues = []
+        issues: list[tuple[tuple[str | int, ...], str]] = []
+        parsed = []
+        for index, spec in enumerate(self.sinks):
+            try:
+                parsed.append(_parse_sink(spec, _base_dir(info)))
+            except ValueError as exc:  # a remote syslog's ?ca= file
+                issues.append((("sinks", index), f"bad audit sink {json.dumps(spec)}: {exc}"))
+        if issues:
+            raise _issues(*issues)
+        self._parsed = tuple(parsed)
+        seen: dict[tuple[object, ...], int] = {}
         for index, sink in enumerate(self._parsed):
-            key = (sink.kind, sink.path)
+            t = sink.target
+            key = (sink.kind, sink.path) if t is None else (sink.kind, t.transport, t.host.lower(), t.port)
             if key in seen:
                 issues.append((("sinks", index), f"the same sink as sinks[{seen[key]}]"))
             seen.setdefault(key, index)
@@ -563,6 +583,8 @@ class Audit(_Section):
 def _parse_sink(spec: str, base: Path) -> AuditSink:
     if spec.startswith("jsonl:"):
         return AuditSink("jsonl", _resolve(base, spec[len("jsonl:") :].strip()), spec)
+    if spec.startswith("syslog:"):
+        return AuditSink("syslog", None, spec, parse_syslog_target(spec, base))
     return AuditSink(spec, None, spec)  # type: ignore[arg-type]
 
 

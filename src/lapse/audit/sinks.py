@@ -1,4 +1,4 @@
-"""Audit sinks: ``store``, ``jsonl:PATH``, ``stdout``, ``syslog`` (CONTRACT.md §5).
+"""Audit sinks: ``store``, ``jsonl:PATH``, ``stdout``, ``syslog`` (CONTRACT.md §5), remote syslog (beyond it).
 
 Every sink receives the same JSON objects. What holds, sink by sink (issue 8):
 
@@ -10,11 +10,13 @@ Every sink receives the same JSON objects. What holds, sink by sink (issue 8):
   change (on a Redis Cluster right after it; docs/audit.md), and
   ``AuditLog.emit(..., stored_in=store)`` skips this sink for them. Other
   events are appended here, one transaction per batch.
-- ``stdout`` and ``syslog`` (slow or remote readers): behind a bounded queue
+- ``stdout``, ``syslog`` and the remote ``syslog:udp|tcp|tls://HOST:PORT``
+  (``lapse.audit.remote``; slow or remote readers): behind a bounded queue
   (``QueuedSink``), written by a background task, so a stalled reader never
   stalls a request. When the queue is full the event is dropped, and every
   drop is counted (``lapse_audit_dropped_total{sink}``), logged (once per
-  ``DROP_LOG_EVERY`` seconds with the count) and never silent.
+  ``DROP_LOG_EVERY`` seconds with the count, or once per outage by a remote
+  sink) and never silent. Shutdown waits ``FLUSH_WAIT`` seconds at most.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Protocol, TextIO
 
 from ..core.events import AuditEvent
 from ..store.base import SessionStore
+from .remote import SinkError, StreamSyslogSink, SyslogFormat, UdpSyslogSink, parse_target
 
 
 def to_line(event: AuditEvent) -> str:
@@ -94,23 +97,16 @@ class SyslogSink:
 
     ``<PRI>1 TIMESTAMP HOSTNAME lapse PROCID MSGID - MSG``: MSGID is the event
     name, MSG the same JSON object every sink gets (UTF-8). Severity: info for
-    ``success``, notice for ``failure``.
+    ``success``, notice for ``failure``. (Remote collectors: ``lapse.audit.remote``.)
     """
 
-    FACILITY = 10  # authpriv
+    FACILITY = SyslogFormat.FACILITY
 
     def __init__(self, address: str | tuple[str, int] = "/dev/log") -> None:
         self._address = address
-        self._host = _header_token(socket.gethostname(), 255)
-        self._pid = str(os.getpid())
+        self.format = SyslogFormat().format
         family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
-
-    def format(self, e: AuditEvent) -> bytes:
-        severity = 6 if e.outcome == "success" else 5
-        ts = e.to_dict()["ts"]
-        header = f"<{self.FACILITY * 8 + severity}>1 {ts} {self._host} lapse {self._pid} {_header_token(e.event, 32)} -"
-        return (header + " " + to_line(e)).encode("utf-8")
 
     async def write(self, events: Sequence[AuditEvent]) -> None:
         for e in events:
@@ -120,26 +116,29 @@ class SyslogSink:
         self._sock.close()
 
 
-def _header_token(value: str, limit: int) -> str:
-    """A header field of RFC 5424: printable US-ASCII without spaces, or ``-``."""
-    token = "".join(c for c in value if 33 <= ord(c) <= 126)[:limit]
-    return token or "-"
-
-
 log = logging.getLogger("lapse.audit")
 QUEUE_MAX = 10_000  # events waiting per queued sink
 DROP_LOG_EVERY = 10.0  # seconds between drop warnings per sink
+FLUSH_WAIT = 5.0  # seconds shutdown waits for a queued sink to write what it holds
 
 
 class QueuedSink:
-    """A slow sink behind a bounded queue: requests never wait for it, and no drop goes uncounted."""
+    """A slow sink behind a bounded queue: requests never wait for it, and no drop goes uncounted.
 
-    def __init__(self, inner: Sink, name: str, maxsize: int = QUEUE_MAX) -> None:
-        self.inner, self.name, self.maxsize = inner, name, maxsize
+    The writer is an asyncio task (one per sink), so an inner sink must await, never block: the
+    network sinks (``lapse.audit.remote``) do their I/O as awaits with timeouts. An inner sink that
+    raises ``SinkError`` says how many of the batch it did not write (and whether it logged why); one
+    that counts what it ``sent`` lets a batch cut short at shutdown count only its unsent part as dropped.
+    """
+
+    def __init__(self, inner: Sink, name: str, maxsize: int = QUEUE_MAX, flush_wait: float = FLUSH_WAIT) -> None:
+        self.inner, self.name, self.maxsize, self.flush_wait = inner, name, maxsize, flush_wait
         self.dropped = 0
         self.failed = 0
         self._queue: asyncio.Queue[AuditEvent] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._inflight = 0  # events of the batch being written
+        self._sent_before = 0  # the inner sink's ``sent`` count (if it keeps one) when that batch began
         self._logged_at = -float("inf")
         self._logged_count = 0
 
@@ -150,6 +149,7 @@ class QueuedSink:
     async def write(self, events: Sequence[AuditEvent]) -> None:
         if self._queue is None:
             self._queue = asyncio.Queue(self.maxsize)
+        if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._drain(), name=f"audit sink {self.name}")
         for e in events:
             try:
@@ -157,9 +157,11 @@ class QueuedSink:
             except asyncio.QueueFull:
                 self._drop(1, "queue full")
 
-    def _drop(self, n: int, why: str) -> None:
+    def _drop(self, n: int, why: str, *, quiet: bool = False) -> None:
         self.dropped += n
         now = time.monotonic()
+        if quiet:  # the sink said why (once per outage); later lines' counts include these
+            return
         if now - self._logged_at >= DROP_LOG_EVERY:
             log.warning("audit sink %s: dropped %d event(s) (%s; %d in all)", self.name,
                         self.dropped - self._logged_count, why, self.dropped)
@@ -171,44 +173,61 @@ class QueuedSink:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < 500:
                 batch.append(self._queue.get_nowait())
+            self._inflight = len(batch)
+            self._sent_before = getattr(self.inner, "sent", 0)
             try:
                 await self.inner.write(batch)
+            except SinkError as exc:
+                self.failed += exc.unsent
+                self._drop(exc.unsent, f"write failed: {exc}", quiet=exc.logged)
             except Exception as exc:  # noqa: BLE001 - a sink's failure is counted as drops, never raised here
                 self.failed += len(batch)
                 self._drop(len(batch), f"write failed: {exc}")
+            self._inflight = 0
+            for _ in batch:
+                self._queue.task_done()
 
     async def flush(self) -> None:
-        """Write out what is queued (shutdown)."""
-        if self._queue is None:
+        """Write out what is queued (shutdown), waiting at most ``flush_wait``; what is left is counted as dropped."""
+        if self._queue is None or self._task is None:
             return
-        pending = []
-        while not self._queue.empty():
-            pending.append(self._queue.get_nowait())
+        try:
+            await asyncio.wait_for(self._queue.join(), self.flush_wait)
+        except TimeoutError:
+            pass
+        self._stop(f"not written within {self.flush_wait:g} s at shutdown")
+
+    def _stop(self, why: str) -> None:
+        """End the writer; the batch it was writing and the queued events count as dropped."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        if pending:
-            try:
-                await self.inner.write(pending)
-            except Exception as exc:  # noqa: BLE001
-                self._drop(len(pending), f"write failed at shutdown: {exc}")
+        left = self._inflight and self._inflight - (getattr(self.inner, "sent", 0) - self._sent_before)
+        self._inflight = 0
+        if self._queue is not None:  # a cancelled batch is never task_done: a later write starts a new queue
+            left += self._queue.qsize()
+            self._queue = None
+        if left:
+            self._logged_at = -float("inf")  # said at once: shutdown is no time to wait 10 s
+            self._drop(left, why)
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        if self._queue is not None and not self._queue.empty():
-            self._drop(self._queue.qsize(), "closed with events queued")
+        self._stop("closed with events queued")
         self.inner.close()
 
 
 def open_sink(spec: str, store: SessionStore, base_dir: Path) -> Sink:
-    """A sink from its config spelling; relative jsonl paths are from the config's folder."""
+    """A sink from its config spelling; relative jsonl and ``?ca=`` paths are from the config's folder."""
     if spec == "store":
         return StoreSink(store)
     if spec == "stdout":
         return QueuedSink(StreamSink(), "stdout")
     if spec == "syslog":
         return QueuedSink(SyslogSink(), "syslog")
+    if spec.startswith("syslog:"):  # a remote collector: an extension beyond CONTRACT.md
+        target = parse_target(spec, base_dir)
+        remote = UdpSyslogSink(target) if target.transport == "udp" else StreamSyslogSink(target)
+        return QueuedSink(remote, target.name)
     if spec.startswith("jsonl:"):
         path = Path(spec[len("jsonl:") :])
         return JsonlSink(path if path.is_absolute() else base_dir / path)
