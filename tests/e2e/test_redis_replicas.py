@@ -175,8 +175,10 @@ def test_redis_stopped_means_503_on_both_and_they_recover_without_a_restart(pair
         logged = [json.loads(line)["msg"] for line in replica.proc.stderr.read().splitlines() if line.startswith("{")]
         store_lines = [m for m in logged if m.startswith("redis store")]
         assert any("failing closed" in m for m in store_lines) and any("answers again" in m for m in store_lines)
-        # 22+ refused requests over two outages: the gateway says so once an outage, not once a request.
-        assert 1 <= sum(m.startswith("store unavailable, failing closed") for m in logged) <= 2
+        # 22+ refused requests over two outages: the gateway says so once a cause (timeout, refused, ...),
+        # not once a request.
+        said = [m for m in logged if m.startswith("store unavailable, failing closed")]
+        assert 1 <= len(said) <= 4, said
 
 
 def test_one_replica_killed_under_load_loses_no_session_and_duplicates_no_event(tmp_path: Path, redis) -> None:
