@@ -317,3 +317,39 @@ def test_after_authentication_long_messages_pass_and_absurd_ones_end_the_connect
     assert _fatal(data)[0] == "08P01"
     cut = [e for e in lapse.audit_once("connection.terminated", "protocol_violation") if e.app == "dbslow"]
     assert cut and cut[-1].user == "alice"
+
+
+def test_connections_waiting_to_authenticate_are_capped_per_address(gateway, monkeypatch, caplog) -> None:
+    """Before authentication a connection proves nothing: past WAITING_PER_IP from one address (small here),
+    the next is refused at once with FATAL 53300 (too_many_connections) and one log line; authenticated
+    connections do not count, and once the waiting ones leave, new ones are served."""
+    _, ports = gateway
+    monkeypatch.setattr(gateway_mod, "WAITING_PER_IP", 3)
+    with _connect(ports["slow"]) as signed_in, caplog.at_level(logging.WARNING, logger="lapse.postgres"):
+        idle = [_raw(ports["slow"]) for _ in range(3)]
+        try:
+            for sock in idle:  # half a startup packet each, then nothing: they wait (counted from accept)
+                sock.sendall(_startup_packet()[:6])
+            deadline, data = time.monotonic() + 5, b""
+            while not data and time.monotonic() < deadline:  # until the gateway has taken the three in
+                with _raw(ports["slow"]) as extra:
+                    try:
+                        data, took = _until_closed(extra, limit=0.5)
+                    except TimeoutError:
+                        data = b""  # let in: one of the three was not counted yet; this one leaves now
+            assert _fatal(data) == ("53300", "lapse: too many connections waiting to authenticate; try again")
+            assert took < 1
+            assert signed_in.execute("select 1").fetchone() == (1,)  # signed in: not counted, still served
+        finally:
+            for sock in idle:
+                sock.close()
+        deadline = time.monotonic() + 5
+        while True:  # the gateway notices the closed ones; then a new client is served
+            try:
+                with _connect(ports["slow"]) as conn:
+                    assert conn.execute("select 1").fetchone() == (1,)
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    assert sum("too many connections waiting" in r.getMessage() for r in caplog.records) == 1

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import struct
 from collections.abc import Callable
 from typing import Literal
@@ -42,6 +43,7 @@ from ..config import Config, Postgres, parse_listen, postgres_host
 from ..core.device import from_application_name
 from ..enforce import Gate
 from ..monitor import Connections, Facts, Monitor
+from ..outage import OutageLog
 from ..store.base import StoreUnavailable
 from . import protocol as pg
 from .tls import ServerTls
@@ -52,6 +54,8 @@ ACTIVE = frozenset(b"QPBEFd")  # Query, Parse, Bind, Execute, FunctionCall, Copy
 ANSWERED = frozenset({2, 3, 5, 7, 8, 9, 10, 11})  # authentication requests the client answers
 READ = 64 * 1024
 AUTH_TIMEOUT = 30.0
+WAITING_MAX = 256  # connections of one listener still authenticating (or shaking hands): more are refused at once
+WAITING_PER_IP = 32  # of which from one address (a NAT of many clients stays well under)
 """Seconds from accepting a connection to ReadyForQuery (startup packet, TLS handshake, authentication); then it is closed."""
 TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello: a client that skipped SSLRequest
 
@@ -110,6 +114,8 @@ class PostgresGateway:
         self.upstream = parse_listen(spec.upstream)
         self.tls = ServerTls(*spec.tls_paths) if spec.tls_paths is not None else None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: dict[str | None, int] = {}  # connections before authentication, by client address
+        self._refusals = OutageLog(log, f"postgres gateway {spec.name}: refusing connections")
 
     async def start(self) -> asyncio.Server:
         host, port = parse_listen(self.spec.listen)
@@ -124,6 +130,16 @@ class PostgresGateway:
         up_writer: asyncio.StreamWriter | None = None
         deadline = asyncio.timeout(AUTH_TIMEOUT)  # before authentication, nobody holds a connection open for long
         client_side = _Client(reader, writer)
+        if sum(self._waiting.values()) >= WAITING_MAX or self._waiting.get(ip, 0) >= WAITING_PER_IP:
+            # Before authentication a connection costs a file descriptor (and a TLS handshake its CPU) and
+            # proves nothing: a flood of them must not starve the listener, nor the gateway's HTTP side.
+            self._refusals.refused(ConnectionError("too many connections waiting to authenticate"))
+            await _say(writer, pg.error("lapse: too many connections waiting to authenticate; try again",
+                                        pg.SQLSTATE_TOO_MANY))
+            writer.close()
+            return
+        self._waiting[ip] = self._waiting.get(ip, 0) + 1
+        waiting = True
         try:
             async with deadline:
                 startup = await self._startup(client_side, ip)
@@ -137,6 +153,8 @@ class PostgresGateway:
                     return
                 server, client = _Messages(up_reader), _Messages(reader, pg.MAX_AUTH_MESSAGE)
                 opened = await self._authenticate(server, client, writer, up_writer, params, ip)
+            self._stop_waiting(ip)
+            waiting = False
             if opened is not None:
                 client.limit = pg.MAX_MESSAGE
                 await self._relay(server, client, writer, up_writer, *opened)
@@ -148,6 +166,8 @@ class PostgresGateway:
         except pg.ProtocolViolation as exc:
             log.warning("postgres gateway %s: protocol violation from %s: %s; closing", self.spec.name, ip, exc)
             await _say(writer, pg.error(f"lapse: protocol violation: {exc}", pg.SQLSTATE_PROTOCOL))
+        except ssl.SSLError as exc:  # an OSError too, but the client's TLS, not the database server
+            log.warning("postgres gateway %s: TLS error from %s: %s; closing", self.spec.name, ip, exc)
         except OSError as exc:
             if isinstance(exc, TimeoutError) and deadline.expired() and client_side.tls == "handshake":
                 log.warning("postgres gateway %s: TLS handshake with %s did not finish within %g s; closing",
@@ -163,9 +183,17 @@ class PostgresGateway:
         except ValueError as exc:
             log.warning("postgres gateway %s: protocol error from %s: %s", self.spec.name, ip, exc)
         finally:
+            if waiting:
+                self._stop_waiting(ip)
             for w in (writer, up_writer):
                 if w is not None:
                     w.close()
+
+    def _stop_waiting(self, ip: str | None) -> None:
+        """This connection has authenticated (or ended): it no longer counts against the waiting limits."""
+        left = self._waiting.pop(ip) - 1
+        if left:
+            self._waiting[ip] = left
 
     async def _startup(self, client: _Client, ip: str | None) -> tuple[bytes, dict[str, str] | None] | None:
         """(the startup packet, its parameters) or (a CancelRequest, None); None if the client gave up or was refused.

@@ -24,6 +24,7 @@ SQLSTATE_IDLE = "57P05"  # idle_session_timeout
 SQLSTATE_ADMIN = "57P01"  # admin_shutdown: an absolute limit or a revocation ended the session
 SQLSTATE_DENIED = "28000"  # invalid_authorization_specification
 SQLSTATE_PROTOCOL = "08P01"  # protocol_violation
+SQLSTATE_TOO_MANY = "53300"  # too_many_connections
 
 
 class ProtocolViolation(ValueError):

@@ -64,7 +64,11 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
                                       "(protect the file instead: chmod 600)") from None
     except (ValueError, UnsupportedAlgorithm):
         raise TlsFileError("tls_key", f"{key} holds no PEM private key (-----BEGIN PRIVATE KEY-----)") from None
-    if _public(private.public_key()) != _public(chain[0].public_key()):
+    try:
+        matches = _public(private.public_key()) == _public(chain[0].public_key())
+    except (ValueError, UnsupportedAlgorithm) as exc:  # a key type this cryptography cannot handle
+        raise TlsFileError("tls_cert", f"{cert}: its key type is not supported ({exc})") from None
+    if not matches:
         raise TlsFileError("tls_key", f"{key} is not the private key of the certificate in {cert} "
                                       f"({chain[0].subject.rfc4514_string()})")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -123,7 +127,7 @@ class ServerTls:
             try:
                 self._context = server_context(self.cert, self.key)
                 log.info("postgres gateway: reloaded TLS certificate %s", self.cert)
-            except TlsFileError as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever is wrong with the new pair, the old one serves
                 log.error("postgres gateway: the changed TLS files do not load (%s); still serving the previous "
                           "certificate", exc)
         return self._context

@@ -181,7 +181,7 @@ class Service:
             log.error("reload refused, keeping the current policy: %s", str(exc).replace("\n", "; "))
             return
         old = self.loaded.config
-        for section in ("server", "store", "telemetry"):
+        for section in ("server", "store", "telemetry", "audit", "postgres"):
             if getattr(old, section) != getattr(fresh.config, section):
                 log.warning("reload: [%s] changed; it takes effect at the next restart", section)
         self.gateway.rt.gate.policy = policy
