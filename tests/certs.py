@@ -21,20 +21,21 @@ class Certificate:
 
 
 def certificate(folder: Path, name: str, *, signed_by: Certificate | None = None,
-                names: str = "IP:127.0.0.1") -> Certificate:
+                names: str | None = "IP:127.0.0.1") -> Certificate:
     """A key and a certificate for ``names`` (a subjectAltName value, e.g. ``"DNS:db.test,IP:127.0.0.1"``), made
     with ``openssl``: self-signed (a certificate that is its own CA, so it can also be one: ``ssl_ca_certs`` or
-    ``--tls-ca-cert-file``) or signed by ``signed_by``."""
+    ``--tls-ca-cert-file``) or signed by ``signed_by``. ``names=None``: no subjectAltName, only the
+    subject's CN (``name``), which TLS clients must not accept as the host name."""
     if shutil.which("openssl") is None:
         missing("openssl is not installed (scripts/test.sh installs it with apt)")
     cert, key = folder / f"{name}.pem", folder / f"{name}.key"
     common = ["-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-subj", f"/CN={name}"]
     if signed_by is None:
-        steps = [["openssl", "req", "-x509", *common, "-out", str(cert), "-days", "1",
-                  "-addext", f"subjectAltName={names}"]]
+        san = [] if names is None else ["-addext", f"subjectAltName={names}"]
+        steps = [["openssl", "req", "-x509", *common, "-out", str(cert), "-days", "1", *san]]
     else:
         request, extensions = folder / f"{name}.csr", folder / f"{name}.ext"
-        extensions.write_text(f"basicConstraints=CA:FALSE\nsubjectAltName={names}\n")
+        extensions.write_text("basicConstraints=CA:FALSE\n" + ("" if names is None else f"subjectAltName={names}\n"))
         steps = [["openssl", "req", "-new", *common, "-out", str(request)],
                  ["openssl", "x509", "-req", "-in", str(request), "-CA", str(signed_by.cert), "-CAkey",
                   str(signed_by.key), "-set_serial", str(random.getrandbits(63)), "-days", "1",

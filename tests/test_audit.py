@@ -202,3 +202,68 @@ def test_grafana_dashboard_uses_only_exported_metrics():
     dash = json.loads((Path(__file__).resolve().parents[1] / "deploy" / "grafana-dashboard.json").read_text())
     used = {name for p in dash["panels"] for t in p["targets"] for name in re.findall(r"\b(lapse_[a-z_]+)", t["expr"])}
     assert used and used <= exported | {"lapse_audit_events_total"}, used - exported
+
+
+class _Slow:
+    """An inner sink that takes 50 ms per event and counts what it ``sent``; with ``swallow`` its writes
+    go on through a cancel (as Python 3.11's ``wait_for`` may when the awaited write finishes meanwhile)."""
+
+    def __init__(self, swallow: bool = False):
+        self.got, self.sent, self.swallow = [], 0, swallow
+
+    async def write(self, events):
+        for e in events:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if not self.swallow:
+                    raise
+            self.got.append(e)
+            self.sent += 1
+
+    def close(self):
+        pass
+
+
+def test_a_writer_that_outlives_its_cancel_is_counted_once(caplog):
+    from lapse.audit import QueuedSink
+
+    async def main():
+        inner = _Slow(swallow=True)
+        sink = QueuedSink(inner, "slow", flush_wait=0.12)
+        await sink.write([EVENT] * 10)
+        await sink.write([EVENT] * 5)
+        await sink.flush()
+        got_at_flush = len(inner.got)
+        await asyncio.sleep(0.6)  # a writer that went on would write more now
+        sink.close()
+        return inner, sink, got_at_flush
+
+    with caplog.at_level("ERROR"):
+        inner, sink, got_at_flush = asyncio.run(main())
+    assert len(inner.got) == got_at_flush and inner.sent == len(inner.got)
+    assert len(inner.got) + sink.dropped == 15, (len(inner.got), sink.dropped)  # each once: written or dropped
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.records  # no task_done() on None
+
+
+def test_events_after_close_and_a_cancelled_flush_are_counted():
+    from lapse.audit import QueuedSink
+
+    async def main():
+        inner = _Slow()
+        sink = QueuedSink(inner, "slow", flush_wait=10)
+        await sink.write([EVENT] * 20)
+        flushing = asyncio.ensure_future(sink.flush())
+        await asyncio.sleep(0.12)
+        flushing.cancel()  # shutdown cut short: what is left is still counted
+        with pytest.raises(asyncio.CancelledError):
+            await flushing
+        after_flush = (len(inner.got), sink.dropped)
+        sink.close()
+        await sink.write([EVENT] * 3)  # after close: counted, and no new writer
+        await asyncio.sleep(0.2)
+        return inner, sink, after_flush
+
+    inner, sink, (got, dropped) = asyncio.run(main())
+    assert got + dropped == 20, (got, dropped)
+    assert len(inner.got) == got and sink.dropped == dropped + 3 and sink._task is None

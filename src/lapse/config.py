@@ -60,6 +60,7 @@ from lapse.core.presets import PRESETS
 from .audit.remote import SPELLING as SYSLOG_SPELLING
 from .audit.remote import SyslogTarget
 from .audit.remote import parse_target as parse_syslog_target
+from .audit.remote import redact as redact_sink
 from .core.policy import AppSpec, Layer, NetworkSpec, Policy, PolicySpec, PrivilegedSpec, compile_policy
 from .store.redis_url import is_redis_url, parse_redis_url, redact, unreadable_files
 
@@ -290,7 +291,7 @@ def _sink(value: str) -> str:
         try:
             parse_syslog_target(value)  # the spelling; the CA file is checked with the config's folder known
         except ValueError as exc:
-            raise ValueError(f"bad audit sink {json.dumps(value)}: {exc}") from None
+            raise ValueError(f"bad audit sink {json.dumps(redact_sink(value))}: {exc}") from None
         return value
     raise ValueError(f"bad audit sink {json.dumps(value)}: expected \"store\", \"stdout\", \"syslog\", "
                      f"\"jsonl:PATH\" or {SYSLOG_SPELLING}")
@@ -557,7 +558,7 @@ class Audit(_Section):
             try:
                 parsed.append(_parse_sink(spec, _base_dir(info)))
             except ValueError as exc:  # a remote syslog's ?ca= file
-                issues.append((("sinks", index), f"bad audit sink {json.dumps(spec)}: {exc}"))
+                issues.append((("sinks", index), f"bad audit sink {json.dumps(redact_sink(spec))}: {exc}"))
         if issues:
             raise _issues(*issues)
         self._parsed = tuple(parsed)

@@ -68,7 +68,7 @@ class SyslogFormat:
         severity = 6 if e.outcome == "success" else 5
         d = e.to_dict()
         header = f"<{self.FACILITY * 8 + severity}>1 {d['ts']} {self.host} lapse {self.pid} {_header_token(e.event, 32)} -"
-        return (header + " " + json.dumps(d, separators=(",", ":"), ensure_ascii=False)).encode("utf-8")
+        return (header + " " + json.dumps(d, separators=(",", ":"), ensure_ascii=False)).encode("utf-8", "backslashreplace")
 
 
 def _header_token(value: str, limit: int) -> str:
@@ -108,14 +108,13 @@ def parse_target(spec: str, base: Path | None = None) -> SyslogTarget:
     unreadable CA is a config error at start, not a silent outage later.
     """
     rest = spec[len("syslog:") :] if spec.startswith("syslog:") else spec
-    scheme, sep, _ = rest.partition("://")
+    scheme, sep, after = rest.partition("://")
+    if sep and "@" in after.split("?ca=", 1)[0]:  # before anything else, which could quote a part of it
+        raise ValueError("no user name or password goes in a syslog address (syslog has none): remove USER[:PASSWORD]@")
     if not sep or scheme not in ("udp", "tcp", "tls"):
         raise ValueError(f"unknown transport {scheme!r}: expected {SPELLING}")
-    after = rest[len(scheme) + 3 :]
     netloc = after[: next((i for i, c in enumerate(after) if c in "/?#"), len(after))]
     path, _, query_text = after[len(netloc) :].partition("?")
-    if "@" in netloc:
-        raise ValueError("no user name or password goes in a syslog address")
     if path not in ("", "/") or "#" in query_text:
         raise ValueError(f"nothing goes after HOST:PORT but ?ca=PATH: expected {SPELLING}")
     bracketed = re.fullmatch(r"\[([^\]]*)\](?::(\d*))?", netloc)
@@ -161,6 +160,14 @@ def parse_target(spec: str, base: Path | None = None) -> SyslogTarget:
     return SyslogTarget(scheme, host, int(port), ca)  # type: ignore[arg-type]
 
 
+_USERINFO = re.compile(r"://.*@")  # greedy, to the last "@": more hidden rather than less
+
+
+def redact(spec: str) -> str:
+    """A sink spelling as given, for messages, with anything that looks like USER[:PASSWORD]@ replaced by ``***``."""
+    return _USERINFO.sub("://***@", spec, count=1)
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
@@ -198,6 +205,7 @@ class UdpSyslogSink:
         self._outage = _Outage(target.name)
         self._sock: socket.socket | None = None
         self._addr: tuple[str, int] | tuple[str, int, int, int] | None = None
+        self.sent = 0  # datagrams handed to the kernel (QueuedSink: what a cancelled batch did send)
 
     async def write(self, events: Sequence[AuditEvent]) -> None:
         loop = asyncio.get_running_loop()
@@ -220,6 +228,7 @@ class UdpSyslogSink:
                 continue
             try:
                 await asyncio.wait_for(loop.sock_sendto(self._sock, data, self._addr), self.timeout)
+                self.sent += 1
             except (OSError, TimeoutError) as exc:
                 self.close()
                 self._outage.failed(exc, len(events) - i)
@@ -239,9 +248,13 @@ class StreamSyslogSink:
     """RFC 6587 octet counting (``LEN SP MSG``) over TCP, or over TLS (RFC 5425), with reconnects.
 
     TCP acknowledges nothing to the application: events written just as the collector dies sit in
-    the kernel's buffer and can be lost uncounted. A closed connection is noticed before each batch
-    (the collector never sends, so end-of-stream means it left), and ``TCP_USER_TIMEOUT`` bounds how
-    long unacknowledged data may wait, so that window stays small.
+    the kernel's buffer and can be lost. A closed connection is noticed before each batch (the
+    collector never sends, so end-of-stream means it left), and ``TCP_USER_TIMEOUT`` bounds how long
+    unacknowledged data may wait, so that window stays small. Counting is conservative: the events
+    of the last batch written on a connection the collector then closed are counted as dropped (they
+    may not have been read), and a connection proves the collector is back only once it has carried
+    a batch and is found still open at the next one (a load balancer without a healthy backend, or a
+    TLS 1.3 collector that rejects the client after its handshake, accepts and then closes).
     """
 
     def __init__(self, target: SyslogTarget, *, connect_timeout: float = CONNECT_TIMEOUT,
@@ -253,21 +266,51 @@ class StreamSyslogSink:
         self._ssl: ssl.SSLContext | None = None
         if target.transport == "tls":
             self._ssl = ssl.create_default_context(cafile=str(target.ca) if target.ca else None)
+            self._ssl.hostname_checks_common_name = False  # a certificate without a SAN does not pass on its CN
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._retry_at = -float("inf")
         self._delay = self.backoff_min
         self._outage = _Outage(target.name)
-        self.sent = 0  # messages handed to the connection (QueuedSink: what a cancelled batch did write)
+        self._unconfirmed = 0  # events of the last batch on this connection, until it is found still open
+        self.sent = 0  # messages handed to the connection and not found lost since (QueuedSink's accounting)
+
+    def _open(self) -> bool:
+        """Whether the current connection is still open (the collector never sends: end of stream means it left)."""
+        if self._writer is None or self._reader is None:
+            return False
+        return not (self._reader.at_eof() or self._reader.exception() is not None or self._writer.is_closing())
+
+    def _backoff(self) -> None:
+        self._retry_at = time.monotonic() + self._delay * random.uniform(0.8, 1.2)
+        self._delay = min(self._delay * 2, self.backoff_max)
+
+    def _confirm(self) -> None:
+        """The connection carried a batch and is still open: the collector is back."""
+        if self._unconfirmed:
+            self._unconfirmed = 0
+            self._delay = self.backoff_min
+            self._outage.recovered()
+
+    def _lost(self) -> int:
+        """The collector closed the connection: close it, retry after the backoff; the events of its
+        last batch count as dropped (conservative: they may not have been read). Returns how many."""
+        lost, self._unconfirmed = self._unconfirmed, 0
+        self.sent -= lost
+        self.close()
+        self._backoff()
+        return lost
 
     async def _connected(self) -> BaseException | None:
-        """Connected (None), or why not: a lost connection is replaced at once, a failed attempt waits."""
+        """Connected (None), or why not. A connection is proven, or found closed, at the next batch."""
         for _ in range(2):  # let the loop read what came in (an end of stream) before deciding
             await asyncio.sleep(0)
-        if self._writer is not None and self._reader is not None:
-            if not (self._reader.at_eof() or self._writer.is_closing()):
+        if self._writer is not None:
+            if self._open():
+                self._confirm()
                 return None
-            self.close()  # the collector closed the connection: try again now
+            lost = self._lost()
+            raise _Closed(lost)
         if time.monotonic() < self._retry_at:
             return ConnectionError(f"waiting {self._delay:.1f} s before the next attempt")
         try:
@@ -276,35 +319,74 @@ class StreamSyslogSink:
                 server_hostname=self.target.host if self._ssl else None,
                 ssl_handshake_timeout=self.connect_timeout if self._ssl else None), self.connect_timeout)
         except (OSError, TimeoutError) as exc:
-            self._retry_at = time.monotonic() + self._delay * random.uniform(0.8, 1.2)
-            self._delay = min(self._delay * 2, self.backoff_max)
+            self._backoff()
             return exc
         sock = self._writer.get_extra_info("socket")
         if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.send_timeout * 1000))
-        self._delay = self.backoff_min
-        self._outage.recovered()
-        return None
+        # drain() returns only once the data is in the kernel, not in asyncio's buffer (lost at shutdown).
+        # Under TLS this is the TLS layer's buffer; the TCP transport below it may still hold a record.
+        # (3.11's TLS layer pauses at size >= high, so high=0 would pause it for good: there high=1, low=0.)
+        self._writer.transport.set_write_buffer_limits(high=1 if self._ssl else 0, low=0)
+        return None  # not yet the end of an outage: that is when this connection has carried a batch and survived
 
     async def write(self, events: Sequence[AuditEvent]) -> None:
-        why = await self._connected()
+        try:
+            why = await self._connected()
+        except _Closed as closed:
+            exc = ConnectionError("the collector closed the connection")
+            self._outage.failed(exc, len(events) + closed.lost)
+            raise SinkError(f"not connected: {_describe(exc)}" + (
+                f" ({closed.lost} event(s) of the batch before counted as dropped: they may not have been read)"
+                if closed.lost else ""), len(events) + closed.lost, logged=True) from None
         if why is not None:
             self._outage.failed(why, len(events))
             raise SinkError(f"not connected: {_describe(why)}", len(events), logged=True)
         assert self._writer is not None
+        bad = 0  # events that cannot be formatted: each counted as dropped, the rest of the batch still sent
         for i, e in enumerate(events):
-            message = self.format(e)
+            try:
+                message = self.format(e)
+            except Exception:  # noqa: BLE001 - one bad event must not cost (or count twice) the others
+                log.exception("audit sink %s: cannot format an event", self.target.name)
+                bad += 1
+                continue
             try:
                 self._writer.write(b"%d " % len(message) + message)
                 await asyncio.wait_for(self._writer.drain(), self.send_timeout)
-                self.sent += 1
             except (OSError, TimeoutError) as exc:
                 self.close()
                 self._retry_at = -float("inf")  # the first attempt after a lost connection is at once
                 self._outage.failed(exc, len(events) - i)
-                raise SinkError(f"send failed: {_describe(exc)}", len(events) - i, logged=True) from exc
+                raise SinkError(f"send failed: {_describe(exc)}", len(events) - i + bad, logged=True) from exc
+            self.sent += 1
+            self._unconfirmed += 1
+        if bad:
+            raise SinkError(f"{bad} event(s) could not be formatted", bad, logged=True)
+
+    async def settle(self) -> int:
+        """At shutdown, after the last batch: if the collector has closed the connection, the events of
+        that batch count as dropped (returned, and logged once per outage); if it is open, it is proven."""
+        if self._writer is None or not self._unconfirmed:
+            return 0
+        for _ in range(2):
+            await asyncio.sleep(0)
+        if self._open():
+            self._confirm()
+            return 0
+        lost = self._lost()
+        self._outage.failed(ConnectionError("the collector closed the connection"), lost)
+        return lost
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
         self._reader = self._writer = None
+
+
+class _Closed(Exception):
+    """The collector closed the connection; ``lost``: events of its last batch, now counted as dropped."""
+
+    def __init__(self, lost: int) -> None:
+        super().__init__(lost)
+        self.lost = lost

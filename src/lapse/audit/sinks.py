@@ -120,6 +120,7 @@ log = logging.getLogger("lapse.audit")
 QUEUE_MAX = 10_000  # events waiting per queued sink
 DROP_LOG_EVERY = 10.0  # seconds between drop warnings per sink
 FLUSH_WAIT = 5.0  # seconds shutdown waits for a queued sink to write what it holds
+STOP_WAIT = 1.0  # seconds shutdown then waits for a cancelled writer to end
 
 
 class QueuedSink:
@@ -141,12 +142,17 @@ class QueuedSink:
         self._sent_before = 0  # the inner sink's ``sent`` count (if it keeps one) when that batch began
         self._logged_at = -float("inf")
         self._logged_count = 0
+        self._closed = False
 
     @property
     def depth(self) -> int:
         return 0 if self._queue is None else self._queue.qsize()
 
     async def write(self, events: Sequence[AuditEvent]) -> None:
+        if self._closed:  # no new writer after close: nothing would stop it, nothing would count its losses
+            if events:
+                self._drop(len(events), "emitted after the sink was closed")
+            return
         if self._queue is None:
             self._queue = asyncio.Queue(self.maxsize)
         if self._task is None:
@@ -168,11 +174,13 @@ class QueuedSink:
             self._logged_at, self._logged_count = now, self.dropped
 
     async def _drain(self) -> None:
-        assert self._queue is not None
-        while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty() and len(batch) < 500:
-                batch.append(self._queue.get_nowait())
+        queue = self._queue  # its own: _stop() drops self._queue, and a cancel may be swallowed (below)
+        me = asyncio.current_task()
+        assert queue is not None
+        while self._task is me:
+            batch = [await queue.get()]
+            while not queue.empty() and len(batch) < 500:
+                batch.append(queue.get_nowait())
             self._inflight = len(batch)
             self._sent_before = getattr(self.inner, "sent", 0)
             try:
@@ -183,19 +191,37 @@ class QueuedSink:
             except Exception as exc:  # noqa: BLE001 - a sink's failure is counted as drops, never raised here
                 self.failed += len(batch)
                 self._drop(len(batch), f"write failed: {exc}")
+            if self._task is not me:
+                # stopped meanwhile (Python 3.11's wait_for can swallow a cancel that races with the write
+                # finishing): _stop() counts this batch, so this writer counts and takes nothing more
+                return
             self._inflight = 0
             for _ in batch:
-                self._queue.task_done()
+                queue.task_done()
 
     async def flush(self) -> None:
         """Write out what is queued (shutdown), waiting at most ``flush_wait``; what is left is counted as dropped."""
         if self._queue is None or self._task is None:
             return
+        why = f"not written within {self.flush_wait:g} s at shutdown"
         try:
             await asyncio.wait_for(self._queue.join(), self.flush_wait)
+            settle = getattr(self.inner, "settle", None)
+            if settle is not None:  # the last batch's connection: closed by the collector meanwhile?
+                lost = await settle()
+                if lost:
+                    self.failed += lost
+                    self._drop(lost, "the collector closed the connection", quiet=True)
         except TimeoutError:
             pass
-        self._stop(f"not written within {self.flush_wait:g} s at shutdown")
+        finally:  # even when flush itself is cancelled: what is left is counted
+            task = self._task
+            if task is not None:
+                task.cancel()
+                if task is not asyncio.current_task():
+                    # the writer ends (its batch's ``sent`` is then final), bounded: shutdown waits for nothing
+                    await asyncio.wait({task}, timeout=STOP_WAIT)
+            self._stop(why)
 
     def _stop(self, why: str) -> None:
         """End the writer; the batch it was writing and the queued events count as dropped."""
@@ -212,6 +238,7 @@ class QueuedSink:
             self._drop(left, why)
 
     def close(self) -> None:
+        self._closed = True
         self._stop("closed with events queued")
         self.inner.close()
 
