@@ -267,3 +267,50 @@ def test_events_after_close_and_a_cancelled_flush_are_counted():
     inner, sink, (got, dropped) = asyncio.run(main())
     assert got + dropped == 20, (got, dropped)
     assert len(inner.got) == got and sink.dropped == dropped + 3 and sink._task is None
+
+
+def test_a_stalled_stdout_reader_never_stalls_the_event_loop():
+    """The queued sinks exist so that a slow reader never slows a request: a stdout pipe nobody reads
+    fills, and the writer blocks in its own thread while the loop keeps serving; events past the queue
+    are dropped and counted."""
+    import os
+    import threading
+    import time
+
+    from lapse.audit.sinks import QueuedSink
+
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w", buffering=1)
+    closed = threading.Lock()
+
+    def close_reader() -> None:  # once: by the test, or by the watchdog if the loop itself got stuck
+        if closed.acquire(blocking=False):
+            os.close(read_end)
+
+    watchdog = threading.Timer(5.0, close_reader)  # a blocked loop fails the test instead of hanging it
+    watchdog.start()
+
+    async def main() -> tuple[float, int]:
+        sink = QueuedSink(StreamSink(stream), "stdout", maxsize=4)
+        audit = AuditLog([sink])
+        big = AuditEvent(1.0, "session.created", "success", "u" * 40_000)  # ~40 KB a line: the pipe fills
+        slowest = 0.0
+        for _ in range(20):
+            started = time.monotonic()
+            await audit.emit([big])
+            await asyncio.sleep(0.01)  # the loop must come back at once, though the writer is stuck
+            slowest = max(slowest, time.monotonic() - started)
+        dropped = sink.dropped
+        audit.close()
+        close_reader()  # the blocked write fails (EPIPE): the worker thread ends, the executor can shut down
+        return slowest, dropped
+
+    try:
+        slowest, dropped = asyncio.run(main())
+    finally:
+        watchdog.cancel()
+        try:
+            stream.close()
+        except BrokenPipeError:
+            pass
+    assert slowest < 0.5 and dropped > 0

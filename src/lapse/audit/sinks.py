@@ -35,7 +35,7 @@ from typing import Protocol, TextIO
 
 from ..core.events import AuditEvent
 from ..store.base import SessionStore
-from .remote import SinkError, StreamSyslogSink, SyslogFormat, UdpSyslogSink, parse_target
+from .remote import SEND_TIMEOUT, SinkError, StreamSyslogSink, SyslogFormat, UdpSyslogSink, parse_target
 
 
 def to_line(event: AuditEvent) -> str:
@@ -78,14 +78,21 @@ class JsonlSink:
 
 
 class StreamSink:
-    """``stdout``: for containers whose log collector reads standard output."""
+    """``stdout``: for containers whose log collector reads standard output.
+
+    Written from a worker thread: a pipe whose reader stalls blocks that thread (and, the queue
+    full, costs counted drops), never the event loop that serves requests.
+    """
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream
 
     async def write(self, events: Sequence[AuditEvent]) -> None:
+        await asyncio.to_thread(self._write, "".join(to_line(e) + "\n" for e in events))
+
+    def _write(self, text: str) -> None:
         stream = self._stream or sys.stdout
-        stream.write("".join(to_line(e) + "\n" for e in events))
+        stream.write(text)
         stream.flush()
 
     def close(self) -> None:
@@ -107,10 +114,15 @@ class SyslogSink:
         self.format = SyslogFormat().format
         family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        self._sock.settimeout(SEND_TIMEOUT)  # a stalled syslog daemon: an error (counted drops), not a hang
 
     async def write(self, events: Sequence[AuditEvent]) -> None:
-        for e in events:
-            self._sock.sendto(self.format(e), self._address)
+        # From a worker thread: a full /dev/log blocks that thread, never the event loop.
+        await asyncio.to_thread(self._send, [self.format(e) for e in events])
+
+    def _send(self, messages: list[bytes]) -> None:
+        for message in messages:
+            self._sock.sendto(message, self._address)
 
     def close(self) -> None:
         self._sock.close()
