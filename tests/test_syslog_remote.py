@@ -120,6 +120,17 @@ def rsyslog(tmp_path: Path) -> Iterator[Callable[..., Rsyslog]]:
         r.stop()
 
 
+async def deliver(sink: QueuedSink, events: list[AuditEvent], collector: Rsyslog) -> None:
+    """Emit ``events`` one by one through ``sink``, flush, and wait until the collector has them all."""
+    audit = AuditLog([sink])
+    for e in events:
+        await audit.emit([e])
+    await audit.flush()
+    await wait_for(lambda: len(collector.lines()) >= len(events), "the messages")
+    assert sink.dropped == 0
+    audit.close()
+
+
 async def wait_for(check: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
     """Poll ``check`` with a deadline (no fixed sleeps)."""
     deadline = time.monotonic() + seconds
@@ -197,13 +208,7 @@ def test_tcp_in_order_with_non_ascii_and_a_long_body(rsyslog, tmp_path: Path) ->
     async def main() -> None:
         sink = open_sink(f"syslog:tcp://127.0.0.1:{collector.tcp}", MemoryStore(), tmp_path)
         assert isinstance(sink, QueuedSink) and isinstance(sink.inner, StreamSyslogSink)
-        audit = AuditLog([sink])
-        for e in events:
-            await audit.emit([e])
-        await audit.flush()
-        await wait_for(lambda: len(collector.lines()) >= len(events), "the messages")
-        assert sink.dropped == 0
-        audit.close()
+        await deliver(sink, events, collector)
 
     asyncio.run(main())
     assert_delivered(collector.lines(), events)
@@ -302,13 +307,7 @@ def test_tls_verified_in_order(rsyslog, tmp_path: Path) -> None:
     async def main() -> None:
         sink = open_sink(f"syslog:tls://127.0.0.1:{collector.tls}?ca=collector.pem", MemoryStore(), tmp_path)
         assert isinstance(sink, QueuedSink) and sink.name == f"syslog:tls://127.0.0.1:{collector.tls}"
-        audit = AuditLog([sink])
-        for e in events:
-            await audit.emit([e])
-        await audit.flush()
-        await wait_for(lambda: len(collector.lines()) >= len(events), "the messages")
-        assert sink.dropped == 0
-        audit.close()
+        await deliver(sink, events, collector)
 
     asyncio.run(main())
     assert_delivered(collector.lines(), events)

@@ -48,7 +48,7 @@ from ..runtime import Runtime, open_runtime
 from ..store.base import StoreUnavailable
 from ..web.app import Gateway, safe_next
 from ..web.net import Trust, client_ip
-from ..web.tokens import Cookies, Csrf, valid_id
+from ..web.tokens import Cookies, Csrf, presented, valid_id
 
 log = logging.getLogger("lapse.middleware")
 
@@ -332,11 +332,6 @@ def relogin_page(next_uri: str, reason: str | None, csrf_token: str) -> Reply:
     return Reply(200, [NO_STORE, ("Content-Type", "text/html; charset=utf-8"), ("X-Frame-Options", "DENY"),
                        ("Content-Security-Policy", "default-src 'none'; form-action 'self'; frame-ancestors 'none'"),
                        ("Referrer-Policy", "same-origin")], body)
-
-
-def presented(sid: str | None) -> str | None:
-    """The ID to judge: a cookie lapse could never have issued is judged as unknown without being hashed whole."""
-    return sid if sid is None or valid_id(sid) else "invalid"
 
 
 def form_token(body: bytes) -> str | None:

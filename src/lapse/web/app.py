@@ -44,7 +44,7 @@ from .metrics import Metrics
 from .net import Trust, client_ip, header_dict, original_request
 from .proxy import Upstream
 from .streams import guard, lasting
-from .tokens import Cookies, Csrf, new_nonce, parse_cookies, valid_id
+from .tokens import Cookies, Csrf, new_nonce, parse_cookies, presented, valid_id
 
 log = logging.getLogger("lapse.web")
 
@@ -209,14 +209,12 @@ class Gateway:
     async def _check(
         self, *, host: str, path: str, method: str, ip: str | None, passive: bool, sid: str | None
     ) -> Verdict:
-        # A cookie lapse could never have issued is judged as unknown without hashing megabytes.
-        presented = sid if sid is None or valid_id(sid) else "invalid"
         started = time.perf_counter()
         # From an IP that floods unknown cookies, each is still looked up (a user behind the same NAT
         # keeps a valid session), but an unknown one is refused without an audit event each.
         flooding = sid is not None and bool(self._flooding) and ip in self._flooding and await self._still_flooding(ip)  # type: ignore[arg-type]
         verdict = await self.gate.check(
-            host=host, path=path, method=method, ip=ip, passive_header=passive, session_id=presented,
+            host=host, path=path, method=method, ip=ip, passive_header=passive, session_id=presented(sid),
             quiet_unknown=flooding,
         )
         if verdict.decision.reason is Reason.UNKNOWN and ip is not None and not flooding:

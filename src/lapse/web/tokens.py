@@ -23,6 +23,11 @@ def valid_id(value: str | None) -> bool:
     return value is not None and _ID.fullmatch(value) is not None
 
 
+def presented(sid: str | None) -> str | None:
+    """The ID to judge: a cookie lapse could never have issued is judged as unknown without being hashed whole."""
+    return sid if sid is None or valid_id(sid) else "invalid"
+
+
 def parse_cookies(header: str) -> dict[str, str]:
     """``Cookie`` header -> dict; a malformed header yields what could be read, never an error."""
     out: dict[str, str] = {}
@@ -58,7 +63,7 @@ class Cookies:
         except KeyError:
             pass
         sid = parse_cookies(header).get(self.name) if self.name in header else None
-        found = (sid, sid if sid is None or valid_id(sid) else "invalid")
+        found = (sid, presented(sid))
         if len(header) <= _SEEN_LONGEST:
             if len(self._seen) >= _SEEN_MAX:
                 self._seen.clear()
