@@ -26,7 +26,7 @@ from ..oidc.test_backchannel import ISS, FakeIdp, logout_token
 from ..web.test_gateway import CONFIG, PASSWORD, T0, Harness, _jar, _set_cookies, harness, run
 
 __all__ = ["CONFIG", "ISS", "PASSWORD", "T0", "Harness", "Rp", "cookie", "harness", "logout_token", "named",
-           "relying_party", "run", "set_cookies", "sid_of", "sign_in"]
+           "FakeIdp", "relying_party", "run", "set_cookies", "sid_of", "sign_in"]
 
 set_cookies = _set_cookies
 
@@ -117,13 +117,13 @@ class Rp:
 
 @asynccontextmanager
 async def relying_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *,
-                        require_typ: bool = False) -> AsyncIterator[Rp]:
+                        require_typ: bool = False, idp: FakeIdp | None = None) -> AsyncIterator[Rp]:
     monkeypatch.setattr(provider_mod, "JWKS_MIN_INTERVAL", 0.0)
     text = RP_CONFIG.replace("{typ}", "true" if require_typ else "false")
     loaded = parse_config(text, str(tmp_path / "lapse.toml"), tmp_path)
     async with open_runtime(loaded) as rt:
         gw = Gateway(rt)
         gw.oidc.provider = Provider(loaded.config.oidc,
-                                    client=httpx.AsyncClient(transport=httpx.MockTransport(FakeIdp())))
+                                    client=httpx.AsyncClient(transport=httpx.MockTransport(idp or FakeIdp())))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(gw), base_url="http://127.0.0.1:8080") as client:
             yield Rp(rt, gw, client)
