@@ -17,7 +17,7 @@ import pytest
 
 from lapse.sso.tokens import BACKCHANNEL_EVENT
 
-from ._k_to_o_harness import CONFIG, cookie, harness, logout_token, named, relying_party, run, sid_of
+from ._k_to_o_harness import CONFIG, ISS, cookie, harness, logout_token, named, relying_party, run, sid_of
 
 CORP = "10.1.2.3"
 OUTSIDE = "203.0.113.5"
@@ -37,7 +37,7 @@ def _with_defaults(extra: str, config: str = CONFIG) -> str:
 def _unsigned(alg: str) -> str:
     """A logout token with every claim right but no signature (``alg`` none and friends)."""
     now = int(time.time())
-    claims = {"iss": "https://idp.test", "aud": "lapse", "iat": now, "exp": now + 120, "jti": f"u-{now}",
+    claims = {"iss": ISS, "aud": "lapse", "iat": now, "exp": now + 120, "jti": f"u-{now}",
               "sub": "alice-sub", "sid": "S1", "events": {BACKCHANNEL_EVENT: {}}}
     enc = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()  # noqa: E731
     return f"{enc({'alg': alg, 'typ': 'logout+jwt'})}.{enc(claims)}."

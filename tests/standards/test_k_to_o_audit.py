@@ -223,8 +223,9 @@ def test_111_failed_and_successful_authentication_operations_are_each_logged_onc
 
 
 def test_112_audit_records_cannot_be_read_by_users_nor_changed_over_http(tmp_path: Path) -> None:
-    """[checklist 112 · ASVS 5.0 16.4.2, ASVS 4.0.3 V7.3.3] the audit search is admin-only (403 for a
-    signed-in user), and no method can delete or patch records (405), with the store unchanged.
+    """[checklist 112 · ASVS 5.0 16.4.2, ASVS 4.0.3 V7.3.3] the audit search and admin actions are
+    admin-only (403 for a signed-in user), and no method can delete or patch records (405), with the
+    store unchanged.
     (Delivery to a separate system: tests/test_syslog_remote.py.)"""
 
     async def main() -> None:
@@ -233,6 +234,11 @@ def test_112_audit_records_cannot_be_read_by_users_nor_changed_over_http(tmp_pat
             html_cookie = {**cookie(alice), "accept": "text/html"}
             search = await h.client.get("/_lapse/admin?a_event=session.created", headers=html_cookie)
             assert search.status_code == 403 and "session.created" not in search.text
+            bob = await sid_of(h, user="bob")
+            token = (await h.client.get("/_lapse/session", headers=cookie(alice))).json()["csrf_token"]
+            r = await h.client.post("/_lapse/admin/revoke", data={"user": "bob", "csrf_token": token},
+                                    headers=html_cookie)
+            assert r.status_code == 403 and (await h.auth(bob, "/docs")).status_code == 200
             stored = await h.events()
             for method in ("DELETE", "PATCH", "PUT"):
                 for path in ("/_lapse/admin", "/_lapse/admin/revoke", "/_lapse/admin?a_event=session.created"):
