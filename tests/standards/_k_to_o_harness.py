@@ -43,8 +43,8 @@ def cookie(sid: str) -> dict[str, str]:
     return {"cookie": f"__Host-lapse={sid}"}
 
 
-async def sign_in(h: Harness | httpx.AsyncClient, *, ip: str | None = None, user_agent: str | None = None, user: str = "alice",
-                  jar: dict[str, str] | None = None, **fields: str) -> httpx.Response:
+async def sign_in(h: Harness | httpx.AsyncClient, *, ip: str | None = None, user_agent: str | None = None,
+                  user: str = "alice", jar: dict[str, str] | None = None, **fields: str) -> httpx.Response:
     """POST /_lapse/login as a browser at ``ip`` (via the trusted proxy's X-Forwarded-For) would."""
     client = h.client if isinstance(h, Harness) else h
     extra = {k: v for k, v in (("x-forwarded-for", ip), ("user-agent", user_agent)) if v is not None}
@@ -53,7 +53,7 @@ async def sign_in(h: Harness | httpx.AsyncClient, *, ip: str | None = None, user
     token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
     form = {"username": user, "password": PASSWORD, "next": "/", "csrf_token": token, **fields}
     return await client.post("/_lapse/login", data=form,
-                               headers={"cookie": _jar({**(jar or {}), "__Host-lapse-csrf": nonce}), **extra})
+                             headers={"cookie": _jar({**(jar or {}), "__Host-lapse-csrf": nonce}), **extra})
 
 
 async def named(h: Harness, *events: str) -> list[dict[str, Any]]:
