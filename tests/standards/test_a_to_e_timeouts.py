@@ -333,3 +333,14 @@ def test_the_status_endpoint_reports_the_deadlines_enforcement_uses(tmp_path: Pa
             assert await reason(h, sid) == (401, "absolute")
 
     run(main())
+
+
+def test_an_unlimited_absolute_lifetime_is_refused(tmp_path: Path):
+    """[checklist 34 · NIST 800-63B-4 2.1.3-2.3.3 "A definite reauthentication overall timeout SHALL be
+    established"]: `absolute = "none"` is an error at every level (exit 2, naming the key and line).
+    (An AAL3 absolute beyond 12 h is only warned about: see gaps_a_to_e.py.)"""
+    for section in ("[defaults]", '[[apps]]\nname = "a"\nhosts = ["a.test"]'):
+        conf = write_config(tmp_path / str(len(section)), f'{section}\nabsolute = "none"\n')
+        done = lapse_cli(conf, "policy", "check", str(conf))
+        assert done.returncode == 2
+        assert 'absolute: "none" is not allowed here: this limit must have a value' in done.stderr
