@@ -33,7 +33,8 @@ __all__ = ["CONFIG", "PASSWORD", "T0", "Harness", "Rp", "admin", "cookie", "csrf
 
 # Limits chosen so each item's boundary is a round number: main 10m/1h (warn 2m), pay 5m (warn 30s) with
 # a 5-minute step-up route and an MFA route, wide 90m/12h under an org ceiling of 1h/8h, and the admin
-# console behind MFA step-up with its own 2-minute idle (item 79).
+# console behind MFA step-up with its own 2-minute idle (item 79), and ending one's other sessions only
+# within 5 minutes of entering the password (item 57): lapse's own pages obey privileged rules like any path.
 CONFIG = """
 [server]
 mode = "{mode}"
@@ -95,6 +96,11 @@ absolute = "12h"
 [[apps]]
 name = "main"
 hosts = ["app.test"]
+
+  [[apps.privileged]]
+  paths = ["/_lapse/sessions/end"]
+  methods = ["POST"]
+  max_auth_age = "5m"
 """
 
 

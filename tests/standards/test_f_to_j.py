@@ -8,18 +8,48 @@ The traceability table is docs/standards/f_to_j.md; items lapse fails are in gap
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
+from lapse import totp
+
 from ._f_to_j_harness import (
+    CONFIG,
+    PASSWORD,
     T0,
+    Harness,
+    admin,
     cookie,
+    csrf_field,
+    enrol,
     events,
     gateway,
     heartbeat,
+    new_sid,
     run,
     session_cookie,
     status,
 )
+
+FIREFOX_ANDROID = "Mozilla/5.0 (Android 14; Mobile; rv:125.0) Gecko/125.0 Firefox/125.0"
+
+
+def lapse_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``lapse`` command on the same config, store and secret as the gateway under test."""
+    conf = tmp_path / "lapse.toml"
+    conf.write_text(CONFIG.format(mode="forward-auth", upstream="http://127.0.0.1:9"))
+    return subprocess.run([sys.executable, "-m", "lapse", "--config", str(conf), *args], capture_output=True,
+                          text=True, timeout=30, env=os.environ.copy())
+
+
+async def keep_active(h: Harness, sid: str, until: float, every: float = 500, path: str = "/docs") -> None:
+    """Heartbeats every ``every`` seconds up to ``until`` (clock time), so only other limits can bite."""
+    while h.clock.now + every < until:
+        h.clock.now += every
+        assert (await heartbeat(h, sid, path)).status_code == 200
 
 # --------------------------------------------------------------------- F. countdown warnings
 
@@ -187,5 +217,212 @@ def test_52_a_logged_out_cookie_resumes_nothing_in_any_app(tmp_path: Path) -> No
             assert beat.status_code == 401 and beat.json()["authenticated"] is False
             revoked = await events(h, "session.revoked")
             assert [(e["reason"], e["session"]) for e in revoked] == [("logout", h.rt.gate.key_of(sid))]
+
+    run(main())
+
+
+# ------------------------------------------------- H. listing and ending sessions, account events
+
+
+def test_57_users_see_their_sessions_and_ending_one_takes_a_fresh_password(tmp_path: Path) -> None:
+    """[checklist 57 · ASVS 4.0.3 V3.3.4 / ASVS 5.0 7.5.2] From one browser the user sees every session
+    (device, IP, signed-in and last-active times, never a raw ID) and ends another one only "having
+    re-entered login credentials" (here: a privileged rule of 5 minutes on POST /_lapse/sessions/end)."""
+
+    async def main() -> None:
+        async with gateway(tmp_path) as h:
+            here = await h.sid()
+            h.clock.now = T0 + 1
+            h.client.headers["user-agent"] = FIREFOX_ANDROID
+            phone = await h.sid()
+            del h.client.headers["user-agent"]
+            h.clock.now = T0 + 400  # the password was entered 400 s ago
+            page = await h.client.get("/_lapse/sessions", headers=cookie(here))
+            assert page.status_code == 200
+            row = next(r for r in page.text.split("<tr>") if "Firefox on Android" in r)
+            assert "127.0.0.1" in row and "2027-01-15 08:00:01 UTC" in row  # created = last active = T0 + 1
+            assert here not in page.text and phone not in page.text  # handles only, never session IDs
+            handle = re.search(r'name="handle" value="([0-9a-f]{12})"', row).group(1)  # type: ignore[union-attr]
+            end = {"handle": handle, "csrf_token": csrf_field(page.text)}
+            stale = await h.client.post("/_lapse/sessions/end", data=end, headers=cookie(here))
+            assert stale.status_code == 303
+            assert stale.headers["location"] == "/_lapse/login?next=/_lapse/sessions&reason=step_up"
+            assert (await h.auth(phone)).status_code == 200
+            again = await h.login(cookies={"__Host-lapse": here})  # re-enter the password
+            fresh = new_sid(again)
+            assert again.status_code == 303 and fresh and fresh != here
+            page = await h.client.get("/_lapse/sessions", headers=cookie(fresh))
+            done = await h.client.post("/_lapse/sessions/end", data={**end, "csrf_token": csrf_field(page.text)},
+                                       headers=cookie(fresh))
+            assert (done.status_code, done.headers["location"]) == (303, "/_lapse/sessions?ended=1")
+            r = await h.auth(phone)
+            assert (r.status_code, r.headers["x-lapse-reason"]) == (401, "revoked")
+            ended = [(e["reason"], e["session"]) for e in await events(h, "session.revoked")]
+            assert ended == [("reauth", h.rt.gate.key_of(here)), ("logout", h.rt.gate.key_of(phone))]
+
+    run(main())
+
+
+def test_59_disabling_or_deleting_a_user_ends_their_sessions_at_once(tmp_path: Path) -> None:
+    """[checklist 59 · ASVS 5.0 7.4.2] `lapse users disable` ends every session of that user on its next
+    request (not at its next timeout), with session.revoked reason user_disabled; deleting likewise."""
+
+    async def main() -> None:
+        async with gateway(tmp_path) as h:
+            a1, a2, bob = await h.sid(), await h.sid(), await h.sid(user="bob")
+            r = lapse_cli(tmp_path, "users", "disable", "alice")
+            assert r.returncode == 0, r.stderr
+            for sid in (a1, a2):
+                refused = await h.auth(sid)
+                assert (refused.status_code, refused.headers["x-lapse-reason"]) == (401, "revoked")
+            assert (await h.auth(bob)).status_code == 200
+            assert (await h.login()).status_code == 200  # a disabled user cannot sign in again
+            keys = {h.rt.gate.key_of(a1), h.rt.gate.key_of(a2)}
+            revoked = await events(h, "session.revoked")
+            assert {e["session"] for e in revoked} == keys and {e["reason"] for e in revoked} == {"user_disabled"}
+            assert [e["user"] for e in await events(h, "user.disabled")] == ["alice"]
+            assert lapse_cli(tmp_path, "users", "delete", "bob").returncode == 0
+            assert (await h.auth(bob)).headers["x-lapse-reason"] == "revoked"
+            assert [e["reason"] for e in await events(h, "session.revoked") if e["user"] == "bob"] == ["user_deleted"]
+
+    run(main())
+
+
+def test_62_by_default_a_user_may_have_any_number_of_sessions(tmp_path: Path) -> None:
+    """[checklist 62 · ASVS 4.0.3 V3.7 preamble] Blocking simultaneous sessions is opt-in
+    (``max_sessions``); by default a new sign-in ends no earlier one."""
+
+    async def main() -> None:
+        async with gateway(tmp_path) as h:
+            sids = [await h.sid() for _ in range(5)]
+            assert [(await h.auth(s)).status_code for s in sids] == [200] * 5
+            assert await events(h, "session.revoked") == []
+            assert len(await events(h, "session.created")) == 5
+
+    run(main())
+
+
+# ---------------------------------------------------------------- I. re-authentication, step-up
+
+
+def test_65_sensitive_routes_need_the_factor_they_name_even_right_after_a_password_login(tmp_path: Path) -> None:
+    """[checklist 65 · ASVS 5.0 7.5.1 / 7.5.3] A route marked ``mfa = true`` challenges a session that
+    entered only a password a second ago; a route that asks for recent authentication alone lets it
+    through; the same user signed in with both factors passes the MFA route."""
+
+    async def main() -> None:
+        async with gateway(tmp_path) as h:
+            secret = await enrol(h, "alice")
+            sid = await h.sid(user="bob")  # bob has no second factor
+            assert (await h.auth(sid, "/pay/admin/x", method="POST")).status_code == 200
+            r = await h.auth(sid, "/pay/mfa/transfer", method="POST")
+            assert (r.status_code, r.headers["x-lapse-reason"]) == (401, "step_up")
+            assert r.headers["location"] == "/_lapse/login?next=/pay/mfa/transfer&reason=step_up"
+            [required] = await events(h, "session.step_up_required")
+            assert (required["user"], required["resource"], required["app"]) == ("bob", "POST /pay/mfa/transfer", "pay")
+            strong = await h.sid(totp=totp.code_at(secret, T0))
+            assert (await h.auth(strong, "/pay/mfa/transfer", method="POST")).status_code == 200
+
+    run(main())
+
+
+def test_66_reauthentication_after_a_timeout_takes_every_factor_again(tmp_path: Path) -> None:
+    """[checklist 66 · NIST 800-63B rev3 7.2, 800-63B-4 2.2.3/2.3.3] After an idle or an absolute timeout,
+    the old cookie plus the password is not enough for a user with a second factor: no session until
+    the code too is given; then a NEW session ID, and the old one is ended (reason reauth)."""
+
+    async def main() -> None:
+        async with gateway(tmp_path) as h:
+            secret = await enrol(h, "alice")
+            old = await h.sid(totp=totp.code_at(secret, T0))
+            for timeout, at in (("idle", T0 + 601), ("absolute", None)):
+                if at is None:
+                    await keep_active(h, old, until=h.clock.now + 3600)
+                    h.clock.now = (await h.rt.store.read(h.rt.gate.key_of(old)))[0].auth_time + 3600
+                else:
+                    h.clock.now = at
+                r = await h.auth(old, "/docs")
+                assert (r.status_code, r.headers["x-lapse-reason"]) == (401, timeout)
+                password_only = await h.login(cookies={"__Host-lapse": old})
+                assert password_only.status_code == 200 and 'name="totp"' in password_only.text
+                assert new_sid(password_only) is None
+                both = await h.login(cookies={"__Host-lapse": old}, totp=totp.code_at(secret, h.clock.now))
+                new = new_sid(both)
+                assert both.status_code == 303 and new and new != old
+                assert (await h.auth(new, "/docs")).status_code == 200
+                assert (await h.auth(old, "/docs")).headers["x-lapse-reason"] == "revoked"
+                assert (await events(h, "session.revoked"))[-1]["session"] == h.rt.gate.key_of(old)
+                old = new
+            assert [e["reason"] for e in await events(h, "session.revoked")] == ["reauth", "reauth"]
+
+    run(main())
+
+
+def test_67_a_session_is_never_stronger_than_the_sign_in_that_made_it(tmp_path: Path) -> None:
+    """[checklist 67 · NIST 800-63B-4 5.1] A password-only sign-in stays password-only: an MFA route
+    challenges it, also after the user enrols a second factor during that session."""
+
+    async def main() -> None:
+        async with gateway(tmp_path) as h:
+            sid = await h.sid()
+            await enrol(h, "alice")  # the account gains a factor; this session never presented it
+            h.clock.now = T0 + 10
+            r = await h.auth(sid, "/pay/mfa/x")
+            assert (r.status_code, r.headers["x-lapse-reason"]) == (401, "step_up")
+            assert (await h.auth(sid, "/docs")).status_code == 200  # otherwise a good session
+
+    run(main())
+
+
+def test_78_no_one_skips_the_second_factor_and_old_codes_are_refused(tmp_path: Path) -> None:
+    """[checklist 78 · PCI DSS 4.0 8.5.1, ASVS 5.0 6.5.1/6.5.5] An administrator with a second factor
+    gets no session on the password alone; a code older than the documented skew window (one 30 s step
+    either side) or from the future is refused and audited; the current code succeeds."""
+
+    async def main() -> None:
+        async with gateway(tmp_path) as h:
+            await admin(h)
+            secret = await enrol(h, "root")
+            alone = await h.login(user="root")
+            assert alone.status_code == 200 and new_sid(alone) is None
+            for when in (T0 - 60, T0 + 60):
+                r = await h.login(user="root", totp=totp.code_at(secret, when))
+                assert r.status_code == 200 and "not valid" in r.text and new_sid(r) is None
+            refused = [e["reason"] for e in await events(h, "auth.login") if e["outcome"] == "failure"]
+            assert refused == ["bad_totp", "bad_totp"]
+            assert (await h.login(user="root", totp=totp.code_at(secret, T0))).status_code == 303
+
+    run(main())
+
+
+def test_79_the_admin_console_needs_mfa_step_up_rotates_the_id_and_has_its_own_idle(tmp_path: Path) -> None:
+    """[checklist 79 · OWASP MFA CS, "elevating a user session to an administrative session"] The admin
+    console (a privileged rule: MFA within 10 minutes) challenges a password-only admin; after MFA it
+    opens, with its own 2-minute idle limit while the rest of the session lives on; stepping up again
+    gives a new session ID and ends the old one."""
+
+    async def main() -> None:
+        async with gateway(tmp_path) as h:
+            await admin(h, "ops")
+            weak = await h.sid(user="ops")
+            r = await h.client.get("/_lapse/admin", headers=cookie(weak))
+            assert (r.status_code, r.headers["location"]) == (303, "/_lapse/login?next=/_lapse/admin&reason=step_up")
+            await admin(h)
+            secret = await enrol(h, "root")
+            root = await h.sid(user="root", totp=totp.code_at(secret, T0))
+            page = await h.client.get("/_lapse/admin", headers=cookie(root))
+            assert page.status_code == 200 and 'action="/_lapse/logout"' in page.text  # item 54 too
+            h.clock.now = T0 + 100
+            assert (await h.auth(root, "/docs")).status_code == 200
+            h.clock.now = T0 + 100 + 121  # 221 s since the console was used: past its 2 minutes
+            idle = await h.client.get("/_lapse/admin", headers=cookie(root))
+            assert (idle.status_code, idle.headers["location"]) == (303, "/_lapse/login?next=/_lapse/admin&reason=idle")
+            assert (await h.auth(root, "/docs")).status_code == 200
+            up = await h.login(user="root", cookies={"__Host-lapse": root}, totp=totp.code_at(secret, h.clock.now))
+            elevated = new_sid(up)
+            assert up.status_code == 303 and elevated and elevated != root
+            assert (await h.client.get("/_lapse/admin", headers=cookie(elevated))).status_code == 200
+            assert (await h.auth(root, "/docs")).headers["x-lapse-reason"] == "revoked"
+            assert [e["reason"] for e in await events(h, "session.step_up")] == ["mfa"]
 
     run(main())
