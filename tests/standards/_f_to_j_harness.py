@@ -28,8 +28,8 @@ from lapse.web import Gateway
 from ..core.helpers import Clock
 from ..web.test_gateway import PASSWORD, T0, Harness, _set_cookies, harness, run
 
-__all__ = ["CONFIG", "PASSWORD", "T0", "Harness", "Rp", "admin", "cookie", "csrf_field", "enrol", "events",
-           "gateway", "oidc", "run", "session_cookie", "status", "heartbeat"]
+__all__ = ["CONFIG", "PASSWORD", "T0", "Harness", "Idp", "Rp", "admin", "authorize_query", "cookie", "csrf_field",
+           "enrol", "events", "gateway", "heartbeat", "new_sid", "oidc", "run", "session_cookie", "status"]
 
 # Limits chosen so each item's boundary is a round number: main 10m/1h (warn 2m), pay 5m (warn 30s) with
 # a 5-minute step-up route and an MFA route, wide 90m/12h under an org ceiling of 1h/8h, and the admin

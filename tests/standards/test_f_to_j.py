@@ -18,10 +18,10 @@ from lapse import totp
 
 from ._f_to_j_harness import (
     CONFIG,
-    PASSWORD,
     T0,
     Harness,
     admin,
+    authorize_query,
     cookie,
     csrf_field,
     enrol,
@@ -29,6 +29,7 @@ from ._f_to_j_harness import (
     gateway,
     heartbeat,
     new_sid,
+    oidc,
     run,
     session_cookie,
     status,
@@ -424,5 +425,207 @@ def test_79_the_admin_console_needs_mfa_step_up_rotates_the_id_and_has_its_own_i
             assert (await h.client.get("/_lapse/admin", headers=cookie(elevated))).status_code == 200
             assert (await h.auth(root, "/docs")).headers["x-lapse-reason"] == "revoked"
             assert [e["reason"] for e in await events(h, "session.step_up")] == ["mfa"]
+
+    run(main())
+
+
+# ------------------------------------------- I/J. federated re-authentication (lapse as OIDC RP)
+
+
+def test_70_an_idp_error_is_a_clear_refusal_not_a_loop(tmp_path: Path) -> None:
+    """[checklist 70 · RFC 9470 §5] When the IdP answers ``error=unmet_authentication_requirements``,
+    lapse shows a sign-in failure (no redirect back to the IdP, no session) and audits why."""
+
+    async def main() -> None:
+        async with oidc(tmp_path) as rp:
+            start = await rp.start("/pay/mfa/x")
+            state = authorize_query(start)["state"]
+            flow = start.headers["set-cookie"].split(";", 1)[0]
+            r = await rp.h.client.get("/_lapse/oidc/callback", params={
+                "error": "unmet_authentication_requirements", "state": state}, headers={"cookie": flow,
+                                                                                        "accept": "text/html"})
+            assert r.status_code == 400 and "location" not in r.headers and "Sign-in failed" in r.text
+            assert new_sid(r) is None and await rp.h.rt.store.sessions() == []
+            [failed] = await events(rp.h, "auth.login")
+            assert (failed["outcome"], failed["reason"]) == ("failure", "idp_unmet_authentication_requirements")
+
+    run(main())
+
+
+def test_71_a_token_refresh_is_not_a_reauthentication(tmp_path: Path) -> None:
+    """[checklist 71 · RFC 9470 §6.1] ``auth_time`` is set at authentication and survives token renewal:
+    lapse's refresh grant (revalidate_every) never moves the session's absolute deadline, even when
+    the refreshed ID token says a later auth_time."""
+
+    async def main() -> None:
+        async with oidc(tmp_path) as rp:
+            sid = await rp.sign_in()
+            assert (await status(rp.h, sid))["absolute_expires_in"] == 3600
+            rp.h.clock.now += 61
+            rp.idp.refresh_auth_time = rp.h.clock.now
+            assert await rp.gw.oidc.revalidate_once() == 0  # the IdP still vouches
+            assert rp.idp.grants == ["authorization_code", "refresh_token"]
+            assert (await status(rp.h, sid))["absolute_expires_in"] == 3600 - 61
+
+    run(main())
+
+
+def test_73_max_age_sent_means_auth_time_required(tmp_path: Path) -> None:
+    """[checklist 73 · OIDC Core 3.1.2.1] lapse always sends ``max_age``, so an ID token without
+    ``auth_time`` is refused: no session, auth.login failure reason missing_auth_time."""
+
+    async def main() -> None:
+        async with oidc(tmp_path) as rp:
+            rp.idp.drop = ("auth_time",)
+            r = await rp.come_back(await rp.start())
+            assert r.status_code == 400 and new_sid(r) is None
+            assert [(e["outcome"], e["reason"], e["user"]) for e in await events(rp.h, "auth.login")] == [
+                ("failure", "missing_auth_time", "carol")]
+
+    run(main())
+
+
+def test_74_too_old_an_auth_time_is_asked_again_with_prompt_login_then_refused(tmp_path: Path) -> None:
+    """[checklist 74 · OIDC Core 3.1.3.7] An ``auth_time`` older than the ``max_age`` asked for makes
+    lapse re-issue the request with ``prompt=login``; if the IdP still answers with the stale time, the
+    login is refused (stale_auth_time) instead of looping."""
+
+    async def main() -> None:
+        async with oidc(tmp_path) as rp:
+            old = int(rp.h.clock.now) - (3600 + 61)  # past max_age and the 60 s clock-skew leeway
+            start = await rp.start()
+            assert authorize_query(start)["max_age"] == "3600" and "prompt" not in authorize_query(start)
+            again = await rp.come_back(start, auth_time=old)
+            assert again.status_code == 303 and new_sid(again) is None
+            query = authorize_query(again)
+            assert (query["prompt"], query["max_age"]) == ("login", "3600")
+            refused = await rp.come_back(again, auth_time=old)
+            assert refused.status_code == 400 and new_sid(refused) is None
+            assert [e["reason"] for e in await events(rp.h, "auth.login")] == ["stale_auth_time"]
+
+    run(main())
+
+
+def test_77_without_amr_a_federated_session_is_the_weakest_kind(tmp_path: Path) -> None:
+    """[checklist 77 · ASVS 5.0 6.8.4 / 10.3.4] An ID token without ``acr``/``amr`` counts as one factor:
+    MFA routes challenge it; one whose ``amr`` names a second factor (RFC 8176 ``otp``) passes."""
+
+    async def main() -> None:
+        async with oidc(tmp_path) as rp:
+            plain = await rp.sign_in("/pay/mfa/x")
+            r = await rp.h.auth(plain, "/pay/mfa/x")
+            assert (r.status_code, r.headers["x-lapse-reason"]) == (401, "step_up")
+            strong = await rp.sign_in("/pay/mfa/x", amr=["pwd", "otp"])
+            assert (await rp.h.auth(strong, "/pay/mfa/x")).status_code == 200
+
+    run(main())
+
+
+def test_80_every_authorization_request_carries_the_apps_max_age(tmp_path: Path) -> None:
+    """[checklist 80 · ASVS 4.0.3 V3.6.1, NIST 800-63C-4 4.7] The RP tells the IdP the maximum
+    authentication age on every request: the target app's absolute limit after the org ceiling
+    (wide: 12h capped to 8h), or a privileged route's shorter step-up age."""
+
+    async def main() -> None:
+        async with oidc(tmp_path) as rp:
+            for host, target, age in (("app.test", "/", "3600"), ("wide.test", "/", "28800"),
+                                      ("app.test", "/pay/admin/x", "300")):
+                query = authorize_query(await rp.start(target, host))
+                assert query["max_age"] == age, (host, target)
+                assert query["state"] and query["nonce"] and query["code_challenge_method"] == "S256"
+
+    run(main())
+
+
+def test_81_the_idps_auth_time_sets_the_deadline_the_status_reports(tmp_path: Path) -> None:
+    """[checklist 81 · ASVS 4.0.3 V3.6.2, NIST 800-63C-4 4.7/4.9] The assertion's ``auth_time`` is recorded
+    and the absolute deadline runs from it (signed in at the IdP 10 minutes ago: 50 minutes left of 1 h)."""
+
+    async def main() -> None:
+        async with oidc(tmp_path) as rp:
+            now = rp.h.clock.now
+            sid = await rp.sign_in(auth_time=int(now) - 600)
+            body = await status(rp.h, sid)
+            assert body["absolute_expires_in"] == 3000 and body["server_time"] == now
+            rp.h.clock.now = now + 3000
+            r = await rp.h.auth(sid, "/docs")
+            assert (r.status_code, r.headers["x-lapse-reason"]) == (401, "absolute")
+
+    run(main())
+
+
+def test_82_the_org_ceiling_caps_every_app_and_a_looser_app_is_warned_about(tmp_path: Path) -> None:
+    """[checklist 82 · NIST 800-63C-4 4.7, ASVS 5.0 7.1.3/7.6.1] wide.test asks idle 90m / absolute 12h
+    under an org ceiling of 1h / 8h: the session dies at 1 h of inactivity and at 8 h of use, and
+    `lapse policy check` warns that the app's values are capped (clamped, not silently accepted)."""
+
+    async def main() -> None:
+        async with gateway(tmp_path) as h:
+            idle = await h.sid()
+            h.clock.now = T0 + 3599
+            assert (await h.auth(idle, "/", host="wide.test")).status_code == 200
+            h.clock.now = T0 + 3599 + 3601
+            r = await h.auth(idle, "/", host="wide.test")
+            assert (r.status_code, r.headers["x-lapse-reason"]) == (401, "idle")
+            h.clock.now = T0
+            busy = await h.sid()
+            while h.clock.now + 3000 < T0 + 8 * 3600:
+                h.clock.now += 3000
+                assert (await h.auth(busy, "/", host="wide.test")).status_code == 200
+            h.clock.now = T0 + 8 * 3600 - 1
+            ok = await h.auth(busy, "/", host="wide.test")
+            assert (ok.status_code, ok.headers["x-lapse-expires-in"]) == (200, "1")
+            h.clock.now = T0 + 8 * 3600
+            r = await h.auth(busy, "/", host="wide.test")
+            assert (r.status_code, r.headers["x-lapse-reason"]) == (401, "absolute")
+        check = lapse_cli(tmp_path, "policy", "check", str(tmp_path / "lapse.toml"))
+        assert check.returncode == 0
+        assert "apps[2].idle: 1h30m is above the org ceiling org.max_idle = 1h; it will be capped to 1h" in check.stderr
+        assert "apps[2].absolute: 12h is above the org ceiling org.max_absolute = 8h; it will be capped to 8h" \
+            in check.stderr
+
+    run(main())
+
+
+def test_83_the_id_tokens_expiry_does_not_limit_the_session(tmp_path: Path) -> None:
+    """[checklist 83 · NIST 800-63C-4 4.9] "Assertion validity time windows SHALL NOT be used to limit
+    the session at the RP": an ID token valid for 5 minutes gives a session that follows the policy
+    (idle 10 m, absolute 1 h)."""
+
+    async def main() -> None:
+        async with oidc(tmp_path) as rp:
+            start = rp.h.clock.now
+            sid = await rp.sign_in(exp=int(start) + 300)
+            await keep_active(rp.h, sid, until=start + 3600)
+            rp.h.clock.now = start + 3599
+            assert (await rp.h.auth(sid, "/docs")).status_code == 200
+            rp.h.clock.now = start + 3600
+            assert (await rp.h.auth(sid, "/docs")).headers["x-lapse-reason"] == "absolute"
+
+    run(main())
+
+
+def test_85_after_the_absolute_limit_the_idp_must_authenticate_again(tmp_path: Path) -> None:
+    """[checklist 85 · NIST 800-63B rev3 7.2, WSTG-SESS-06] After the RP's absolute timeout, coming back
+    through the IdP (whose own session still remembers the user) is not a silent re-entry: lapse sends
+    ``max_age``, refuses the old ``auth_time`` and asks with ``prompt=login``; a fresh authentication
+    gives a new session with a full hour."""
+
+    async def main() -> None:
+        async with oidc(tmp_path) as rp:
+            signed_in = int(rp.h.clock.now)
+            sid = await rp.sign_in()
+            await keep_active(rp.h, sid, until=signed_in + 3600)
+            rp.h.clock.now = signed_in + 3600
+            assert (await rp.h.auth(sid, "/docs")).headers["x-lapse-reason"] == "absolute"
+            rp.h.clock.now += 120  # the user comes back through the IdP's portal a little later
+            start = await rp.start()
+            assert authorize_query(start)["max_age"] == "3600"
+            again = await rp.come_back(start, auth_time=signed_in)  # the IdP's session, not a new login
+            assert new_sid(again) is None and authorize_query(again)["prompt"] == "login"
+            back = await rp.come_back(again, auth_time=int(rp.h.clock.now))
+            fresh = new_sid(back)
+            assert back.status_code == 303 and fresh
+            assert (await status(rp.h, fresh))["absolute_expires_in"] == 3600
 
     run(main())
