@@ -132,6 +132,7 @@ class Gate:
         replaces: str | None = None,
         login: str | None = None,
         device: str | None = None,
+        factor: str | None = None,
     ) -> tuple[str, Decision]:
         """A new session with a new ID; the one it replaces (if any) ends with reason ``reauth``.
 
@@ -142,7 +143,7 @@ class Gate:
         step_up = False
         if replaces:
             old, _ = await self._settle(
-                self.key_of(replaces), lambda s, now: revoke(s, "reauth", now, ip=ip) if s else NOTHING
+                self.key_of(replaces), lambda s, now: revoke(s, "reauth", now, ip=ip, resource=login) if s else NOTHING
             )
             step_up = bool(old.events) and old.session is not None and old.session.user == user
         session_id = new_session_id()
@@ -150,7 +151,7 @@ class Gate:
         now = await self.store.now()
         decision = sign_in(
             self.key_of(session_id), user, now, limits, auth_time=auth_time, ip=ip, mfa=mfa, groups=groups,
-            login=login, step_up=step_up, device=device,
+            login=login, step_up=step_up, device=device, factor=factor,
         )
         assert decision.session is not None
         stored = self.audit.writes_to(self.store)
@@ -160,16 +161,19 @@ class Gate:
         if limit:
             others = [s for s in await self.store.sessions(user) if s.key != decision.session.key]
             for oldest in others[: max(0, len(others) + 1 - limit)]:  # sessions() is oldest first
-                await self.revoke(oldest.key, "max_sessions")
+                await self.revoke(oldest.key, "max_sessions", ip=ip, resource=login)
         return session_id, decision
 
-    async def revoke(self, key: str, reason: str) -> bool:
-        """End one session now; False if it had already ended (or never existed)."""
-        decision, _ = await self._settle(key, lambda s, now: revoke(s, reason, now) if s else NOTHING)
+    async def revoke(self, key: str, reason: str, *, ip: str | None = None, resource: str | None = None) -> bool:
+        """End one session now; False if it had already ended (or never existed). ``ip`` and ``resource``:
+        the request that ended it, if one did (its event says so)."""
+        decision, _ = await self._settle(
+            key, lambda s, now: revoke(s, reason, now, ip=ip, resource=resource) if s else NOTHING
+        )
         return bool(decision.events)
 
-    async def revoke_user(self, user: str, reason: str) -> int:
-        return sum([await self.revoke(s.key, reason) for s in await self.store.sessions(user)])
+    async def revoke_user(self, user: str, reason: str, *, ip: str | None = None, resource: str | None = None) -> int:
+        return sum([await self.revoke(s.key, reason, ip=ip, resource=resource) for s in await self.store.sessions(user)])
 
     async def revoke_all(self, reason: str) -> int:
         return sum([await self.revoke(s.key, reason) for s in await self.store.sessions()])

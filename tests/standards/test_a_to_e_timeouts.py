@@ -346,3 +346,21 @@ def test_an_unlimited_absolute_lifetime_is_refused(tmp_path: Path):
         done = lapse_cli(conf, "policy", "check", str(conf))
         assert done.returncode == 2
         assert 'absolute: "none" is not allowed here: this limit must have a value' in done.stderr
+
+
+def test_a_forged_post_does_not_count_as_activity(tmp_path: Path):
+    """[checklist 12 · NIST 800-63B-4 5.1 (CSRF) + checklist 44 "no idle-timer reset"]
+    Asks: a POST with a valid cookie but a missing/wrong CSRF token -> 403, no state change and no idle reset.
+    The session pages judge a POST passively and count it as activity only once its token is verified."""
+
+    async def main():
+        async with harness(tmp_path, config=BASIC) as h:
+            sid = await h.sid()
+            h.clock.now = T0 + 300
+            assert (await status(h, sid))["idle_expires_in"] == 300
+            r = await h.client.post("/_lapse/sessions/end", data={"csrf_token": "forged", "handle": "others"},
+                                    headers={**cookie(sid), "origin": "https://evil.test"})
+            assert r.status_code == 403
+            assert (await status(h, sid))["idle_expires_in"] == 300, "the forged POST moved the idle clock"
+
+    run(main())

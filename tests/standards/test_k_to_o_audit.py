@@ -70,13 +70,13 @@ def test_107_the_session_life_cycle_is_logged_in_order(tmp_path: Path) -> None:
             await lifecycle(h)
             events = [e for e in await h.events() if e["event"] != "session.denied"]
             assert [(e["event"], e.get("reason")) for e in events] == [
-                ("auth.login", None), ("session.created", None),
+                ("auth.login", "password"), ("session.created", None),
                 ("session.warning", "idle"),
                 ("session.step_up_required", "max_auth_age"),
                 ("session.revoked", "reauth"),  # the old ID ends: rotation
-                ("auth.login", None), ("session.created", None), ("session.step_up", "password"),
+                ("auth.login", "password"), ("session.created", None), ("session.step_up", "password"),
                 ("session.expired", "idle"),
-                ("auth.login", None), ("session.created", None),
+                ("auth.login", "password"), ("session.created", None),
                 ("session.revoked", "logout"),
             ]
             s1, s2, s3 = events[1]["session"], events[6]["session"], events[10]["session"]
@@ -138,7 +138,7 @@ def test_110_every_event_carries_when_where_who_and_what(tmp_path: Path) -> None
     """[checklist 110 · ASVS 5.0 16.2.1/16.2.2, PCI DSS 4.0 10.2.2] every event of the life cycle, a
     failed login and a throttled one: RFC 3339 UTC time, type, outcome, who, origin (IP), the app or
     resource, the session hash, and a reason wherever the event has one; jsonl equals the store.
-    (session.revoked lacks origin and resource for logout and re-authentication: gaps_k_to_o.py.)"""
+    (A revocation caused by a request names its origin and resource: the test below.)"""
 
     async def main() -> list[dict[str, Any]]:
         async with harness(tmp_path, config=AUDIT_CONFIG) as h:
@@ -245,5 +245,35 @@ def test_112_audit_records_cannot_be_read_by_users_nor_changed_over_http(tmp_pat
                     r = await h.client.request(method, path, headers=html_cookie)
                     assert r.status_code == 405, (method, path)
             assert await h.events() == stored
+
+    run(main())
+
+
+def test_110_a_revocation_caused_by_a_request_names_its_origin_and_resource(tmp_path: Path) -> None:
+    """[checklist 110 · PCI DSS 4.0 10.2.2 "Origination of event"; CONTRACT §5 ``resource`` "where
+    there is a request"] the event that ends a session at a request says from where and by what: the
+    re-authentication's ``reauth`` names the login, the sign-out's ``logout`` names the sign-out."""
+
+    async def main() -> None:
+        async with harness(tmp_path, config=AUDIT_CONFIG) as h:
+            await lifecycle(h)
+            revoked = await named(h, "session.revoked")
+            assert [(e["reason"], e["ip"], e["resource"]) for e in revoked] == [
+                ("reauth", USER_IP, "POST /_lapse/login"), ("logout", USER_IP, "POST /_lapse/logout")]
+
+    run(main())
+
+
+def test_111_a_successful_login_records_the_factors_used(tmp_path: Path) -> None:
+    """[checklist 111 · ASVS 4.0.3 V7.2.1 / ASVS 5.0 16.3.1] "the type of authentication or factors
+    used should also be collected" for authentication operations. A password sign-in says ``password``
+    (``mfa`` with a TOTP code, ``oidc`` or ``oidc_mfa`` through an IdP)."""
+
+    async def main() -> None:
+        async with harness(tmp_path) as h:
+            r = await sign_in(h)
+            assert r.status_code == 303
+            logins = await named(h, "auth.login")
+            assert [(e["outcome"], e.get("reason") or e.get("factor")) for e in logins] == [("success", "password")]
 
     run(main())

@@ -154,6 +154,7 @@ def sign_in(
     login: str | None = None,
     step_up: bool = False,
     device: str | None = None,
+    factor: str | None = None,
 ) -> Decision:
     """A new session. ``auth_time`` may be earlier than now (an IdP's), never later.
 
@@ -162,6 +163,8 @@ def sign_in(
     its ``session.created``. ``step_up``: this sign-in re-authenticated a live
     session of the same user (``session.step_up`` follows). ``device``: a label
     from ``core.device``, kept with the session for its user to recognise it.
+    ``factor``: how the user authenticated, the ``auth.login`` event's reason (ASVS 5.0
+    16.3.1); by default ``mfa`` (a password and a TOTP code) or ``password``.
     """
     auth = now if auth_time is None else min(auth_time, now)
     session = Session(
@@ -179,7 +182,8 @@ def sign_in(
     )
     events = (AuditEvent(now, ev.CREATED, ev.SUCCESS, user, key, limits.app, ip),)
     if login is not None:
-        events = (AuditEvent(now, ev.LOGIN, ev.SUCCESS, user, key, limits.app, ip, login),) + events
+        how = factor or ("mfa" if mfa else "password")
+        events = (AuditEvent(now, ev.LOGIN, ev.SUCCESS, user, key, limits.app, ip, login, how),) + events
     if step_up:
         why = "mfa" if mfa else "password"
         events += (AuditEvent(now, ev.STEP_UP, ev.SUCCESS, user, key, limits.app, ip, login, why),)
@@ -201,12 +205,16 @@ def end_event(session: Session, reason: str, now: float, app: str | None, ip: st
     return AuditEvent(now, name, ev.SUCCESS, session.user, session.key, app, ip, resource, reason, activity)
 
 
-def revoke(session: Session, reason: str, now: float, *, app: str | None = None, ip: str | None = None) -> Decision:
-    """End a session now (logout, admin, user disabled, re-authentication, ...)."""
+def revoke(
+    session: Session, reason: str, now: float, *, app: str | None = None, ip: str | None = None,
+    resource: str | None = None,
+) -> Decision:
+    """End a session now (logout, admin, user disabled, re-authentication, ...). ``ip`` and ``resource``
+    name the request that ended it, where one did (PCI DSS 10.2.2: the origination of the event)."""
     if session.ended:
         return Decision(False, END_AS.get(session.end_reason or "", Reason.REVOKED), session, False)
     ended = end(session, reason, now)
-    return Decision(False, Reason.REVOKED, ended, True, (end_event(session, reason, now, app, ip, None),))
+    return Decision(False, Reason.REVOKED, ended, True, (end_event(session, reason, now, app, ip, resource),))
 
 
 def sweep(session: Session, generous_idle: float, generous_absolute: float, now: float) -> Decision:

@@ -290,7 +290,7 @@ class Enforcer:
             token = facts.headers.get("x-csrf-token") or form_token
             if not Csrf.same(token, self.csrf.for_session(key)):
                 return json_reply(403, {"error": "csrf", "detail": "missing or wrong csrf_token"}, [NO_STORE]), False
-            await self.rt.gate.revoke(key, "reauth")
+            await self.rt.gate.revoke(key, "reauth", ip=self.client_ip(facts), resource=f"POST {facts.path}")
             return to_login, True
         if facts.path == "/_lapse/logout" and facts.method == "POST":
             if valid_id(sid):
@@ -301,7 +301,7 @@ class Enforcer:
                     if not Csrf.same(token, self.csrf.for_session(key)):
                         return json_reply(403, {"error": "csrf", "detail": "missing or wrong csrf_token"},
                                           [NO_STORE]), False
-                    await self.rt.gate.revoke(key, "logout")
+                    await self.rt.gate.revoke(key, "logout", ip=self.client_ip(facts), resource=f"POST {facts.path}")
             return Reply(303, [NO_STORE, ("Location", self.login_location("/", "signed_out"))]), True
         return None
 

@@ -130,7 +130,7 @@ class Account:
                                            None, ip, f"POST {PASSWORD}")])
         ended = 0
         if form.get("end_others"):
-            ended = sum([await gw.gate.revoke(s.key, "password_changed") for s in others])
+            ended = sum([await gw.gate.revoke(s.key, "password_changed", ip=ip, resource=f"POST {PASSWORD}") for s in others])
         return self._page("password.html", session, user, title="Password changed", others=len(others) - ended,
                           changed=True, ended=ended)
 

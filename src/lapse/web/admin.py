@@ -42,6 +42,7 @@ from .forms import read_form
 from .tokens import Csrf, new_nonce
 
 if TYPE_CHECKING:
+    from ..enforce import Verdict
     from .app import Gateway
 
 log = logging.getLogger("lapse.web.admin")
@@ -73,11 +74,12 @@ class Pages:
     # --------------------------------------------------------------- who asks
 
     async def _caller(self, request: Request, *, admin: bool) -> tuple[Session, float, str | None] | Response:
-        """The caller's live session (judged like any request), or the response that refuses them."""
-        headers, trusted, ip, sid = self.gw._facts(request)
-        host = (headers.get("x-forwarded-host") if trusted else None) or headers.get("host", "")
-        path = request.url.path
-        verdict = await self.gw._check(host=host, path=path, method=request.method, ip=ip, passive=False, sid=sid)
+        """The caller's live session (judged like any request), or the response that refuses them.
+
+        A POST is judged passively here: it counts as the user's activity only once its CSRF token is
+        verified (``_form_with_token``), so a forged cross-site form cannot keep a session alive.
+        """
+        verdict, ip, sid = await self._judge(request, passive=request.method != "GET")
         d = verdict.decision
         if not d.allowed or d.session is None:
             out = self.gw._verdict_headers(verdict, sid)
@@ -85,7 +87,8 @@ class Pages:
                 return self.gw._error(403, "Access denied", "You don't have access to this page.", out)
             from .app import login_url
 
-            out["Location"] = login_url(ADMIN if path.startswith(ADMIN) else SESSIONS, out.get("X-Lapse-Reason"))
+            out["Location"] = login_url(ADMIN if request.url.path.startswith(ADMIN) else SESSIONS,
+                                        out.get("X-Lapse-Reason"))
             return Response(b"", 303, out)
         if admin:
             # An OIDC sign-in is an admin by its groups ([oidc] admin_groups) only, never by a local user
@@ -99,6 +102,14 @@ class Pages:
             if not allowed:
                 return self.gw._error(403, "Administrators only", "This page is for lapse administrators.")
         return d.session, verdict.now, ip
+
+    async def _judge(self, request: Request, *, passive: bool) -> tuple[Verdict, str | None, str | None]:
+        """The request judged; with the client's address and the session ID it presented."""
+        headers, trusted, ip, sid = self.gw._facts(request)
+        host = (headers.get("x-forwarded-host") if trusted else None) or headers.get("host", "")
+        verdict = await self.gw._check(host=host, path=request.url.path, method=request.method, ip=ip,
+                                       passive=passive, sid=sid)
+        return verdict, ip, sid
 
     def _page(self, name: str, status: int = 200, **context: Any) -> Response:
         nonce = new_nonce()
@@ -114,6 +125,7 @@ class Pages:
         if not Csrf.same(form.get("csrf_token"), self.gw.csrf.for_session(session.key)):
             return self.gw._error(403, "Request refused", "The request could not be verified. Reload the page and "
                                   "try again.")
+        await self._judge(request, passive=False)  # verified: now it is the user's activity
         return form
 
     # ------------------------------------------------------------------ admin
@@ -208,7 +220,7 @@ class Pages:
             return self.gw._error(400, "Bad request", "Name a session or a user.")
         ended = 0
         for s in targets:
-            if await gate.revoke(s.key, "admin"):
+            if await gate.revoke(s.key, "admin", ip=ip, resource=f"POST {ADMIN}/revoke"):
                 ended += 1
                 await self.gw.rt.audit.emit([AuditEvent(now, ADMIN_REVOKED, SUCCESS, me.user, s.key, None, ip,
                                                         f"POST {ADMIN}/revoke", s.user)])
@@ -277,7 +289,7 @@ class Pages:
         caller = await self._caller(request, admin=False)
         if isinstance(caller, Response):
             return caller
-        me, _now, _ip = caller
+        me, _now, ip = caller
         form = await self._form_with_token(request, me)
         if isinstance(form, Response):
             return form
@@ -287,7 +299,7 @@ class Pages:
             mine = [s for s in mine if s.handle == handle[:HANDLE_LEN] and len(handle) >= HANDLE_LEN]
             if not mine:
                 return self.gw._error(404, "No such session", "That session has already ended, or is not yours.")
-        ended = sum([await self.gw.gate.revoke(s.key, "logout") for s in mine])
+        ended = sum([await self.gw.gate.revoke(s.key, "logout", ip=ip, resource=f"POST {request.url.path}") for s in mine])
         return Response(b"", 303, {"Location": f"{SESSIONS}?ended={ended}",
                                    "Cache-Control": "no-store"})
 

@@ -457,7 +457,7 @@ class Gateway:
         return None
 
     async def logout(self, request: Request) -> Response:
-        headers, _trusted, _ip, sid = self._facts(request)
+        headers, _trusted, ip, sid = self._facts(request)
         form = await read_form(request) or {}
         token = headers.get("x-csrf-token") or form.get("csrf_token")
         idp_logout = None
@@ -468,7 +468,7 @@ class Gateway:
                 if not Csrf.same(token, self.csrf.for_session(key)):
                     return self._error(403, "Sign-out refused", "The sign-out request could not be verified. "
                                        "Reload the page and try again.")
-                await self.gate.revoke(key, "logout")
+                await self.gate.revoke(key, "logout", ip=ip, resource=f"POST {request.url.path}")
                 if self.oidc is not None:  # RP-initiated logout: on to the IdP's end_session_endpoint
                     idp_logout = await self.oidc.end_session_url(key)
         out = {"Set-Cookie": self.cookies.clear(), "Clear-Site-Data": '"cache", "storage"'}

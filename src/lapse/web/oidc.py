@@ -202,7 +202,7 @@ class OidcWeb:
             user, host=headers.get("host", ""), path=_path(flow.next), ip=ip, groups=groups,
             auth_time=claims.auth_time if claims.auth_time is not None else now, mfa=mfa,
             replaces=old_sid if valid_id(old_sid) else None, login=f"GET {CALLBACK}",
-            device=from_user_agent(headers.get("user-agent")),
+            device=from_user_agent(headers.get("user-agent")), factor="oidc_mfa" if mfa else "oidc",
         )
         assert decision.session is not None
         refresh = tokens.get("refresh_token")
@@ -313,7 +313,8 @@ class OidcWeb:
                      if claims.sub is None or x.subject == claims.sub]
         else:
             links = await store.find_links(issuer, subject=claims.sub)
-        revoked = await _revoke(self.gw, [x.session for x in links], "backchannel")
+        revoked = await _revoke(self.gw, [x.session for x in links], "backchannel", ip=ip,
+                                resource=f"POST {request.url.path}")
         log.info("oidc: back-channel logout ended %d session(s)", revoked)
         return Response(b"", 200, {"Cache-Control": "no-store"})
 
@@ -385,8 +386,9 @@ class OidcWeb:
                 pass
 
 
-async def _revoke(gw: Gateway, keys: Sequence[str], reason: str) -> int:
-    return sum([await gw.gate.revoke(key, reason) for key in keys])
+async def _revoke(gw: Gateway, keys: Sequence[str], reason: str, *, ip: str | None = None,
+                  resource: str | None = None) -> int:
+    return sum([await gw.gate.revoke(key, reason, ip=ip, resource=resource) for key in keys])
 
 
 def _valid_name(name: str) -> bool:
