@@ -217,3 +217,25 @@ def test_login_form_post_without_its_token_is_refused(tmp_path: Path):
             assert not await events_named(h, "session.created")
 
     run(main())
+
+
+def test_an_https_gateway_sends_hsts_on_every_answer_a_browser_reads(tmp_path: Path):
+    """[checklist 11 · NIST SP 800-63B rev 3 7.1 / 800-63B-4 5.1: no fall-back to http after authentication]
+    With an https ``public_url``, the sign-in redirect, the login page and the session API carry
+    Strict-Transport-Security; with plain http nothing does (a browser ignores it there anyway).
+    Forward-auth answers carry none: proxies do not pass them on (the proxy sets HSTS for its sites)."""
+
+    async def main():
+        https = BASIC.replace("trusted_proxies", 'public_url = "https://app.test"\ntrusted_proxies')
+        async with harness(tmp_path, config=https) as h:
+            r = await h.login()
+            sid = issued(r)
+            answers = [r, await h.client.get("/_lapse/login"), await h.client.get("/_lapse/session", headers=cookie(sid))]
+            for a in answers:
+                assert a.headers.get("strict-transport-security") == "max-age=31536000", a.request.url
+        async with harness(tmp_path / "http", config=BASIC) as h:
+            r = await h.login()
+            assert "strict-transport-security" not in r.headers
+            assert "strict-transport-security" not in (await h.client.get("/_lapse/login")).headers
+
+    run(main())

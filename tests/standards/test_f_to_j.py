@@ -631,3 +631,24 @@ def test_85_after_the_absolute_limit_the_idp_must_authenticate_again(tmp_path: P
             assert (await status(rp.h, fresh))["absolute_expires_in"] == 3600
 
     run(main())
+
+
+def test_55_logout_clears_cookies_and_storage_with_clear_site_data(tmp_path: Path) -> None:
+    """[checklist 55 · OWASP Session CS Clear-Site-Data, ASVS 5.0 14.3.1, DISA APSC-DV-000060] The logout
+    response carries ``Clear-Site-Data`` including ``"cookies"`` (and ``"storage"``) besides the expiring
+    Set-Cookie ("The application must clear temporary storage and cookies when the session is terminated").
+    A cross-site form posts without the cookie (SameSite) and clears nothing: it cannot wipe the site."""
+
+    async def main() -> None:
+        async with gateway(tmp_path) as h:
+            sid = await h.sid()
+            token = (await status(h, sid))["csrf_token"]
+            out = await h.client.post("/_lapse/logout", data={"csrf_token": token}, headers=cookie(sid))
+            assert out.status_code == 200 and "Max-Age=0" in out.headers["set-cookie"]
+            directives = {d.strip() for d in out.headers["clear-site-data"].split(",")}
+            assert {'"cookies"', '"storage"', '"cache"'} <= directives, directives
+            forged = await h.client.post("/_lapse/logout", data={}, headers={"origin": "https://evil.test"})
+            assert forged.status_code == 200
+            assert "set-cookie" not in forged.headers and "clear-site-data" not in forged.headers
+
+    run(main())

@@ -22,7 +22,7 @@ from jinja2 import Environment, PackageLoader
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ..core import events as ev
 from ..core.decide import Reason
@@ -95,6 +95,10 @@ class Gateway:
         self.trust = Trust(cfg.server.trusted_proxies)
         self.cookies = Cookies(cfg.server.effective_cookie_name, cfg.server.cookie_secure)
         self._public_host = normalize_host(urlsplit(str(cfg.server.public_url)).netloc)
+        # Behind https, every answer a browser reads says so for a year (NIST SP 800-63B 7.1: no fall-back to
+        # plain http once signed in). Not on /_lapse/auth: proxies do not pass its headers to the browser.
+        https = urlsplit(str(cfg.server.public_url)).scheme == "https"
+        self._hsts = (b"strict-transport-security", b"max-age=31536000") if https else None
         self.csrf = Csrf(runtime.secrets.csrf_key)
         self.login_cfg = cfg.login
         self.attempts = Attempts(runtime.store, runtime.audit, runtime.sealer, cfg.login.window, cfg.login.max_attempts)
@@ -157,6 +161,8 @@ class Gateway:
             if path == "/_lapse/auth":
                 await self.forward_auth(scope, receive, send)
                 return
+            if self._hsts is not None:
+                send = self._with_hsts(send)
             if not path.startswith("/_lapse/") and self.upstream is not None:
                 await self._respond(self.proxy, scope, receive, send)
                 return
@@ -177,6 +183,18 @@ class Gateway:
             return
         if scope["type"] == "lifespan":
             await self.router(scope, receive, send)
+
+    def _with_hsts(self, send: Send) -> Send:
+        hsts = self._hsts
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == hsts[0] for name, _ in headers):  # type: ignore[index]
+                    message = {**message, "headers": [*headers, hsts]}
+            await send(message)
+
+        return sending
 
     async def _respond(
         self, handler: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive, send: Send
@@ -471,7 +489,10 @@ class Gateway:
                 await self.gate.revoke(key, "logout", ip=ip, resource=f"POST {request.url.path}")
                 if self.oidc is not None:  # RP-initiated logout: on to the IdP's end_session_endpoint
                     idp_logout = await self.oidc.end_session_url(key)
-        out = {"Set-Cookie": self.cookies.clear(), "Clear-Site-Data": '"cache", "storage"'}
+        # Cleared only when the browser presented the cookie: a cross-site form posts without it (SameSite)
+        # and must not be able to wipe the site's cookies and storage. "cookies" clears the apps' own too
+        # (for the whole registrable domain): they were reached through this session (ASVS 5.0 14.3.1).
+        out = {"Set-Cookie": self.cookies.clear(), "Clear-Site-Data": '"cache", "cookies", "storage"'} if sid else {}
         if idp_logout is not None:
             return Response(b"", 303, {**out, "Location": idp_logout, "Cache-Control": NO_STORE})
         return self._render("signed_out.html", 200, out, title="Signed out", login_url=LOGIN)
