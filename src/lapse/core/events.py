@@ -14,6 +14,7 @@ LOGIN = "auth.login"
 THROTTLED = "auth.throttled"
 CREATED = "session.created"
 WARNING = "session.warning"
+RENEWED = "session.renewed"  # the user kept a warned session (the "stay signed in" heartbeat moved its idle deadline)
 EXPIRED = "session.expired"
 REVOKED = "session.revoked"
 DENIED = "session.denied"

@@ -136,7 +136,9 @@ class Gateway:
         routes += self.pages_admin.routes()
         self._widget = WIDGET.read_bytes() if WIDGET.exists() else b"/* lapse widget: not built */\n"
         self._widget_tag = hashlib.sha256(self._widget).hexdigest()[:16]
-        self._warned: set[tuple[str, str, int]] = set()  # (session, deadline kind, deadline): told once
+        # (session, deadline kind) -> the deadline (whole seconds) the client was warned of: told once each.
+        # Per process: with several workers a warning (and its renewal) may be told once by each.
+        self._warned: dict[tuple[str, str], int] = {}
         self._flooding: dict[str, float] = {}  # IP -> until when its session cookies go unread
         self.closing = asyncio.Event()  # set on shutdown: event streams end so draining does not wait
         # Long-lived connections (WebSockets, streams): a monitor each, woken by the store's push.
@@ -531,12 +533,12 @@ class Gateway:
         for reason, deadline in (("idle", d.idle_deadline), ("absolute", d.absolute_deadline)):
             if deadline is None or deadline - now > limits.warn_before:
                 continue
-            mark = (d.session.key, reason, round(deadline))
-            if mark in self._warned:
+            mark = (d.session.key, reason)
+            if self._warned.get(mark) == round(deadline):
                 continue
             if len(self._warned) >= 100_000:
                 self._warned.clear()
-            self._warned.add(mark)
+            self._warned[mark] = round(deadline)
             resource = f"{request.method} {request.url.path}"
             await self.rt.audit.emit([AuditEvent(now, ev.WARNING, ev.SUCCESS, d.session.user, d.session.key,
                                                  limits.app, verdict.decision.session.ip, resource, reason)])
@@ -558,7 +560,22 @@ class Gateway:
                                 {"Cache-Control": NO_STORE})
         body, verdict, sid = await self._session_body(request, active=True)
         status = 200 if body["authenticated"] else verdict.decision.status
+        await self._maybe_renewed(verdict, request)
         return JSONResponse(body, status, self._verdict_headers(verdict, sid))
+
+    async def _maybe_renewed(self, verdict: Verdict, request: Request) -> None:
+        """``session.renewed`` when the user keeps a session that was warned of its idle deadline (the
+        "stay signed in" answer to the warning: OWASP's ``session_renewed``), once per warning."""
+        d = verdict.decision
+        if not d.allowed or d.session is None or d.idle_deadline is None:
+            return
+        warned = self._warned.get((d.session.key, "idle"))
+        if warned is None or round(d.idle_deadline) <= warned:
+            return
+        del self._warned[(d.session.key, "idle")]
+        limits = verdict.effective.limits
+        await self.rt.audit.emit([AuditEvent(verdict.now, ev.RENEWED, ev.SUCCESS, d.session.user, d.session.key,
+                                             limits.app, d.session.ip, f"POST {request.url.path}", "idle")])
 
     async def events(self, request: Request) -> Response:
         """Server-sent events: the session's deadlines when they change, then ``expired`` (passive)."""
