@@ -484,13 +484,16 @@ class Gateway:
         if valid_id(sid):
             key = self.gate.key_of(sid)  # type: ignore[arg-type]
             session, _ = await self.rt.store.read(key)
+            verified = Csrf.same(token, self.csrf.for_session(key))
             if session is not None and not session.ended:  # signing out twice is not an error
-                if not Csrf.same(token, self.csrf.for_session(key)):
+                if not verified:
                     return self._error(403, "Sign-out refused", "The sign-out request could not be verified. "
                                        "Reload the page and try again.")
                 await self.gate.revoke(key, "logout", ip=ip, resource=f"POST {request.url.path}")
-                if self.oidc is not None:  # RP-initiated logout: on to the IdP's end_session_endpoint
-                    idp_logout = await self.oidc.end_session_url(key)
+            # RP-initiated logout: on to the IdP's end_session_endpoint, also when the session had already
+            # expired (a user signing out of a stale page at a shared machine must leave the IdP too).
+            if session is not None and verified and self.oidc is not None:
+                idp_logout = await self.oidc.end_session_url(key)
         # Cleared only when the browser presented the cookie: a cross-site form posts without it (SameSite)
         # and must not be able to wipe the site's cookies and storage. "cookies" clears the apps' own too
         # (for the whole registrable domain): they were reached through this session (ASVS 5.0 14.3.1).
