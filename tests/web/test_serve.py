@@ -78,6 +78,19 @@ def test_sighup_reloads_a_good_file_and_refuses_a_bad_one(server):
     assert len(refused) == 1 and "defaults.idle" in refused[0]
     assert all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
     assert messages[-1] == "lapse stopped" or "lapse stopped" in messages
+    # [checklist 36 · NIST SP 800-63B-4 5.2] each reload is audited: what changed, or why it was refused.
+    conf.write_text(CONFIG.format(port=port, idle="7m"))  # readable again, for the CLI
+    tail = subprocess.run([sys.executable, "-m", "lapse", "--config", str(conf), "audit", "tail", "-n", "20", "--json"],
+                          capture_output=True, text=True, timeout=30, cwd=conf.parent)
+    changed = [json.loads(line) for line in tail.stdout.splitlines() if '"policy.changed"' in line]
+    assert tail.returncode == 0, tail.stderr
+    assert [(e["outcome"], e["reason"], e["resource"]) for e in changed] == [
+        ("success", "reload", "SIGHUP"), ("failure", "invalid", "SIGHUP")]
+    assert changed[0]["detail"]["changes"] == {
+        "(defaults)": {"idle_s": [300.0, 420.0]},
+        "x": {"idle_s": [None, 420.0], "absolute_s": [None, 43200.0], "warn_before_s": [None, 120.0]},
+    }
+    assert "defaults.idle" in changed[1]["detail"]["error"]
 
 
 def test_sigterm_lets_in_flight_requests_finish(server):

@@ -20,6 +20,7 @@ REVOKED = "session.revoked"
 DENIED = "session.denied"
 STEP_UP_REQUIRED = "session.step_up_required"
 STEP_UP = "session.step_up"
+POLICY_CHANGED = "policy.changed"  # a reload replaced the policy (or was refused): what changed, in ``detail``
 CONNECTION_TERMINATED = "connection.terminated"  # lapse cut a long-lived connection (WebSocket, stream, PostgreSQL)
 
 SUCCESS = "success"
@@ -43,6 +44,7 @@ class AuditEvent:
     resource: str | None = None  # "METHOD /path" where there is a request
     reason: str | None = None
     activity: dict[str, Any] | None = field(default=None, hash=False)  # end events: the session's activity evidence (core.activity)
+    detail: dict[str, Any] | None = field(default=None, hash=False)  # events about lapse itself (policy.changed)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of CONTRACT §5 (``reason`` only where the event has one)."""
@@ -60,6 +62,8 @@ class AuditEvent:
             out["reason"] = self.reason
         if self.activity is not None:
             out["activity"] = self.activity
+        if self.detail is not None:
+            out["detail"] = self.detail
         return out
 
     @classmethod
@@ -76,4 +80,5 @@ class AuditEvent:
             resource=data.get("resource"),
             reason=data.get("reason"),
             activity=data.get("activity"),
+            detail=data.get("detail"),
         )

@@ -287,6 +287,14 @@ class Policy:
         """The limits of one (app, network) pair by index in the spec; None: no app / no network."""
         return self._limits[(-1 if app is None else app, -1 if network is None else network)]
 
+    def summary(self) -> dict[str, dict[str, float | None]]:
+        """Each app's limits (no network factor), and ``(defaults)``'s: what a policy change is audited by."""
+        out = {}
+        for i, name in [(None, "(defaults)"), *((i, a.name) for i, a in enumerate(self.spec.apps))]:
+            lim = self.limits_of(i, None)
+            out[name] = {"idle_s": lim.idle, "absolute_s": lim.absolute, "warn_before_s": lim.warn_before}
+        return out
+
     # -- per request --------------------------------------------------------
 
     def resolve(

@@ -28,7 +28,7 @@ from typing import Any
 import uvicorn
 
 from ..config import ConfigError, LoadedConfig, build_policy, load_config, parse_listen
-from ..core.events import rfc3339
+from ..core.events import FAILURE, POLICY_CHANGED, SUCCESS, AuditEvent, rfc3339
 from ..enforce import run_sweeper
 from ..runtime import open_runtime, seal_stored_factors
 from ..store.base import StoreUnavailable
@@ -87,6 +87,7 @@ class Service:
         self.loaded = loaded
         self.config_path = config_path
         self.gateway: Gateway | None = None
+        self._pending: set[asyncio.Task[None]] = set()  # policy.changed writes in flight (held: not collected)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -178,8 +179,11 @@ class Service:
             fresh = load_config(self.config_path)
             policy = build_policy(fresh.config)
         except (ConfigError, OSError) as exc:
-            log.error("reload refused, keeping the current policy: %s", str(exc).replace("\n", "; "))
+            why = str(exc).replace("\n", "; ")
+            log.error("reload refused, keeping the current policy: %s", why)
+            self._audit_policy(FAILURE, "invalid", {"error": why})
             return
+        changes = _changes(self.gateway.rt.gate.policy.summary(), policy.summary())
         old = self.loaded.config
         for section in ("server", "store", "telemetry", "audit", "postgres"):
             if getattr(old, section) != getattr(fresh.config, section):
@@ -188,6 +192,37 @@ class Service:
         self.gateway.connections.wake_all()  # long-lived connections are judged by the new policy at once
         self.loaded = fresh
         log.info("reload: policy replaced (%d apps, %d networks)", len(fresh.config.apps), len(fresh.config.networks))
+        self._audit_policy(SUCCESS, "reload", {"changes": changes})
+
+    def _audit_policy(self, outcome: str, reason: str, detail: dict[str, Any]) -> None:
+        """``policy.changed`` for a reload, applied or refused (NIST SP 800-63B-4 5.2: limits are documented
+        and their changes traceable). From the signal handler, so the write is a task of its own."""
+        assert self.gateway is not None
+        rt = self.gateway.rt
+
+        async def emit() -> None:
+            try:
+                now = await rt.store.now()
+                await rt.audit.emit([AuditEvent(now, POLICY_CHANGED, outcome, reason=reason, resource="SIGHUP",
+                                                detail=detail)])
+            except StoreUnavailable as exc:
+                log.error("reload: policy.changed not audited: %s", exc)
+
+        task = asyncio.get_running_loop().create_task(emit())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+
+def _changes(old: dict[str, dict[str, float | None]], new: dict[str, dict[str, float | None]]
+             ) -> dict[str, dict[str, list[float | None]]]:
+    """Per app (and ``(defaults)``), each limit that differs: ``[old, new]`` (None: no such app, or no limit)."""
+    out: dict[str, dict[str, list[float | None]]] = {}
+    for name in [*old, *(n for n in new if n not in old)]:
+        before, after = old.get(name, {}), new.get(name, {})
+        diff = {k: [before.get(k), after.get(k)] for k in {**before, **after} if before.get(k) != after.get(k)}
+        if diff:
+            out[name] = diff
+    return out
 
 
 async def _watch_store(store: Any, metrics: Metrics, stop: asyncio.Event, every: float = 5.0) -> None:
