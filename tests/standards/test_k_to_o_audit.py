@@ -63,7 +63,7 @@ async def lifecycle(h: Harness) -> list[str]:
 def test_107_the_session_life_cycle_is_logged_in_order(tmp_path: Path) -> None:
     """[checklist 107 · OWASP Session Mgmt CS, Logging Sessions Life Cycle] creation, step-up with the
     factor, ID rotation, timeout expiry and logout, each once and in order, tied by session hash.
-    (The extension after the warning is not logged: tests/standards/gaps_k_to_o.py.)"""
+    The user's "stay signed in" after the warning is ``session.renewed``."""
 
     async def main() -> None:
         async with harness(tmp_path, config=AUDIT_CONFIG) as h:
@@ -71,7 +71,7 @@ def test_107_the_session_life_cycle_is_logged_in_order(tmp_path: Path) -> None:
             events = [e for e in await h.events() if e["event"] != "session.denied"]
             assert [(e["event"], e.get("reason")) for e in events] == [
                 ("auth.login", "password"), ("session.created", None),
-                ("session.warning", "idle"),
+                ("session.warning", "idle"), ("session.renewed", "idle"),
                 ("session.step_up_required", "max_auth_age"),
                 ("session.revoked", "reauth"),  # the old ID ends: rotation
                 ("auth.login", "password"), ("session.created", None), ("session.step_up", "password"),
@@ -79,9 +79,9 @@ def test_107_the_session_life_cycle_is_logged_in_order(tmp_path: Path) -> None:
                 ("auth.login", "password"), ("session.created", None),
                 ("session.revoked", "logout"),
             ]
-            s1, s2, s3 = events[1]["session"], events[6]["session"], events[10]["session"]
+            s1, s2, s3 = events[1]["session"], events[7]["session"], events[11]["session"]
             assert len({s1, s2, s3}) == 3
-            assert [e["session"] for e in events] == [s1, s1, s1, s1, s1, s2, s2, s2, s2, s3, s3, s3]
+            assert [e["session"] for e in events] == [s1, s1, s1, s1, s1, s1, s2, s2, s2, s2, s3, s3, s3]
             assert all(e["user"] == "alice" and e["outcome"] == "success" for e in events)
 
     run(main())
@@ -275,5 +275,31 @@ def test_111_a_successful_login_records_the_factors_used(tmp_path: Path) -> None
             assert r.status_code == 303
             logins = await named(h, "auth.login")
             assert [(e["outcome"], e.get("reason") or e.get("factor")) for e in logins] == [("success", "password")]
+
+    run(main())
+
+
+def test_107_extending_the_session_after_the_warning_is_logged(tmp_path: Path) -> None:
+    """[checklist 107/108 · OWASP Session Mgmt CS; Logging Vocabulary ``session_renewed``] when a user
+    is warned and chooses to extend the session, that renewal is logged. Once per warning: a second heartbeat
+    writes no second ``session.renewed``."""
+
+    async def main() -> None:
+        async with harness(tmp_path) as h:
+            sid = await sid_of(h, ip=USER_IP)
+            h.clock.now += 490
+            status = (await h.client.get("/_lapse/session?path=/docs", headers=at(sid))).json()
+            assert [e["reason"] for e in await named(h, "session.warning")] == ["idle"]
+            before = len(await h.events())
+            r = await h.client.post("/_lapse/session/activity?path=/docs",
+                                    headers={**at(sid), "x-csrf-token": status["csrf_token"]})
+            assert r.status_code == 200
+            after = (await h.events())[before:]
+            assert [(e["event"], e["reason"], e["user"]) for e in after] == [("session.renewed", "idle", "alice")]
+            h.clock.now += 5
+            again = await h.client.post("/_lapse/session/activity?path=/docs",
+                                        headers={**at(sid), "x-csrf-token": status["csrf_token"]})
+            assert again.status_code == 200
+            assert len(await named(h, "session.renewed")) == 1
 
     run(main())
