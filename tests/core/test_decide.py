@@ -243,3 +243,26 @@ def test_an_answer_that_writes_nothing_holds_until_it_says(data, history):
     if math.isfinite(first.holds_until):
         at = ask(s, host, path, t=first.holds_until, method=method, passive=passive)
         assert at != first  # the instant it names is one where the answer moves
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.booleans())
+def test_an_ipv6_address_that_rotates_within_its_64_is_the_same_network(prefix, host_a, host_b, move_prefix):
+    """[checklist 104] on_ip_change judges a change of network: privacy extensions (RFC 8981) rotate the low
+    64 bits of a device's IPv6 address, which must not end a session under ``revoke``; another /64 does."""
+    net = (0x2001_0db8 << 96) | (prefix << 64)
+    other = net ^ (1 << 64) if move_prefix else net
+    before, after = str(ipaddress.IPv6Address(net | host_a)), str(ipaddress.IPv6Address(other | host_b))
+    s = start(ip=before)
+    d = ask(s, "wiki.test", t=T0 + 1, ip=after)
+    if move_prefix:
+        assert (d.allowed, d.reason) == (False, Reason.NETWORK)
+    else:
+        assert d.allowed and d.session.ip == after
+
+
+def test_any_other_ipv4_address_is_another_network():
+    """IPv4 addresses compare exactly: one address over, the session under ``revoke`` ends."""
+    s = start(ip="198.51.100.20")
+    assert ask(s, "wiki.test", t=T0 + 1, ip="198.51.100.20").allowed
+    d = ask(s, "wiki.test", t=T0 + 1, ip="198.51.100.21")
+    assert (d.allowed, d.reason, [e.reason for e in d.events]) == (False, Reason.NETWORK, ["network", "network"])

@@ -41,6 +41,7 @@ same answer, so a caller may reuse it instead of asking again.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass
 from enum import StrEnum
@@ -198,6 +199,19 @@ def end(session: Session, reason: str, now: float) -> Session:
     return session.with_(ended_at=now, end_reason=reason)
 
 
+def other_network(before: str, after: str) -> bool:
+    """Whether an address change is a change of network for ``on_ip_change``: IPv4 addresses must be
+    equal; IPv6 ones only share their /64, since privacy extensions (RFC 8981) rotate the rest of a
+    device's address every few hours or per connection. Unparseable text compares as text."""
+    try:
+        a, b = ipaddress.ip_address(before), ipaddress.ip_address(after)
+    except ValueError:
+        return before != after
+    if a.version == b.version == 6:
+        return int(a) >> 64 != int(b) >> 64
+    return a != b
+
+
 def end_event(session: Session, reason: str, now: float, app: str | None, ip: str | None, resource: str | None) -> AuditEvent:
     """``session.expired`` / ``session.revoked``, with the session's activity evidence (``audit report``)."""
     name = ev.EXPIRED if reason in EXPIRY_REASONS else ev.REVOKED
@@ -256,7 +270,8 @@ def decide(session: Session | None, request: Request, effective: Effective, now:
         reason = "absolute" if now >= session.auth_time + limits.generous_absolute else "idle"
         return _end_and_deny(session, reason, Reason(reason), request, limits, now)
 
-    ip_changed = request.ip is not None and session.ip is not None and request.ip != session.ip
+    moved = request.ip is not None and session.ip is not None and request.ip != session.ip
+    ip_changed = moved and other_network(session.ip, request.ip)  # type: ignore[arg-type]
     if ip_changed and limits.on_ip_change == "revoke":
         return _end_and_deny(session, "network", Reason.NETWORK, request, limits, now)
 
@@ -294,7 +309,7 @@ def decide(session: Session | None, request: Request, effective: Effective, now:
         idle_deadline = _deadlines(updated, limits, now)[0]
     elif now >= seen_at:
         updated = session.with_(last_seen_at=now)
-    if ip_changed:
+    if moved:
         updated = updated.with_(ip=request.ip)
     if updated is not session:
         return Decision(True, None, updated, True, (), idle_deadline, absolute_deadline)
