@@ -5,11 +5,13 @@ checked elsewhere are listed in docs/standards/a_to_e.md, not repeated here."""
 from __future__ import annotations
 
 import base64
+import html
 import re
 import struct
 from collections import Counter
 from pathlib import Path
 
+from lapse import totp
 from lapse.config import parse_config
 from lapse.runtime import open_runtime
 
@@ -237,5 +239,68 @@ def test_an_https_gateway_sends_hsts_on_every_answer_a_browser_reads(tmp_path: P
             r = await h.login()
             assert "strict-transport-security" not in r.headers
             assert "strict-transport-security" not in (await h.client.get("/_lapse/login")).headers
+
+    run(main())
+
+
+def _csrf(page_text: str) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', page_text).group(1)  # type: ignore[union-attr]
+
+
+async def _renewed(h, old: str, answer) -> str:
+    """The new ID ``answer`` set in place of ``old``: the old one refused and ended as ``reauth``, the new one
+    live, and the page's CSRF token the new session's (its sign-out works with it)."""
+    assert "no-store" in answer.headers["cache-control"]
+    new = issued(answer)
+    assert new != old
+    refused = await h.auth(old)
+    assert (refused.status_code, refused.headers["x-lapse-reason"]) == (401, "revoked")
+    assert [e["reason"] for e in await events_named(h, "session.revoked")] == ["reauth"]
+    assert (await h.auth(new)).status_code == 200
+    return new
+
+
+def test_a_password_change_renews_the_session_id(tmp_path: Path):
+    """[checklist 3 · OWASP Session Mgmt CS "Renew the Session ID After Any Privilege Level Change"]: a
+    password change (the cheat sheet's example) answers with a new session cookie, the old ID ends (reason
+    ``reauth``) and is refused, and the page's forms carry the new session's CSRF token."""
+
+    async def main():
+        async with harness(tmp_path, config=BASIC) as h:
+            sid = await h.sid()
+            page = await h.client.get("/_lapse/password", headers=cookie(sid))
+            form = {"csrf_token": _csrf(page.text), "current": PASSWORD, "new": "n3w password!",
+                    "confirm": "n3w password!"}
+            r = await h.client.post("/_lapse/password", data=form, headers=cookie(sid))
+            assert r.status_code == 200 and "Password changed" in r.text
+            new = await _renewed(h, sid, r)
+            [login] = [e for e in await events_named(h, "auth.login") if e["resource"] == "POST /_lapse/password"]
+            assert login["outcome"] == "success"
+            out = await h.client.post("/_lapse/logout", data={"csrf_token": _csrf(r.text)}, headers=cookie(new))
+            assert out.status_code == 200 and (await h.auth(new)).status_code == 401
+
+    run(main())
+
+
+def test_setting_up_one_time_codes_renews_the_session_id(tmp_path: Path):
+    """[checklist 3 · OWASP Session Mgmt CS "Renew the Session ID After Any Privilege Level Change"]: adding
+    a second factor is a privilege change too; confirming it answers with a new session cookie, the old ID
+    ends (reason ``reauth``) and is refused."""
+
+    async def main():
+        async with harness(tmp_path, config=BASIC) as h:
+            sid = await h.sid()
+            page = await h.client.get("/_lapse/totp", headers=cookie(sid))
+            token = _csrf(page.text)
+            shown = await h.client.post("/_lapse/totp", data={"csrf_token": token, "step": "password",
+                                                               "current": PASSWORD}, headers=cookie(sid))
+            secret = re.search(r'name="secret" value="([A-Z2-7]+)"', shown.text).group(1)  # type: ignore[union-attr]
+            seal = html.unescape(re.search(r'name="seal" value="([^"]+)"', shown.text).group(1))  # type: ignore[union-attr]
+            assert "__Host-lapse=" not in str(shown.headers.get_list("set-cookie"))  # not before the factor is kept
+            done = await h.client.post("/_lapse/totp", data={
+                "csrf_token": token, "step": "confirm", "secret": secret, "seal": seal,
+                "code": totp.code_at(secret, h.clock.now)}, headers=cookie(sid))
+            assert done.status_code == 200 and "One-time codes are on" in done.text
+            await _renewed(h, sid, done)
 
     run(main())

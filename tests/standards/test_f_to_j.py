@@ -8,6 +8,7 @@ The traceability table is docs/standards/f_to_j.md; items lapse fails are in gap
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import subprocess
@@ -226,6 +227,32 @@ def test_52_a_logged_out_cookie_resumes_nothing_in_any_app(tmp_path: Path) -> No
 # ------------------------------------------------- H. listing and ending sessions, account events
 
 
+def test_54_every_signed_in_lapse_page_has_a_sign_out_control(tmp_path: Path) -> None:
+    """[checklist 54 · ASVS 5.0 7.4.4, OWASP Logout Button, DISA APSC-DV-000090] Every page that requires
+    authentication has visible access to logout: the session list and the account pages each carry a
+    ``Sign out`` button in a form posting to /_lapse/logout with the session's CSRF token, and that form
+    does end the session."""
+
+    async def main() -> None:
+        async with gateway(tmp_path) as h:
+            for page in ("/_lapse/sessions", "/_lapse/password", "/_lapse/totp"):
+                sid = await h.sid()
+                r = await h.client.get(page, headers=cookie(sid))
+                assert r.status_code == 200, page
+                form = re.search(r'<form\b[^>]*\baction="/_lapse/logout"[^>]*>(.*?)</form>', r.text, re.S)
+                assert form is not None and 'method="post"' in form.group(0), page
+                assert re.search(r'<button type="submit"[^>]*>Sign out</button>', form.group(1)), page
+                token = re.search(r'name="csrf_token"\s+value="([^"]+)"', form.group(1))
+                assert token is not None, page
+                out = await h.client.post("/_lapse/logout", data={"csrf_token": token.group(1)}, headers=cookie(sid))
+                assert out.status_code == 200, page
+                gone = await h.auth(sid)
+                assert (gone.status_code, gone.headers["x-lapse-reason"]) == (401, "revoked"), page
+            assert [e["reason"] for e in await events(h, "session.revoked")] == ["logout"] * 3
+
+    run(main())
+
+
 def test_57_users_see_their_sessions_and_ending_one_takes_a_fresh_password(tmp_path: Path) -> None:
     """[checklist 57 · ASVS 4.0.3 V3.3.4 / ASVS 5.0 7.5.2] From one browser the user sees every session
     (device, IP, signed-in and last-active times, never a raw ID) and ends another one only "having
@@ -262,6 +289,40 @@ def test_57_users_see_their_sessions_and_ending_one_takes_a_fresh_password(tmp_p
             assert (r.status_code, r.headers["x-lapse-reason"]) == (401, "revoked")
             ended = [(e["reason"], e["session"]) for e in await events(h, "session.revoked")]
             assert ended == [("reauth", h.rt.gate.key_of(here)), ("logout", h.rt.gate.key_of(phone))]
+
+    run(main())
+
+
+def test_58_changing_the_second_factor_offers_to_end_the_other_sessions(tmp_path: Path) -> None:
+    """[checklist 58 · ASVS 5.0 7.4.3] The option to terminate all other sessions applies "after a
+    successful change or removal of any authentication factor (... an MFA settings update)", not only a
+    password change (tests/web/test_defense.py::test_password_change_offers_to_end_every_other_session):
+    replacing the TOTP factor offers ``end_others``, ticked by default, and confirming with it ends the
+    other session (reason ``mfa_changed``, naming the request) while the user stays signed in."""
+
+    async def main() -> None:
+        async with gateway(tmp_path) as h:
+            secret = await enrol(h, "alice")
+            other = await h.sid(totp=totp.code_at(secret, T0))
+            h.clock.now = T0 + 30
+            sid = await h.sid(totp=totp.code_at(secret, h.clock.now))
+            h.clock.now = T0 + 60
+            page = await h.client.get("/_lapse/totp", headers=cookie(sid))
+            form = {"csrf_token": csrf_field(page.text), "step": "password", "current": "correct horse battery",
+                    "code": totp.code_at(secret, h.clock.now)}
+            shown = await h.client.post("/_lapse/totp", data=form, headers=cookie(sid))
+            new = re.search(r'name="secret" value="([A-Z2-7]+)"', shown.text).group(1)  # type: ignore[union-attr]
+            seal = html.unescape(re.search(r'name="seal" value="([^"]+)"', shown.text).group(1))  # type: ignore[union-attr]
+            assert 'name="end_others" value="1" checked' in shown.text
+            done = await h.client.post("/_lapse/totp", data={
+                "csrf_token": form["csrf_token"], "step": "confirm", "secret": new, "seal": seal,
+                "code": totp.code_at(new, h.clock.now), "end_others": "1"}, headers=cookie(sid))
+            assert done.status_code == 200 and "1 other" in done.text
+            r = await h.auth(other)
+            assert (r.status_code, r.headers.get("x-lapse-reason")) == (401, "revoked")
+            ended = [(e["reason"], e["resource"]) for e in await events(h, "session.revoked")]
+            assert ended == [("mfa_changed", "POST /_lapse/totp"), ("reauth", "POST /_lapse/totp")]
+            assert (await h.auth(new_sid(done))).status_code == 200  # type: ignore[arg-type]
 
     run(main())
 

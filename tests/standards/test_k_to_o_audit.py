@@ -173,7 +173,8 @@ def test_110_every_event_carries_when_where_who_and_what(tmp_path: Path) -> None
 def test_111_failed_and_successful_authentication_operations_are_each_logged_once(tmp_path: Path) -> None:
     """[checklist 111 · ASVS 5.0 16.3.1/16.3.2, PCI DSS 4.0 10.2.1.4/10.2.1.5] a failed step-up, a
     failed re-authentication after idle, and an MFA change (a refused then a completed TOTP enrolment)
-    each give exactly one event with its outcome and what failed. (The back-channel 400's one event is
+    each give exactly one event with its outcome and what failed (the enrolment renews the session ID,
+    whose own events follow). (The back-channel 400's one event is
     tests/oidc/test_backchannel.py; the factor of a successful login is a gap.)"""
 
     async def main() -> None:
@@ -216,8 +217,11 @@ def test_111_failed_and_successful_authentication_operations_are_each_logged_onc
                 "code": totp.code_at(secret, h.clock.now)})
             assert done.status_code == 200
             enrolled = (await h.events())[before:]
-            assert [(e["event"], e["outcome"], e["user"]) for e in enrolled] == [
-                ("user.totp_enrolled", "success", "alice")]
+            # One event for the change itself; then the renewal of the session ID that follows it.
+            assert [(e["event"], e["outcome"], e["user"], e.get("reason")) for e in enrolled] == [
+                ("user.totp_enrolled", "success", "alice", None), ("session.revoked", "success", "alice", "reauth"),
+                ("auth.login", "success", "alice", "password"), ("session.created", "success", "alice", None),
+                ("session.step_up", "success", "alice", "password")]
 
     run(main())
 

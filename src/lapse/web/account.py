@@ -2,11 +2,12 @@
 
 Both ask for the current password first (a session alone must not be enough to
 take over an account), count wrong passwords towards the login throttle, and
-carry the session's CSRF token. A password change offers to end every other
-session of the user, ticked by default (ASVS 5.0 7.4.3); the session in use
-stays. TOTP enrolment shows a QR code and asks for one code before the factor
-is kept, so a mis-scanned secret never locks anyone out; recovery codes are
-shown once.
+carry the session's CSRF token. Changing a factor (a new password, one-time
+codes set up or replaced) offers to end every other session of the user, ticked
+by default (ASVS 5.0 7.4.3), and renews the session in use: a new ID, the old
+one ended with reason ``reauth`` (OWASP: renew the ID on any privilege change).
+TOTP enrolment shows a QR code and asks for one code before the factor is kept,
+so a mis-scanned secret never locks anyone out; recovery codes are shown once.
 """
 
 from __future__ import annotations
@@ -43,9 +44,8 @@ class Account:
     async def _whoami(self, request: Request, here: str) -> tuple[Session, User] | Response:
         """The caller's live session and user, or where to send them (sign in first)."""
         gw = self.gw
-        headers, trusted, ip, sid = gw._facts(request)
-        host = (headers.get("x-forwarded-host") if trusted else None) or headers.get("host", "")
-        verdict = await gw._check(host=host, path=here, method="GET", ip=ip, passive=True, sid=sid)
+        _headers, _trusted, ip, sid = gw._facts(request)
+        verdict = await gw._check(host=self._host(request), path=here, method="GET", ip=ip, passive=True, sid=sid)
         d = verdict.decision
         if d.allowed and d.session is not None and await gw.rt.store.get_link(d.session.key) is not None:
             # Signed in through the IdP: the name is the IdP's, and so are password and second factor.
@@ -58,10 +58,36 @@ class Account:
                                        "Cache-Control": "no-store"})
         return d.session, user
 
-    def _page(self, name: str, session: Session, user: User, status: int = 200, **context: Any) -> Response:
+    def _host(self, request: Request) -> str:
+        headers, trusted, _ip, _sid = self.gw._facts(request)
+        return (headers.get("x-forwarded-host") if trusted else None) or headers.get("host", "")
+
+    def _page(self, name: str, session: Session, user: User, status: int = 200,
+              headers: dict[str, str] | None = None, **context: Any) -> Response:
+        """An account page; its forms (sign-out included) carry this session's CSRF token."""
         csrf = self.gw.csrf.for_session(session.key)
-        return self.gw._render(name, status, title=context.pop("title"), user=user.name, csrf_token=csrf,
+        return self.gw._render(name, status, headers, title=context.pop("title"), user=user.name, csrf_token=csrf,
                                has_totp=totp.enrolled(user.extra), **context)
+
+    async def _others(self, session: Session) -> list[Session]:
+        """The user's other live sessions, which a change of factor offers to end."""
+        return [s for s in await self.gw.rt.store.sessions(session.user) if s.key != session.key]
+
+    async def _end_others(self, others: list[Session], reason: str, ip: str | None, resource: str) -> int:
+        return sum([await self.gw.gate.revoke(s.key, reason, ip=ip, resource=resource) for s in others])
+
+    async def _renew(self, request: Request, session: Session, here: str) -> tuple[Session, dict[str, str]]:
+        """A new session in place of this one after the user re-authenticated to change a factor (a
+        privilege change: OWASP renews the ID); the old ID ends (``reauth``). The new one keeps mfa,
+        groups and device, with this request's IP and auth_time now. Returns it and its cookie header."""
+        gw = self.gw
+        _headers, _trusted, ip, sid = gw._facts(request)
+        new_sid, decision = await gw.gate.sign_in(
+            session.user, host=self._host(request), path=here, ip=ip, mfa=session.mfa, groups=session.groups,
+            replaces=sid, login=f"POST {here}", device=session.device,
+        )
+        assert decision.session is not None
+        return decision.session, {"Set-Cookie": gw.cookies.session(new_sid)}  # _render adds no-store
 
     async def _form_checked(self, request: Request, session: Session) -> dict[str, str] | None:
         form = await read_form(request)
@@ -92,8 +118,7 @@ class Account:
         if isinstance(who, Response):
             return who
         session, user = who
-        others = len([s for s in await self.gw.rt.store.sessions(user.name) if s.key != session.key])
-        return self._page("password.html", session, user, title="Change password", others=others)
+        return self._page("password.html", session, user, title="Change password", others=len(await self._others(session)))
 
     async def change_password(self, request: Request) -> Response:
         who = await self._whoami(request, PASSWORD)
@@ -104,7 +129,7 @@ class Account:
         form = await self._form_checked(request, session)
         if form is None:
             return gw._error(403, "Request refused", "The form could not be verified. Reload the page and try again.")
-        others = [s for s in await store.sessions(user.name) if s.key != session.key]
+        others = await self._others(session)
 
         def again(message: str, status: int = 200) -> Response:
             return self._page("password.html", session, user, status, title="Change password", others=len(others),
@@ -130,9 +155,10 @@ class Account:
                                            None, ip, f"POST {PASSWORD}")])
         ended = 0
         if form.get("end_others"):
-            ended = sum([await gw.gate.revoke(s.key, "password_changed", ip=ip, resource=f"POST {PASSWORD}") for s in others])
-        return self._page("password.html", session, user, title="Password changed", others=len(others) - ended,
-                          changed=True, ended=ended)
+            ended = await self._end_others(others, "password_changed", ip, f"POST {PASSWORD}")
+        renewed, cookie = await self._renew(request, session, PASSWORD)
+        return self._page("password.html", renewed, user, headers=cookie, title="Password changed",
+                          others=len(others) - ended, changed=True, ended=ended)
 
     # ---------------------------------------------------------------- TOTP
 
@@ -154,7 +180,7 @@ class Account:
             return gw._error(403, "Request refused", "The form could not be verified. Reload the page and try again.")
         ip = gw._facts(request)[2]
         if form.get("step") == "confirm":
-            return await self._confirm(session, user, form, ip)
+            return await self._confirm(request, session, user, form)
         ok = await self._password_ok(user, form.get("current", ""), ip, f"POST {TOTP}")
         if isinstance(ok, Response):
             return ok
@@ -168,7 +194,7 @@ class Account:
             # be enough to lock the owner out of their second factor and keep it for oneself.
             return self._page("totp.html", session, user, title="One-time codes", step="password",
                               message="To replace your one-time codes, enter a current code (or a recovery code).")
-        return self._show_secret(session, user, totp.new_secret())
+        return await self._show_secret(session, user, totp.new_secret())
 
     async def _current_code_ok(self, user: User, code: str, ip: str | None) -> bool:
         """A current code or recovery code, under the same lock-out as at sign-in, spent once."""
@@ -178,15 +204,17 @@ class Account:
             return False
         return await attempts.spend_code(user.name, code, now, ip, resource)
 
-    def _show_secret(self, session: Session, user: User, secret: str, message: str | None = None) -> Response:
+    async def _show_secret(self, session: Session, user: User, secret: str, message: str | None = None) -> Response:
         link = totp.uri(secret, user.name)
         svg = qrcode.make(link, image_factory=qrcode.image.svg.SvgPathImage, border=2).to_string(encoding="unicode")
         seal = self.gw.csrf.bind("totp-enrol", f"{session.key}:{secret}")
         return self._page("totp.html", session, user, title="Set up one-time codes", step="confirm",
-                          secret=secret, seal=seal, qr_svg=svg, uri=link, message=message)
+                          secret=secret, seal=seal, qr_svg=svg, uri=link, message=message,
+                          others=len(await self._others(session)))
 
-    async def _confirm(self, session: Session, user: User, form: dict[str, str], ip: str | None) -> Response:
+    async def _confirm(self, request: Request, session: Session, user: User, form: dict[str, str]) -> Response:
         gw, store = self.gw, self.gw.rt.store
+        ip, resource = gw._facts(request)[2], f"POST {TOTP}"
         secret = form.get("secret", "")
         if not Csrf.same(form.get("seal"), gw.csrf.bind("totp-enrol", f"{session.key}:{secret}")):
             return gw._error(403, "Request refused", "The set-up form was changed. Start again.")
@@ -194,10 +222,14 @@ class Account:
         factor, codes = totp.enrol(secret)
         checked = totp.verify(factor, form.get("code", ""), now)
         if checked is None or not form.get("code", "").strip().isdigit():
-            return self._show_secret(session, user, secret, "That code did not match. Check the app's clock and "
+            return await self._show_secret(session, user, secret, "That code did not match. Check the app's clock and "
                                      "try the newest code.")
         fresh = await store.get_user(user.name) or user
         await store.put_user(replace(fresh, extra={**fresh.extra, "totp": checked.to_dict(gw.rt.sealer, fresh.name)}))
         await gw.rt.audit.emit([AuditEvent(now, "user.totp_enrolled", ev.SUCCESS, user.name, session.key, None, ip,
-                                           f"POST {TOTP}")])
-        return self._page("totp.html", session, user, title="One-time codes are on", step="done", codes=codes)
+                                           resource)])
+        others = await self._others(session)
+        ended = await self._end_others(others, "mfa_changed", ip, resource) if form.get("end_others") else 0
+        renewed, cookie = await self._renew(request, session, TOTP)
+        return self._page("totp.html", renewed, user, headers=cookie, title="One-time codes are on", step="done",
+                          codes=codes, others=len(others) - ended, ended=ended)
