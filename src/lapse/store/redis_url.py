@@ -95,7 +95,10 @@ def parse_redis_url(url: str) -> RedisTarget:
     # Error messages quote pieces of the URL only when it holds no "@": a password that should have
     # been percent-encoded ("/", "?", "#") would otherwise land, cut, where a host or option is read.
     quote = "@" not in rest
-    parts = urlsplit("x://" + rest)
+    try:
+        parts = urlsplit("x://" + rest)  # brackets are IPv6 hosts to it: "]" in a password lands there
+    except ValueError as exc:
+        raise ValueError(f"malformed URL: {exc}" if quote else f"malformed URL ({_ENCODE})") from None
     netloc = parts.netloc
     username = password = None
     if "@" in netloc:
