@@ -299,6 +299,7 @@ def test_setting_up_one_time_codes_renews_the_session_id(tmp_path: Path):
             assert "__Host-lapse=" not in str(shown.headers.get_list("set-cookie"))  # not before the factor is kept
             done = await h.client.post("/_lapse/totp", data={
                 "csrf_token": token, "step": "confirm", "secret": secret, "seal": seal,
+                "issued": re.search(r'name="issued" value="(\d+)"', shown.text).group(1),
                 "code": totp.code_at(secret, h.clock.now)}, headers=cookie(sid))
             assert done.status_code == 200 and "One-time codes are on" in done.text
             await _renewed(h, sid, done)

@@ -316,6 +316,7 @@ def test_58_changing_the_second_factor_offers_to_end_the_other_sessions(tmp_path
             assert 'name="end_others" value="1" checked' in shown.text
             done = await h.client.post("/_lapse/totp", data={
                 "csrf_token": form["csrf_token"], "step": "confirm", "secret": new, "seal": seal,
+                "issued": re.search(r'name="issued" value="(\d+)"', shown.text).group(1),
                 "code": totp.code_at(new, h.clock.now), "end_others": "1"}, headers=cookie(sid))
             assert done.status_code == 200 and "1 other" in done.text
             r = await h.auth(other)

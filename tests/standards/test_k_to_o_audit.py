@@ -214,6 +214,7 @@ def test_111_failed_and_successful_authentication_operations_are_each_logged_onc
             before = len(await h.events())
             done = await h.client.post("/_lapse/totp", headers=jar, data={
                 "csrf_token": token, "step": "confirm", "secret": secret, "seal": seal,
+                "issued": re.search(r'name="issued" value="(\d+)"', shown.text).group(1),
                 "code": totp.code_at(secret, h.clock.now)})
             assert done.status_code == 200
             enrolled = (await h.events())[before:]

@@ -8,6 +8,7 @@ import ipaddress
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -252,7 +253,8 @@ def test_totp_enrolment_from_the_web_needs_the_password_and_a_working_code(tmp_p
             assert "<svg" in shown.text
             secret = re.search(r'name="secret" value="([A-Z2-7]+)"', shown.text).group(1)
             seal = html.unescape(re.search(r'name="seal" value="([^"]+)"', shown.text).group(1))
-            confirm = {"csrf_token": token, "step": "confirm", "secret": secret, "seal": seal}
+            confirm = {"csrf_token": token, "step": "confirm", "secret": secret, "seal": seal,
+                "issued": re.search(r'name="issued" value="(\d+)"', shown.text).group(1)}
             # A secret swapped in the form is refused; a wrong code keeps nothing.
             forged = {**confirm, "secret": totp.new_secret(), "code": totp.code_at(secret, T0)}
             assert (await h.client.post("/_lapse/totp", data=forged, headers=jar)).status_code == 403
@@ -269,6 +271,58 @@ def test_totp_enrolment_from_the_web_needs_the_password_and_a_working_code(tmp_p
             h.clock.now = T0 + 30
             assert (await h.login(totp=totp.code_at(secret, h.clock.now))).status_code == 303
             assert (await h.login(totp=codes[0])).status_code == 303
+
+    run(main())
+
+
+def _setup_form(shown: Any, token: str) -> dict[str, str]:
+    """The confirm step's fields from a shown set-up form."""
+    field = {k: html.unescape(re.search(rf'name="{k}" value="([^"]+)"', shown.text).group(1))  # type: ignore[union-attr]
+             for k in ("secret", "seal", "issued")}
+    return {"csrf_token": token, "step": "confirm", **field}
+
+
+def test_a_set_up_form_is_good_for_ten_minutes_and_only_for_the_factor_it_replaces(tmp_path: Path):
+    """Review finding (OIDC/step-up, 5): a set-up form someone kept (its secret and seal) cannot set a factor
+    later: not after ten minutes, and not once the factor it would replace has changed."""
+
+    async def main():
+        async with harness(tmp_path) as h:
+            sid = await h.sid()
+            jar = {"cookie": f"__Host-lapse={sid}"}
+            token = _csrf(await h.client.get("/_lapse/totp", headers=jar))
+            ask = {"csrf_token": token, "step": "password", "current": PASSWORD}
+            kept = _setup_form(await h.client.post("/_lapse/totp", data=ask, headers=jar), token)
+            # The factor changes meanwhile (set up from another session): the kept form no longer applies.
+            other = await h.sid()
+            jar2 = {"cookie": f"__Host-lapse={other}"}
+            token2 = _csrf(await h.client.get("/_lapse/totp", headers=jar2))
+            mine = _setup_form(await h.client.post("/_lapse/totp", data={**ask, "csrf_token": token2}, headers=jar2),
+                               token2)
+            done = await h.client.post("/_lapse/totp", data={**mine, "code": totp.code_at(mine["secret"], T0)},
+                                       headers=jar2)
+            assert done.status_code == 200 and "One-time codes are on" in done.text
+            stale = await h.client.post("/_lapse/totp", data={**kept, "code": totp.code_at(kept["secret"], T0)},
+                                        headers=jar)
+            assert stale.status_code == 403 and "changed" in stale.text
+            factor = totp.Factor.from_extra((await h.rt.store.get_user("alice")).extra, h.rt.sealer, "alice")
+            assert factor.secret == mine["secret"]
+            # Eleven minutes after it was shown, a form is refused (the session kept alive meanwhile).
+            h.clock.now = T0 + 30
+            fresh = await h.sid(totp=totp.code_at(mine["secret"], h.clock.now))
+            jar3 = {"cookie": f"__Host-lapse={fresh}"}
+            token3 = _csrf(await h.client.get("/_lapse/totp", headers=jar3))
+            h.clock.now = T0 + 60
+            ask3 = {"csrf_token": token3, "step": "password", "current": PASSWORD,
+                    "code": totp.code_at(mine["secret"], h.clock.now)}
+            late = _setup_form(await h.client.post("/_lapse/totp", data=ask3, headers=jar3), token3)
+            for minutes in (5, 10):
+                h.clock.now = T0 + 60 + minutes * 60
+                assert (await h.auth(fresh)).status_code == 200
+            h.clock.now = T0 + 60 + 11 * 60
+            r = await h.client.post("/_lapse/totp", data={**late, "code": totp.code_at(late["secret"], h.clock.now)},
+                                    headers=jar3)
+            assert r.status_code == 403 and "too old" in r.text
 
     run(main())
 

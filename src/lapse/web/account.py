@@ -13,6 +13,7 @@ so a mis-scanned secret never locks anyone out; recovery codes are shown once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from ..core import events as ev
 from ..core.events import AuditEvent
 from ..core.session import Session
 from ..identity import UserError, check_password, hash_password, verify_password
+from ..sealed import SealError
 from ..store.base import User
 from .forms import read_form
 from .tokens import Csrf, valid_id
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 PASSWORD = "/_lapse/password"
 TOTP = "/_lapse/totp"
+ENROL_WINDOW = 600  # seconds a set-up form (its secret and seal) may be confirmed in
 
 
 class Account:
@@ -207,24 +210,38 @@ class Account:
     async def _show_secret(self, session: Session, user: User, secret: str, message: str | None = None) -> Response:
         link = totp.uri(secret, user.name)
         svg = qrcode.make(link, image_factory=qrcode.image.svg.SvgPathImage, border=2).to_string(encoding="unicode")
-        seal = self.gw.csrf.bind("totp-enrol", f"{session.key}:{secret}")
+        issued = int(await self.gw.rt.store.now())
+        seal = self._seal(session, user, secret, issued)
         return self._page("totp.html", session, user, title="Set up one-time codes", step="confirm",
-                          secret=secret, seal=seal, qr_svg=svg, uri=link, message=message,
+                          secret=secret, seal=seal, issued=issued, qr_svg=svg, uri=link, message=message,
                           others=len(await self._others(session)))
+
+    def _seal(self, session: Session, user: User, secret: str, issued: int) -> str:
+        """The set-up form's proof: this session, this secret, this moment, and the factor it replaces (a
+        form shown before the factor changed, or kept past ``ENROL_WINDOW``, cannot set a factor later)."""
+        try:
+            factor = totp.Factor.from_extra(user.extra, self.gw.rt.sealer, user.name)
+            current = "none" if factor is None else factor.secret  # not its counters: spending a code moves them
+        except SealError:
+            current = "unopenable"
+        replaced = hashlib.sha256(current.encode()).hexdigest()
+        return self.gw.csrf.bind("totp-enrol", f"{session.key}:{secret}:{issued}:{replaced}")
 
     async def _confirm(self, request: Request, session: Session, user: User, form: dict[str, str]) -> Response:
         gw, store = self.gw, self.gw.rt.store
         ip, resource = gw._facts(request)[2], f"POST {TOTP}"
-        secret = form.get("secret", "")
-        if not Csrf.same(form.get("seal"), gw.csrf.bind("totp-enrol", f"{session.key}:{secret}")):
-            return gw._error(403, "Request refused", "The set-up form was changed. Start again.")
+        secret, issued = form.get("secret", ""), form.get("issued", "")
         now = await store.now()
+        fresh = await store.get_user(user.name) or user
+        if not issued.isdigit() or not Csrf.same(form.get("seal"), self._seal(session, fresh, secret, int(issued))):
+            return gw._error(403, "Request refused", "The set-up form was changed. Start again.")
+        if not 0 <= now - int(issued) <= ENROL_WINDOW:
+            return gw._error(403, "Request refused", "The set-up form is too old. Start again.")
         factor, codes = totp.enrol(secret)
         checked = totp.verify(factor, form.get("code", ""), now)
         if checked is None or not form.get("code", "").strip().isdigit():
             return await self._show_secret(session, user, secret, "That code did not match. Check the app's clock and "
                                      "try the newest code.")
-        fresh = await store.get_user(user.name) or user
         await store.put_user(replace(fresh, extra={**fresh.extra, "totp": checked.to_dict(gw.rt.sealer, fresh.name)}))
         await gw.rt.audit.emit([AuditEvent(now, "user.totp_enrolled", ev.SUCCESS, user.name, session.key, None, ip,
                                            resource)])
