@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import math
 import unicodedata
@@ -49,6 +50,8 @@ BACKCHANNEL_EVENT = "auth.backchannel_logout"  # a refused logout token (a succe
 REVALIDATE_REASON = "idp_revalidation"  # session.revoked reason when the IdP says the sign-in is gone
 LOCAL_USER_CONFLICT = "local_user_conflict"  # auth.login failure: the IdP's user name is a local user's
 BAD_USERNAME = "bad_username"  # auth.login failure: neither username_claim nor sub is a usable lapse user name
+NAME_TAKEN = "name_taken"  # auth.login failure: the name is bound to another IdP account (iss, sub)
+EMAIL_NOT_VERIFIED = "email_not_verified"  # auth.login failure: username_claim = "email" without email_verified
 MFA_AMR = frozenset({"mfa", "otp", "hwk", "swk", "sms", "sc", "fpt", "face", "iris", "retina", "vbm", "pop"})
 """``amr`` values (RFC 8176) that count as a second factor for ``mfa = true`` routes."""
 
@@ -175,6 +178,12 @@ class OidcWeb:
             log.error("oidc: token exchange failed: %s", exc)
             return await self._fail(exc.reason, ip, status=502)
 
+        if (self.cfg.username_claim == "email" and claims.claims.get("email") is not None
+                and claims.claims.get("email_verified") is not True):
+            # Anyone may type any address at many IdPs: an unverified one names nobody.
+            return await self._fail(EMAIL_NOT_VERIFIED, ip, status=403, detail=(
+                "Your identity provider has not verified your email address, which is your user name here. "
+                "Please verify it there, or ask an administrator."))
         user = self._username(claims)
         if user is None:
             return await self._fail(BAD_USERNAME, ip, detail=(
@@ -186,6 +195,10 @@ class OidcWeb:
             return await self._fail(LOCAL_USER_CONFLICT, ip, user, status=403, detail=(
                 "Your user name at the identity provider is also the name of a local lapse account, so it cannot "
                 "be used through single sign-on. Please ask an administrator to rename one of the two accounts."))
+        if not await self._bound(user, claims.claims["iss"], claims.sub):
+            return await self._fail(NAME_TAKEN, ip, user, status=403, detail=(
+                "Your user name at the identity provider already belongs to another account that signed in "
+                "here before, so it cannot be used for yours. Please ask an administrator."))
         if flow.max_age is not None:
             if claims.auth_time is None:
                 return await self._fail("missing_auth_time", ip, user)
@@ -225,6 +238,18 @@ class OidcWeb:
         if value is not None:
             log.warning("oidc: the %s claim is not a usable user name; trying sub", self.cfg.username_claim)
         return claims.sub if _valid_name(claims.sub) else None
+
+    async def _bound(self, name: str, issuer: str, subject: str) -> bool:
+        """True if ``name`` belongs to this IdP account: bound to it now, on its first sign-in, or before.
+
+        Core 5.7: ``preferred_username`` and ``email`` may change and repeat; only
+        (``iss``, ``sub``) names an account. The binding is a store ``claim`` (shared
+        by replicas, atomic, permanent), keyed by the name without regard to case
+        as ``_local_user`` compares, so a second account presenting "Bob" cannot
+        become "bob".
+        """
+        mine = json.dumps([issuer, subject], separators=(",", ":"))
+        return await self.gw.rt.store.claim("oidc-user:" + name.casefold(), mine) == mine
 
     async def _local_user(self, name: str) -> bool:
         """True if a local user has this name, compared without regard to case (as apps may compare Remote-User)."""
