@@ -30,6 +30,7 @@ from ..core.device import from_user_agent
 from ..core.events import AuditEvent
 from ..identity import UserError, check_name
 from ..sealed import SealError
+from ..sso.amr import is_mfa
 from ..sso.flow import FLOW_TTL, Flow, Flows
 from ..sso.provider import Provider, ProviderError, Rejected
 from ..sso.tokens import LEEWAY, MAX_IAT_AGE, IdClaims, TokenError
@@ -52,8 +53,6 @@ LOCAL_USER_CONFLICT = "local_user_conflict"  # auth.login failure: the IdP's use
 BAD_USERNAME = "bad_username"  # auth.login failure: neither username_claim nor sub is a usable lapse user name
 NAME_TAKEN = "name_taken"  # auth.login failure: the name is bound to another IdP account (iss, sub)
 EMAIL_NOT_VERIFIED = "email_not_verified"  # auth.login failure: username_claim = "email" without email_verified
-MFA_AMR = frozenset({"mfa", "otp", "hwk", "swk", "sms", "sc", "fpt", "face", "iris", "retina", "vbm", "pop"})
-"""``amr`` values (RFC 8176) that count as a second factor for ``mfa = true`` routes."""
 
 
 class OidcWeb:
@@ -209,8 +208,7 @@ class OidcWeb:
                 return await self._fail("stale_auth_time", ip, user)
 
         groups = self._groups(claims)
-        amr = claims.claims.get("amr")
-        mfa = isinstance(amr, list) and any(a in MFA_AMR for a in amr if isinstance(a, str))
+        mfa = is_mfa(claims.claims.get("amr"))
         sid, decision = await self.gw.gate.sign_in(
             user, host=headers.get("host", ""), path=_path(flow.next), ip=ip, groups=groups,
             auth_time=claims.auth_time if claims.auth_time is not None else now, mfa=mfa,
