@@ -47,6 +47,7 @@ LOGIN = "/_lapse/oidc/login"
 CALLBACK = "/_lapse/oidc/callback"
 BACKCHANNEL = "/_lapse/oidc/backchannel-logout"
 SIGNED_OUT = "/_lapse/oidc/signed-out"
+EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 BACKCHANNEL_EVENT = "auth.backchannel_logout"  # a refused logout token (a success shows as session.revoked)
 REVALIDATE_REASON = "idp_revalidation"  # session.revoked reason when the IdP says the sign-in is gone
 LOCAL_USER_CONFLICT = "local_user_conflict"  # auth.login failure: the IdP's user name is a local user's
@@ -80,7 +81,7 @@ class OidcWeb:
         return [
             Route(LOGIN, self.login, methods=["GET"]),
             Route(CALLBACK, self.callback, methods=["GET"]),
-            Route(BACKCHANNEL, self.backchannel, methods=["POST"]),
+            Route(BACKCHANNEL, self.backchannel, methods=EVERY_METHOD),  # the 405 must say no-store too
             Route(SIGNED_OUT, self.signed_out, methods=["GET"]),
         ]
 
@@ -310,7 +311,17 @@ class OidcWeb:
         return self.gw._render("signed_out.html", 200, title="Signed out", login_url=LOGIN)
 
     async def backchannel(self, request: Request) -> Response:
-        """Back-Channel Logout 1.0: 200 with the named sessions revoked, else 400; never cached."""
+        """Back-Channel Logout 1.0: 200 with the named sessions revoked, 400 for a bad token, 503 (retry) when the
+        IdP's keys or the store cannot be reached; never cached.
+
+        The ``jti`` replay marker is taken before anything ends (a replay must not
+        end sessions made since) and dropped again (``store.forget``) if ending
+        them fails, so the OP's retry (BCL 2.5) is not refused as a replay.
+        Revoking is idempotent: a retry that finds a session already ended
+        leaves it, and its one ``session.revoked`` event, alone.
+        """
+        if request.method != "POST":  # BCL 2.5: a POST; the refusal is not cached either (2.8)
+            return Response(b"", 405, {"Allow": "POST", "Cache-Control": "no-store"})
         _headers, _trusted, ip, _sid = self.gw._facts(request)
         store = self.gw.rt.store
         form = await read_form(request) if request.headers.get("content-type", "").lower().startswith(
@@ -321,31 +332,44 @@ class OidcWeb:
             return await self._refuse("invalid_request", "missing_logout_token", now, ip)
         try:
             claims = await self.provider.check_logout_token(token, now=now)
+            issuer = (await self.provider.metadata()).issuer
         except TokenError as exc:
             return await self._refuse("invalid_request", exc.reason, now, ip)
         except ProviderError as exc:
             log.error("oidc: back-channel logout could not be checked: %s", exc)
-            return await self._refuse("temporarily_unavailable", exc.reason, now, ip)
-        issuer = (await self.provider.metadata()).issuer
+            return await self._refuse("temporarily_unavailable", exc.reason, now, ip, status=503)
         until = max(claims.exp or 0.0, claims.iat + MAX_IAT_AGE) + LEEWAY
-        jti = hashlib.sha256(f"{issuer}\n{claims.jti}".encode()).hexdigest()
-        if not await store.first_use(f"jti:{jti}", until):
+        marker = "jti:" + hashlib.sha256(f"{issuer}\n{claims.jti}".encode()).hexdigest()
+        if not await store.first_use(marker, until):
             return await self._refuse("invalid_request", "replayed_jti", now, ip)
-        if claims.sid is not None:
-            links = [x for x in await store.find_links(issuer, sid=claims.sid)
-                     if claims.sub is None or x.subject == claims.sub]
-        else:
-            links = await store.find_links(issuer, subject=claims.sub)
-        revoked = await _revoke(self.gw, [x.session for x in links], "backchannel", ip=ip,
-                                resource=f"POST {request.url.path}")
+        try:
+            if claims.sid is not None:
+                links = [x for x in await store.find_links(issuer, sid=claims.sid)
+                         if claims.sub is None or x.subject == claims.sub]
+            else:
+                links = await store.find_links(issuer, subject=claims.sub)
+            revoked = await _revoke(self.gw, [x.session for x in links], "backchannel", ip=ip,
+                                    resource=f"POST {request.url.path}")
+        except Exception:  # StoreUnavailable above all: the gateway answers 503, and the OP may retry
+            await self._forget(marker)
+            raise
         log.info("oidc: back-channel logout ended %d session(s)", revoked)
         return Response(b"", 200, {"Cache-Control": "no-store"})
 
-    async def _refuse(self, error: str, reason: str, now: float, ip: str | None) -> Response:
+    async def _forget(self, marker: str) -> None:
+        """Drop a jti marker after a failed logout; if the store cannot, the OP's retry is refused, and we say so."""
+        try:
+            await self.gw.rt.store.forget(marker)
+        except StoreUnavailable as exc:
+            log.error("oidc: back-channel logout failed and its jti stays marked (a retry will be refused): %s", exc)
+
+    async def _refuse(self, error: str, reason: str, now: float, ip: str | None, status: int = 400) -> Response:
+        """400: the token is bad (final). 503 with Retry-After: lapse could not judge it yet (BCL 2.5: retry)."""
         await self.gw.rt.audit.emit([AuditEvent(now, BACKCHANNEL_EVENT, ev.FAILURE, None, None, None, ip,
                                                 f"POST {BACKCHANNEL}", reason)])
         log.info("oidc: back-channel logout refused: %s", reason)
-        return JSONResponse({"error": error, "error_description": reason}, 400, {"Cache-Control": "no-store"})
+        headers = {"Cache-Control": "no-store"} | ({"Retry-After": "30"} if status == 503 else {})
+        return JSONResponse({"error": error, "error_description": reason}, status, headers)
 
     # ----------------------------------------------------------- revalidate
 
