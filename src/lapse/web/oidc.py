@@ -92,18 +92,20 @@ class OidcWeb:
     # ---------------------------------------------------------------- login
 
     def _max_age(self, host: str, path: str, ip: str | None) -> int | None:
-        """What the IdP must honour: the target's step-up age, and its absolute limit.
+        """What the IdP must honour: the target's strictest step-up age, and its absolute limit.
 
         Asking with ``max_age`` = the app's absolute limit means the IdP
         re-authenticates a user whose IdP session is older than the app allows,
         instead of handing back an ``auth_time`` lapse would refuse at once
         (a redirect loop). Core 3.1.2.1: with ``max_age`` the ID token MUST
-        carry ``auth_time``.
+        carry ``auth_time``. The login is a GET, but the step-up it serves may
+        be for a POST (``methods = ["POST"]``): every method a privileged rule
+        names is asked about, and the smallest ``max_auth_age`` wins.
         """
-        effective = self.gw.gate.policy.resolve(host, path, "GET", ip)
-        ages = [effective.limits.absolute]
-        if effective.step_up is not None:
-            ages.append(effective.step_up.max_auth_age)
+        policy = self.gw.gate.policy
+        methods = {"GET"} | {m for app in policy.spec.apps for rule in app.privileged for m in rule.methods or ()}
+        resolved = [policy.resolve(host, path, m, ip) for m in sorted(methods)]
+        ages = [resolved[0].limits.absolute] + [e.step_up.max_auth_age for e in resolved if e.step_up is not None]
         age = min(ages)
         return None if math.isinf(age) else int(age)
 
@@ -199,13 +201,23 @@ class OidcWeb:
             return await self._fail(NAME_TAKEN, ip, user, status=403, detail=(
                 "Your user name at the identity provider already belongs to another account that signed in "
                 "here before, so it cannot be used for yours. Please ask an administrator."))
-        if flow.max_age is not None:
+        if flow.max_age is not None or flow.forced:
             if claims.auth_time is None:
                 return await self._fail("missing_auth_time", ip, user)
-            if now - claims.auth_time > flow.max_age + LEEWAY:
-                if not flow.forced:  # Core 3.1.3.7: too old -> ask again, this time with prompt=login
-                    again = self.flows.start(flow.next, now, max_age=flow.max_age, forced=True)
-                    return await self._redirect_to_idp(again, "login")
+            if flow.forced and claims.auth_time < flow.started - LEEWAY:
+                # prompt=login was sent, and the user did not sign in again: an IdP (or an SSO in front of it)
+                # that ignores prompt=login must not complete a step-up with an old sign-in.
+                return await self._fail("stale_auth_time", ip, user, detail=(
+                    "This page needs you to sign in again, and your identity provider did not ask you to. "
+                    "Please try again; if this repeats, ask an administrator."))
+            age = now - claims.auth_time
+            if flow.max_age is not None and not flow.forced and age > flow.max_age:
+                # Core 3.1.3.7: too old -> ask again, this time with prompt=login. No skew allowance here: an
+                # auth_time past max_age (the target's absolute limit, at most) would make a session already
+                # past its deadline; asking again costs one round trip, and the answer gets the allowance.
+                again = self.flows.start(flow.next, now, max_age=flow.max_age, forced=True)
+                return await self._redirect_to_idp(again, "login")
+            if flow.max_age is not None and age > flow.max_age + LEEWAY:
                 return await self._fail("stale_auth_time", ip, user)
 
         groups = self._groups(claims)
