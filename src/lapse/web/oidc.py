@@ -105,8 +105,8 @@ class OidcWeb:
         policy = self.gw.gate.policy
         methods = {"GET"} | {m for app in policy.spec.apps for rule in app.privileged for m in rule.methods or ()}
         resolved = [policy.resolve(host, path, m, ip) for m in sorted(methods)]
-        ages = [resolved[0].limits.absolute] + [e.step_up.max_auth_age for e in resolved if e.step_up is not None]
-        age = min(ages)
+        age = min([resolved[0].limits.absolute]  # the same for every method
+                  + [e.step_up.max_auth_age for e in resolved if e.step_up is not None])
         return None if math.isinf(age) else int(age)
 
     async def _redirect_to_idp(self, flow: Flow, prompt: str | None) -> Response:
