@@ -23,7 +23,7 @@ from lapse.runtime import open_runtime
 from lapse.sso import provider as provider_mod
 from lapse.sso.provider import Provider
 from lapse.sso.tokens import BACKCHANNEL_EVENT
-from lapse.store.base import SsoLink
+from lapse.store.base import SsoLink, StoreUnavailable
 from lapse.web import Gateway
 
 ISS = "https://idp.test"
@@ -51,6 +51,7 @@ class FakeIdp:
     def __init__(self) -> None:
         self.keys = [KEY1]
         self.jwks_fetches = 0
+        self.jwks_status = 200  # anything else: the JWKS endpoint is failing
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/.well-known/openid-configuration":
@@ -61,6 +62,8 @@ class FakeIdp:
             })
         if request.url.path == "/jwks":
             self.jwks_fetches += 1
+            if self.jwks_status != 200:
+                return httpx.Response(self.jwks_status)
             return httpx.Response(200, json={"keys": [k.as_dict(private=False) for k in self.keys]})
         return httpx.Response(404)
 
@@ -210,3 +213,85 @@ def test_a_deeply_nested_header_is_a_400_with_an_audit_event_not_a_500(tmp_path,
         refused = [e for e in await rt.store.tail_audit(100) if e.event == "auth.backchannel_logout"]
         assert [(e.outcome, e.reason) for e in refused] == [("failure", "malformed")]
     run(tmp_path, monkeypatch, body)
+
+
+def _fail_once(obj: Any, name: str, after: int = 0) -> list[int]:
+    """Make ``obj.name`` raise StoreUnavailable on its call number ``after`` (0: the first), once; returns the count."""
+    real, calls = getattr(obj, name), [0]
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == after + 1:
+            raise StoreUnavailable("simulated blip")
+        return await real(*args, **kwargs)
+    setattr(obj, name, flaky)
+    return calls
+
+
+def _ends(events: list[Any]) -> list[tuple[str | None, str | None]]:
+    return [(e.session, e.reason) for e in events if e.event == "session.revoked"]
+
+
+def test_a_store_blip_answers_503_and_the_ops_retry_of_the_same_token_ends_the_session(tmp_path, monkeypatch) -> None:
+    """BCL 2.5: the OP retries after a recoverable error; the jti must not be used up by the failed attempt."""
+    async def body(rt, idp, session, post, alive):
+        s1 = await session("S1")
+        token = logout_token()
+        _fail_once(rt.store, "find_links")
+        first = await post(token)
+        assert (first.status_code, first.headers["cache-control"]) == (503, "no-store")
+        assert await alive(s1)
+        retry = await post(token)
+        assert (retry.status_code, retry.headers["cache-control"]) == (200, "no-store")
+        assert not await alive(s1)
+        assert _ends(await rt.store.tail_audit(100)) == [(s1, "backchannel")]
+        replay = await post(token)  # once it worked, the jti is used up
+        assert replay.status_code == 400 and replay.json()["error_description"] == "replayed_jti"
+    run(tmp_path, monkeypatch, body)
+
+
+def test_a_blip_halfway_through_the_revocations_is_retried_without_a_second_end(tmp_path, monkeypatch) -> None:
+    """The retry ends what is left; what the first attempt ended stays ended, with its one session.revoked."""
+    async def body(rt, idp, session, post, alive):
+        a1, a2 = await session("S1"), await session("S2")
+        token = logout_token(sid=None)
+        _fail_once(rt.store, "write", after=1)  # the first is revoked, the second's write fails
+        assert (await post(token)).status_code == 503
+        assert sorted([await alive(a1), await alive(a2)]) == [False, True]
+        assert (await post(token)).status_code == 200
+        assert [await alive(a1), await alive(a2)] == [False, False]
+        assert sorted(_ends(await rt.store.tail_audit(100))) == sorted([(a1, "backchannel"), (a2, "backchannel")])
+    run(tmp_path, monkeypatch, body)
+
+
+@pytest.mark.parametrize("jwks_status", [500, 404])
+def test_an_unreachable_jwks_is_a_retryable_503_not_a_final_400(tmp_path, monkeypatch, jwks_status) -> None:
+    """BCL 2.8: 400 tells the OP the token is bad (no retry); lapse merely could not check it yet."""
+    async def body(rt, idp, session, post, alive):
+        s1 = await session("S1")
+        token = logout_token()
+        idp.jwks_status = jwks_status
+        r = await post(token)
+        assert (r.status_code, r.headers["cache-control"], r.headers["retry-after"]) == (503, "no-store", "30")
+        assert r.json() == {"error": "temporarily_unavailable", "error_description": "idp_error"}
+        assert await alive(s1)
+        refused = [e for e in await rt.store.tail_audit(100) if e.event == "auth.backchannel_logout"]
+        assert [(e.outcome, e.reason) for e in refused] == [("failure", "idp_error")]
+        idp.jwks_status = 200
+        assert (await post(token)).status_code == 200
+        assert not await alive(s1)
+    run(tmp_path, monkeypatch, body)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE", "OPTIONS"])
+def test_other_methods_are_405_and_not_cached(tmp_path, monkeypatch, method) -> None:
+    """BCL 2.8: the response SHOULD carry Cache-Control: no-store; the refusal of a method too."""
+    async def main() -> None:
+        cm, _rt, _idp, _session, _post, _alive, client = await _setup(tmp_path, monkeypatch)
+        try:
+            r = await client.request(method, "/_lapse/oidc/backchannel-logout")
+            assert (r.status_code, r.headers["cache-control"], r.headers["allow"]) == (405, "no-store", "POST")
+        finally:
+            await client.aclose()
+            await cm.__aexit__(None, None, None)
+    asyncio.run(main())

@@ -91,9 +91,9 @@ class Rp:
         return [s.user for s in await self.rt.store.sessions()]
 
 
-def run(tmp_path: Path, body: Any) -> None:
+def run(tmp_path: Path, body: Any, config: str = CONFIG) -> None:
     async def main() -> None:
-        loaded = parse_config(CONFIG, str(tmp_path / "lapse.toml"), tmp_path)
+        loaded = parse_config(config, str(tmp_path / "lapse.toml"), tmp_path)
         async with open_runtime(loaded) as rt:
             gw = Gateway(rt)
             idp = FakeIdp()
@@ -176,3 +176,58 @@ def test_group_names_with_a_comma_or_control_character_are_dropped_with_one_warn
         assert len(warnings) == 1 and "5 group name(s)" in warnings[0].getMessage()
         assert rp.idp.id_token and rp.idp.id_token not in caplog.text
     run(tmp_path, body)
+
+
+# ------------------------------------------------- the name is bound to (iss, sub)
+
+
+@pytest.mark.parametrize("second", ["bob", "BOB"])
+def test_a_second_idp_account_presenting_a_bound_name_is_refused(tmp_path: Path, second: str) -> None:
+    """Core 5.7: preferred_username is not unique; the first account to sign in as "bob" keeps the name."""
+    async def body(rp: Rp) -> None:
+        r = await rp.sign_in(sub="sub-of-bob", preferred_username="bob")
+        assert r.status_code == 303
+        evil = await rp.sign_in(sub="sub-of-mallory", preferred_username=second)
+        assert evil.status_code == 403
+        assert "already belongs to another account" in evil.text and "administrator" in evil.text
+        assert "__Host-lapse=" not in evil.headers.get("set-cookie", "")
+        assert await rp.users_signed_in() == ["bob"]
+        assert await rp.logins() == [("success", "bob", "oidc"), ("failure", second, "name_taken")]
+        assert await rp.rt.store.claim("oidc-user:bob", "probe") == f'["{ISS}","sub-of-bob"]'
+        again = await rp.sign_in(sub="sub-of-bob", preferred_username="Bob")  # the owner, in any case
+        assert again.status_code == 303
+        assert await rp.users_signed_in() == ["bob", "Bob"]
+    run(tmp_path, body)
+
+
+def test_the_sub_fallback_name_is_bound_too(tmp_path: Path) -> None:
+    """A name taken through the sub fallback cannot be presented as another account's preferred_username."""
+    async def body(rp: Rp) -> None:
+        assert (await rp.sign_in(sub="alice-sub")).status_code == 303
+        r = await rp.sign_in(sub="someone-else", preferred_username="alice-sub")
+        assert r.status_code == 403
+        assert await rp.logins() == [("success", "alice-sub", "oidc"), ("failure", "alice-sub", "name_taken")]
+    run(tmp_path, body)
+
+
+EMAIL_CONFIG = CONFIG.replace('admin_groups = ["lapse-admins"]', 'admin_groups = ["lapse-admins"]\nusername_claim = "email"')
+
+
+@pytest.mark.parametrize("verified", [None, False, "true", 1])
+def test_an_unverified_email_is_not_a_user_name(tmp_path: Path, verified: Any) -> None:
+    """username_claim = "email" needs email_verified exactly true; anything else refuses the sign-in."""
+    async def body(rp: Rp) -> None:
+        claims = {"email": "ceo@example.test"} | ({} if verified is None else {"email_verified": verified})
+        r = await rp.sign_in(**claims)
+        assert r.status_code == 403 and "not verified your email" in r.text
+        assert await rp.users_signed_in() == []
+        assert await rp.logins() == [("failure", None, "email_not_verified")]
+    run(tmp_path, body, EMAIL_CONFIG)
+
+
+def test_a_verified_email_is_the_user_name(tmp_path: Path) -> None:
+    async def body(rp: Rp) -> None:
+        r = await rp.sign_in(email="ceo@example.test", email_verified=True)
+        assert r.status_code == 303
+        assert await rp.users_signed_in() == ["ceo@example.test"]
+    run(tmp_path, body, EMAIL_CONFIG)

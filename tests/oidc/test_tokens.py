@@ -99,6 +99,9 @@ def test_an_ec_signed_id_token_passes_and_one_without_kid_too() -> None:
         ({"sub": None}, "missing_sub"),
         ({"auth_time": "yesterday"}, "bad_auth_time"),
         ({"auth_time": NOW + 3600}, "auth_time_in_future"),
+        ({"nbf": NOW + 86400 * 30}, "not_yet_valid"),  # RFC 7519 4.1.5
+        ({"nbf": NOW + 61}, "not_yet_valid"),
+        ({"nbf": "soon"}, "bad_nbf"),
     ],
 )
 def test_id_token_claims_are_checked(changes: dict[str, Any], reason: str) -> None:
@@ -143,9 +146,18 @@ def test_a_good_logout_token_passes() -> None:
 
 
 def test_sub_alone_or_sid_alone_is_enough_and_exp_may_be_absent() -> None:
+    """exp stays optional (Keycloak < 23.0.4, authentik < 2025.8.2, Ory Hydra omit it); iat bounds the token."""
     assert logout(sign(logout_claims(sid=None))).sub == "alice"
     assert logout(sign(logout_claims(sub=None))).sid == "S1"
     assert logout(sign(logout_claims(exp=None))).exp is None
+    assert reason_of(lambda: logout(sign(logout_claims(exp=None, iat=NOW - 601 - 60)))) == "too_old"
+
+
+def test_nbf_within_the_leeway_or_past_is_accepted() -> None:
+    """Clock skew: an nbf up to LEEWAY ahead of our clock is the IdP's clock running fast, not a future token."""
+    assert check_id_token(sign(id_claims(nbf=NOW + 60)), KEYS, EXPECT, nonce="n-1", now=NOW).sub == "alice"
+    assert check_id_token(sign(id_claims(nbf=NOW - 5)), KEYS, EXPECT, nonce="n-1", now=NOW).sub == "alice"
+    assert logout(sign(logout_claims(nbf=NOW - 5, exp=None))).jti == "j-1"
 
 
 @pytest.mark.parametrize(
@@ -164,6 +176,9 @@ def test_sub_alone_or_sid_alone_is_enough_and_exp_may_be_absent() -> None:
         ({"events": [BACKCHANNEL_EVENT]}, "bad_events"),
         ({"nonce": "n-1"}, "nonce_present"),
         ({"jti": None}, "missing_jti"),
+        ({"nbf": NOW + 86400 * 30}, "not_yet_valid"),
+        ({"nbf": NOW + 86400 * 30, "exp": None}, "not_yet_valid"),
+        ({"nbf": True}, "bad_nbf"),
     ],
 )
 def test_logout_token_rules_each_refuse(changes: dict[str, Any], reason: str) -> None:

@@ -610,6 +610,31 @@ async def test_first_use_once_until_it_expires(store: Any, twin: Any, clock: Any
     assert await store.first_use("jti:a", T0 + 20) is True  # forgotten once its time is up
 
 
+async def test_forget_drops_a_marker_so_it_may_be_used_again(store: Any, twin: Any) -> None:
+    """A back-channel logout that failed after marking its jti must be retryable (the marker is dropped)."""
+    assert await store.first_use("jti:a", T0 + 10) is True
+    assert await store.first_use("jti:b", T0 + 10) is True
+    await twin.forget("jti:a")
+    await twin.forget("jti:never")  # nothing to drop: no error
+    assert await store.first_use("jti:a", T0 + 10) is True
+    assert await store.first_use("jti:b", T0 + 10) is False  # the others stay
+
+
+async def test_claim_is_set_once_and_permanent(store: Any, twin: Any, clock: Any) -> None:
+    """The OIDC user-name binding: the first value holds, through every handle, past any purge."""
+    assert await store.claim("oidc-user:bob", '["https://idp.test","sub-1"]') == '["https://idp.test","sub-1"]'
+    assert await twin.claim("oidc-user:bob", '["https://idp.test","sub-2"]') == '["https://idp.test","sub-1"]'
+    assert await store.claim("oidc-user:carol", "x\x1fé") == "x\x1fé"
+    clock.advance(10 * 365 * 86400)
+    await store.purge_links(T0 + 20 * 365 * 86400)
+    assert await store.claim("oidc-user:bob", "other") == '["https://idp.test","sub-1"]'
+
+
+async def test_concurrent_claims_exactly_one_wins(store: Any, twin: Any) -> None:
+    answers = await asyncio.gather(*(h.claim("oidc-user:dave", f"v{i}") for i, h in enumerate([store, twin] * 5)))
+    assert len(set(answers)) == 1 and answers[0] in {f"v{i}" for i in range(10)}
+
+
 async def test_purge_links_forgets_what_is_past_keeping(store: Any, clock: Any) -> None:
     await store.put_link(make_link("old", keep_until=T0 + 1))
     await store.put_link(make_link("new", keep_until=T0 + 100))

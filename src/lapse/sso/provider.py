@@ -5,12 +5,25 @@ judges. Key rotation: a token naming a ``kid`` not in the cached JWKS makes
 one refetch, at most every ``JWKS_MIN_INTERVAL`` seconds (an attacker sending
 made-up ``kid``s cannot make lapse hammer the IdP); the token is then judged
 once more. Discovery is retried on the next request after a failure.
+
+Key withdrawal: the cached JWKS is also refetched, whole, once it is older than
+the JWKS response's ``Cache-Control: max-age`` held between ``JWKS_TTL_FLOOR``
+and ``JWKS_TTL_CEILING`` (``JWKS_TTL_DEFAULT`` without one), so a key the IdP
+has withdrawn (rotated out, or compromised) stops verifying within the hour,
+not at the next rotation or restart. If that refetch fails, the cached set is
+kept for ``JWKS_GRACE`` more (an IdP hiccup must not stop every sign-in and
+back-channel logout at once), retried at most every ``JWKS_MIN_INTERVAL``,
+with one warning; after that, tokens are not judged at all (``ProviderError``:
+logins fail, back-channel logouts get a retryable 503) until a fetch works. So
+a withdrawn key is trusted at most ceiling + grace (2 h), even to someone who
+can cut lapse off from the IdP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +39,11 @@ from .tokens import Expect, IdClaims, LogoutClaims, UnknownKey, allowed_algorith
 
 log = logging.getLogger("lapse.sso")
 
-JWKS_MIN_INTERVAL = 10.0  # seconds between JWKS refetches caused by unknown kids
+JWKS_MIN_INTERVAL = 10.0  # seconds between JWKS refetches caused by unknown kids (and between failed ones)
+JWKS_TTL_FLOOR = 300.0  # the cached JWKS is refetched after Cache-Control max-age, held to these bounds
+JWKS_TTL_CEILING = 3600.0
+JWKS_TTL_DEFAULT = 3600.0  # no (usable) max-age
+JWKS_GRACE = 3600.0  # a JWKS past its time, whose refetch fails, is still used this much longer
 TIMEOUT = 10.0
 MAX_BODY = 1 << 20
 
@@ -73,7 +90,10 @@ class Provider:
         self._monotonic = monotonic
         self._meta: Metadata | None = None
         self._keys: KeySet | None = None
-        self._keys_at = -float("inf")
+        self._keys_at = -float("inf")  # when the cached set was fetched (monotonic)
+        self._keys_ttl = JWKS_TTL_DEFAULT
+        self._tried_at = -float("inf")  # the last fetch attempt, good or not
+        self._failing = False  # a refetch of a stale set has failed (and said so once)
         self._lock = asyncio.Lock()
 
     async def aclose(self) -> None:
@@ -82,6 +102,9 @@ class Provider:
     # ------------------------------------------------------------ discovery
 
     async def _get_json(self, url: str) -> dict[str, Any]:
+        return (await self._get_json_with_headers(url))[0]
+
+    async def _get_json_with_headers(self, url: str) -> tuple[dict[str, Any], httpx.Headers]:
         try:
             r = await self._http.get(url, headers={"Accept": "application/json"})
         except httpx.HTTPError as exc:
@@ -94,7 +117,7 @@ class Provider:
             raise ProviderError("idp_error", f"{url}: not JSON") from exc
         if not isinstance(body, dict):
             raise ProviderError("idp_error", f"{url}: not a JSON object")
-        return body
+        return body, r.headers
 
     async def metadata(self) -> Metadata:
         if self._meta is not None:
@@ -129,16 +152,45 @@ class Provider:
         return Expect(meta.issuer, self.cfg.client_id, meta.algorithms)
 
     async def keys(self, *, refresh: bool = False) -> KeySet:
+        """The IdP's signature keys: cached, refetched whole when stale or (``refresh``) for an unknown kid."""
         async with self._lock:
             now = self._monotonic()
-            if self._keys is None or (refresh and now - self._keys_at >= JWKS_MIN_INTERVAL):
-                doc = await self._get_json((await self.metadata()).jwks_uri)
+            stale = now - self._keys_at >= self._keys_ttl
+            may_try = now - self._tried_at >= JWKS_MIN_INTERVAL
+            if self._keys is None or ((stale or refresh) and may_try):
+                self._tried_at = now
                 try:
-                    keys = KeySet.import_key_set({"keys": [k for k in doc.get("keys", []) if _usable(k)]})
-                except (JoseError, ValueError, TypeError) as exc:
-                    raise ProviderError("idp_error", "unusable JWKS") from exc
-                self._keys, self._keys_at = keys, now
+                    self._keys, self._keys_ttl = await self._fetch_keys()
+                except ProviderError as exc:
+                    if self._keys is None or not stale:
+                        raise  # nothing cached, or an unknown kid: the token cannot be judged
+                    self._grace(now, exc)
+                else:
+                    self._keys_at = now
+                    if self._failing:
+                        log.warning("oidc: the IdP's JWKS can be fetched again")
+                        self._failing = False
+            elif stale:
+                self._grace(now, None)  # a failed refetch, tried again within JWKS_MIN_INTERVAL
             return self._keys
+
+    def _grace(self, now: float, exc: ProviderError | None) -> None:
+        """A stale cached set whose refetch failed: still used within ``JWKS_GRACE``, refused after it."""
+        if now - self._keys_at >= self._keys_ttl + JWKS_GRACE:
+            raise exc or ProviderError("idp_unreachable", "the JWKS is past its time and cannot be fetched")
+        if exc is not None and not self._failing:
+            log.warning("oidc: cannot refetch the IdP's JWKS (%s); using the cached keys for up to %d s more",
+                        exc, int(self._keys_at + self._keys_ttl + JWKS_GRACE - now))
+            self._failing = True
+
+    async def _fetch_keys(self) -> tuple[KeySet, float]:
+        """The whole JWKS (signature keys only) and how long to keep it."""
+        doc, headers = await self._get_json_with_headers((await self.metadata()).jwks_uri)
+        try:
+            keys = KeySet.import_key_set({"keys": [k for k in doc.get("keys", []) if _usable(k)]})
+        except (JoseError, ValueError, TypeError) as exc:
+            raise ProviderError("idp_error", "unusable JWKS") from exc
+        return keys, keys_ttl(headers.get("cache-control"))
 
     async def _judged(self, judge: Callable[[KeySet, Expect], Any]) -> Any:
         expect = await self.expect()
@@ -232,6 +284,19 @@ class Provider:
         return r.json()
 
 
+def keys_ttl(cache_control: str | None) -> float:
+    """Seconds to keep a JWKS: its ``max-age`` (``no-cache``/``no-store``: 0) within the floor and ceiling."""
+    if not cache_control:
+        return JWKS_TTL_DEFAULT
+    directives = cache_control.lower()
+    if re.search(r"(^|[\s,])no-(cache|store)\b", directives):
+        return JWKS_TTL_FLOOR
+    found = re.search(r"(?:^|[\s,])max-age\s*=\s*\"?(\d{1,12})\b", directives)
+    if found is None:
+        return JWKS_TTL_DEFAULT
+    return min(max(float(found.group(1)), JWKS_TTL_FLOOR), JWKS_TTL_CEILING)
+
+
 def _usable(jwk: Any) -> bool:
     """Signature keys only (``use`` sig or absent); encryption keys are not ours to verify with."""
     return isinstance(jwk, dict) and jwk.get("use", "sig") == "sig" and jwk.get("kty") in ("RSA", "EC", "OKP")
@@ -242,4 +307,4 @@ def _word(text: str) -> str:
     return "".join(c for c in text if c.isalnum() or c == "_")[:40] or "error"
 
 
-__all__ = ["Metadata", "Provider", "ProviderError", "Rejected", "read_secret"]
+__all__ = ["Metadata", "Provider", "ProviderError", "Rejected", "keys_ttl", "read_secret"]

@@ -14,10 +14,17 @@ Rules, with their sources:
   Encrypted (JWE) tokens are refused: lapse never negotiates encryption.
 - ID token (Core 3.1.3.7): ``iss`` equals the issuer; ``aud`` contains the
   client ID, and ``azp`` (if present, or if there are several audiences) is the
-  client ID; ``exp`` in the future and ``iat`` not in the future (with
-  ``LEEWAY``); ``nonce`` equals the one sent; ``auth_time`` a number if present.
+  client ID; ``exp`` in the future, ``iat`` not in the future and ``nbf`` (if
+  present, RFC 7519 4.1.5) not in the future (with ``LEEWAY``); ``nonce``
+  equals the one sent; ``auth_time`` a number if present.
 - Logout token (Back-Channel Logout 1.0, 2.4 and 2.6): the same ``iss``,
-  ``aud``, ``iat`` and (if present) ``exp`` checks; ``jti`` present; ``events``
+  ``aud``, ``iat``, ``nbf`` and (if present) ``exp`` checks, and ``iat`` at most
+  ``MAX_IAT_AGE`` old. BCL 2.4 makes ``exp`` REQUIRED, but OPs in wide use
+  omit it: Keycloak before 23.0.4 (keycloak#25753), authentik before 2025.8.2
+  (authentik#16490), Ory Hydra 2.x (hydra#4035), LemonLDAP::NG; requiring it
+  would break their logouts (the worse failure: sessions that should end
+  live on), and the ``iat`` age limit already bounds such a token's life
+  (and its replay window) as ``exp`` would; ``jti`` present; ``events``
   an object holding the back-channel-logout member whose value is an object;
   ``sub`` or ``sid`` (or both); no ``nonce``; ``typ`` = ``logout+jwt`` when
   required (configurable, since BCL 2.3 says requiring it breaks older OPs).
@@ -39,7 +46,7 @@ from joserfc.errors import BadSignatureError, InvalidKeyIdError, JoseError
 from joserfc.jwk import KeySet
 
 LEEWAY = 60.0
-"""Seconds of clock skew tolerated on ``exp``/``iat``/``auth_time``."""
+"""Seconds of clock skew tolerated on ``exp``/``iat``/``nbf``/``auth_time``."""
 
 MAX_IAT_AGE = 600.0
 """A logout token issued longer ago than this is refused (BCL 2.6 lets the RP bound ``iat``)."""
@@ -190,7 +197,7 @@ def _string(claims: Mapping[str, Any], name: str) -> str | None:
 
 
 def _common(claims: Mapping[str, Any], expect: Expect, now: float) -> tuple[float, float | None]:
-    """``iss``, ``aud``/``azp``, ``iat``, ``exp`` as ID tokens and logout tokens share them: (iat, exp)."""
+    """``iss``, ``aud``/``azp``, ``iat``, ``exp``, ``nbf`` as ID tokens and logout tokens share them: (iat, exp)."""
     if claims.get("iss") != expect.issuer:
         raise TokenError("bad_iss")
     aud = claims.get("aud")
@@ -207,6 +214,9 @@ def _common(claims: Mapping[str, Any], expect: Expect, now: float) -> tuple[floa
     exp = _number(claims, "exp", required=False)
     if exp is not None and exp <= now - expect.leeway:
         raise TokenError("expired")
+    nbf = _number(claims, "nbf", required=False)
+    if nbf is not None and nbf > now + expect.leeway:  # RFC 7519 4.1.5: MUST NOT be accepted before nbf
+        raise TokenError("not_yet_valid")
     return iat, exp
 
 

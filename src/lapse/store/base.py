@@ -99,7 +99,9 @@ class SessionStore(Protocol):
     OIDC additions (small, for ``lapse.sso``): ``put_link``/``get_link``/
     ``find_links`` keep one ``SsoLink`` per session and find them by the IdP's
     ``sid`` or ``sub``; ``first_use`` is an atomic once-only marker with an
-    expiry (logout-token ``jti`` replay, across replicas); ``purge_links``
+    expiry (logout-token ``jti`` replay, across replicas), ``forget`` drops
+    one; ``claim`` is an atomic, permanent set-once value (the OIDC user-name
+    binding); ``purge_links``
     forgets links and markers past their time (a store with native expiry,
     such as Redis, may make it a no-op).
 
@@ -188,6 +190,17 @@ class SessionStore(Protocol):
     async def first_use(self, key: str, until: float) -> bool:
         """True the first time ``key`` is offered (it is then remembered until ``until``, by the store's
         clock); False while it is remembered. Atomic: of two concurrent offers exactly one gets True."""
+
+    async def forget(self, key: str) -> None:
+        """Drop the ``first_use`` marker ``key`` (if any): an action that marked itself and then failed may be
+        tried again (a back-channel logout the store could not finish, retried by the OP)."""
+
+    async def claim(self, key: str, value: str) -> str:
+        """Hold ``key`` for ``value`` unless something already holds it; the value that holds it now.
+
+        Atomic and permanent (``purge_links`` never forgets a claim): of two concurrent claims exactly one
+        value wins, and every later call sees it. The OIDC user-name binding (a name to one ``iss``+``sub``).
+        """
 
     async def purge_links(self, before: float) -> int:
         """Forget links whose ``keep_until`` and markers whose ``until`` is before this instant; how many."""

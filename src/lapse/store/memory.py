@@ -23,6 +23,7 @@ class MemoryStore:
         self._failures: dict[str, tuple[float, int]] = {}
         self._links: dict[str, SsoLink] = {}
         self._once: dict[str, float] = {}
+        self._claims: dict[str, str] = {}
         self._watchers = Watchers()
 
     async def now(self) -> float:
@@ -131,6 +132,12 @@ class MemoryStore:
             return False
         self._once[key] = until
         return True
+
+    async def forget(self, key: str) -> None:
+        self._once.pop(key, None)
+
+    async def claim(self, key: str, value: str) -> str:
+        return self._claims.setdefault(key, value)
 
     async def purge_links(self, before: float) -> int:
         links = [k for k, x in self._links.items() if x.keep_until < before]

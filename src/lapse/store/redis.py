@@ -518,6 +518,17 @@ class RedisStore:
             await self._pipeline("first_use", [("ZADD", self._prefix + b"once", repr(until), key)])
         return bool(fresh)
 
+    async def forget(self, key: str) -> None:
+        await self._pipeline("forget", [("DEL", self._prefix + b"o:" + key.encode()),
+                                        ("ZREM", self._prefix + b"once", key)])
+
+    async def claim(self, key: str, value: str) -> str:
+        """``SET NX`` then ``GET`` of one key (one Cluster slot): a claim is never changed, so the ``GET`` sees
+        whichever ``SET`` won."""
+        held = self._prefix + b"c:" + key.encode()
+        _set, raw = await self._pipeline("claim", [("SET", held, value, "NX"), ("GET", held)])
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
     async def purge_links(self, before: float) -> int:
         links_index, once_index = self._prefix + b"links", self._prefix + b"once"
         stale_links, stale_once = await self._pipeline("purge_links", [

@@ -152,6 +152,11 @@ CREATE TABLE IF NOT EXISTS seen_once (   -- first_use markers (logout-token jti)
     key   TEXT PRIMARY KEY,
     until REAL NOT NULL
 ) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS claims (      -- claim: set-once values (OIDC user-name bindings), never purged
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 _LINK_COLUMNS = "session, issuer, subject, sid, id_token, refresh_token, admin, checked_at, keep_until"
@@ -717,6 +722,18 @@ class SqliteStore:
                 {"key": key, "until": _float(until), "now": self._clock()},
             )
             return cur.rowcount == 1
+
+    async def forget(self, key: str) -> None:
+        with self._errors("forget"):
+            self.db.execute("DELETE FROM seen_once WHERE key = ?", (key,))
+
+    async def claim(self, key: str, value: str) -> str:
+        with self._errors("claim"):
+            row = self.db.execute(
+                "INSERT INTO claims (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = claims.value "
+                "RETURNING value", (key, value),
+            ).fetchone()
+        return str(row[0])
 
     async def purge_links(self, before: float) -> int:
         with self._errors("purge_links"):

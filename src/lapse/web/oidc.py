@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import math
 import unicodedata
@@ -29,6 +30,7 @@ from ..core.device import from_user_agent
 from ..core.events import AuditEvent
 from ..identity import UserError, check_name
 from ..sealed import SealError
+from ..sso.amr import is_mfa
 from ..sso.flow import FLOW_TTL, Flow, Flows
 from ..sso.provider import Provider, ProviderError, Rejected
 from ..sso.tokens import LEEWAY, MAX_IAT_AGE, IdClaims, TokenError
@@ -45,12 +47,13 @@ LOGIN = "/_lapse/oidc/login"
 CALLBACK = "/_lapse/oidc/callback"
 BACKCHANNEL = "/_lapse/oidc/backchannel-logout"
 SIGNED_OUT = "/_lapse/oidc/signed-out"
+EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 BACKCHANNEL_EVENT = "auth.backchannel_logout"  # a refused logout token (a success shows as session.revoked)
 REVALIDATE_REASON = "idp_revalidation"  # session.revoked reason when the IdP says the sign-in is gone
 LOCAL_USER_CONFLICT = "local_user_conflict"  # auth.login failure: the IdP's user name is a local user's
 BAD_USERNAME = "bad_username"  # auth.login failure: neither username_claim nor sub is a usable lapse user name
-MFA_AMR = frozenset({"mfa", "otp", "hwk", "swk", "sms", "sc", "fpt", "face", "iris", "retina", "vbm", "pop"})
-"""``amr`` values (RFC 8176) that count as a second factor for ``mfa = true`` routes."""
+NAME_TAKEN = "name_taken"  # auth.login failure: the name is bound to another IdP account (iss, sub)
+EMAIL_NOT_VERIFIED = "email_not_verified"  # auth.login failure: username_claim = "email" without email_verified
 
 
 class OidcWeb:
@@ -78,7 +81,7 @@ class OidcWeb:
         return [
             Route(LOGIN, self.login, methods=["GET"]),
             Route(CALLBACK, self.callback, methods=["GET"]),
-            Route(BACKCHANNEL, self.backchannel, methods=["POST"]),
+            Route(BACKCHANNEL, self.backchannel, methods=EVERY_METHOD),  # the 405 must say no-store too
             Route(SIGNED_OUT, self.signed_out, methods=["GET"]),
         ]
 
@@ -89,19 +92,21 @@ class OidcWeb:
     # ---------------------------------------------------------------- login
 
     def _max_age(self, host: str, path: str, ip: str | None) -> int | None:
-        """What the IdP must honour: the target's step-up age, and its absolute limit.
+        """What the IdP must honour: the target's strictest step-up age, and its absolute limit.
 
         Asking with ``max_age`` = the app's absolute limit means the IdP
         re-authenticates a user whose IdP session is older than the app allows,
         instead of handing back an ``auth_time`` lapse would refuse at once
         (a redirect loop). Core 3.1.2.1: with ``max_age`` the ID token MUST
-        carry ``auth_time``.
+        carry ``auth_time``. The login is a GET, but the step-up it serves may
+        be for a POST (``methods = ["POST"]``): every method a privileged rule
+        names is asked about, and the smallest ``max_auth_age`` wins.
         """
-        effective = self.gw.gate.policy.resolve(host, path, "GET", ip)
-        ages = [effective.limits.absolute]
-        if effective.step_up is not None:
-            ages.append(effective.step_up.max_auth_age)
-        age = min(ages)
+        policy = self.gw.gate.policy
+        methods = {"GET"} | {m for app in policy.spec.apps for rule in app.privileged for m in rule.methods or ()}
+        resolved = [policy.resolve(host, path, m, ip) for m in sorted(methods)]
+        age = min([resolved[0].limits.absolute]  # the same for every method
+                  + [e.step_up.max_auth_age for e in resolved if e.step_up is not None])
         return None if math.isinf(age) else int(age)
 
     async def _redirect_to_idp(self, flow: Flow, prompt: str | None) -> Response:
@@ -175,6 +180,12 @@ class OidcWeb:
             log.error("oidc: token exchange failed: %s", exc)
             return await self._fail(exc.reason, ip, status=502)
 
+        if (self.cfg.username_claim == "email" and claims.claims.get("email") is not None
+                and claims.claims.get("email_verified") is not True):
+            # Anyone may type any address at many IdPs: an unverified one names nobody.
+            return await self._fail(EMAIL_NOT_VERIFIED, ip, status=403, detail=(
+                "Your identity provider has not verified your email address, which is your user name here. "
+                "Please verify it there, or ask an administrator."))
         user = self._username(claims)
         if user is None:
             return await self._fail(BAD_USERNAME, ip, detail=(
@@ -186,18 +197,31 @@ class OidcWeb:
             return await self._fail(LOCAL_USER_CONFLICT, ip, user, status=403, detail=(
                 "Your user name at the identity provider is also the name of a local lapse account, so it cannot "
                 "be used through single sign-on. Please ask an administrator to rename one of the two accounts."))
-        if flow.max_age is not None:
+        if not await self._bound(user, claims.claims["iss"], claims.sub):
+            return await self._fail(NAME_TAKEN, ip, user, status=403, detail=(
+                "Your user name at the identity provider already belongs to another account that signed in "
+                "here before, so it cannot be used for yours. Please ask an administrator."))
+        if flow.max_age is not None or flow.forced:
             if claims.auth_time is None:
                 return await self._fail("missing_auth_time", ip, user)
-            if now - claims.auth_time > flow.max_age + LEEWAY:
-                if not flow.forced:  # Core 3.1.3.7: too old -> ask again, this time with prompt=login
-                    again = self.flows.start(flow.next, now, max_age=flow.max_age, forced=True)
-                    return await self._redirect_to_idp(again, "login")
+            if flow.forced and claims.auth_time < flow.started - LEEWAY:
+                # prompt=login was sent, and the user did not sign in again: an IdP (or an SSO in front of it)
+                # that ignores prompt=login must not complete a step-up with an old sign-in.
+                return await self._fail("stale_auth_time", ip, user, detail=(
+                    "This page needs you to sign in again, and your identity provider did not ask you to. "
+                    "Please try again; if this repeats, ask an administrator."))
+            age = now - claims.auth_time
+            if flow.max_age is not None and not flow.forced and age > flow.max_age:
+                # Core 3.1.3.7: too old -> ask again, this time with prompt=login. No skew allowance here: an
+                # auth_time past max_age (the target's absolute limit, at most) would make a session already
+                # past its deadline; asking again costs one round trip, and the answer gets the allowance.
+                again = self.flows.start(flow.next, now, max_age=flow.max_age, forced=True)
+                return await self._redirect_to_idp(again, "login")
+            if flow.max_age is not None and age > flow.max_age + LEEWAY:
                 return await self._fail("stale_auth_time", ip, user)
 
         groups = self._groups(claims)
-        amr = claims.claims.get("amr")
-        mfa = isinstance(amr, list) and any(a in MFA_AMR for a in amr if isinstance(a, str))
+        mfa = is_mfa(claims.claims.get("amr"))
         sid, decision = await self.gw.gate.sign_in(
             user, host=headers.get("host", ""), path=_path(flow.next), ip=ip, groups=groups,
             auth_time=claims.auth_time if claims.auth_time is not None else now, mfa=mfa,
@@ -225,6 +249,18 @@ class OidcWeb:
         if value is not None:
             log.warning("oidc: the %s claim is not a usable user name; trying sub", self.cfg.username_claim)
         return claims.sub if _valid_name(claims.sub) else None
+
+    async def _bound(self, name: str, issuer: str, subject: str) -> bool:
+        """True if ``name`` belongs to this IdP account: bound to it now, on its first sign-in, or before.
+
+        Core 5.7: ``preferred_username`` and ``email`` may change and repeat; only
+        (``iss``, ``sub``) names an account. The binding is a store ``claim`` (shared
+        by replicas, atomic, permanent), keyed by the name without regard to case
+        as ``_local_user`` compares, so a second account presenting "Bob" cannot
+        become "bob".
+        """
+        mine = json.dumps([issuer, subject], separators=(",", ":"))
+        return await self.gw.rt.store.claim("oidc-user:" + name.casefold(), mine) == mine
 
     async def _local_user(self, name: str) -> bool:
         """True if a local user has this name, compared without regard to case (as apps may compare Remote-User)."""
@@ -287,7 +323,17 @@ class OidcWeb:
         return self.gw._render("signed_out.html", 200, title="Signed out", login_url=LOGIN)
 
     async def backchannel(self, request: Request) -> Response:
-        """Back-Channel Logout 1.0: 200 with the named sessions revoked, else 400; never cached."""
+        """Back-Channel Logout 1.0: 200 with the named sessions revoked, 400 for a bad token, 503 (retry) when the
+        IdP's keys or the store cannot be reached; never cached.
+
+        The ``jti`` replay marker is taken before anything ends (a replay must not
+        end sessions made since) and dropped again (``store.forget``) if ending
+        them fails, so the OP's retry (BCL 2.5) is not refused as a replay.
+        Revoking is idempotent: a retry that finds a session already ended
+        leaves it, and its one ``session.revoked`` event, alone.
+        """
+        if request.method != "POST":  # BCL 2.5: a POST; the refusal is not cached either (2.8)
+            return Response(b"", 405, {"Allow": "POST", "Cache-Control": "no-store"})
         _headers, _trusted, ip, _sid = self.gw._facts(request)
         store = self.gw.rt.store
         form = await read_form(request) if request.headers.get("content-type", "").lower().startswith(
@@ -298,31 +344,44 @@ class OidcWeb:
             return await self._refuse("invalid_request", "missing_logout_token", now, ip)
         try:
             claims = await self.provider.check_logout_token(token, now=now)
+            issuer = (await self.provider.metadata()).issuer
         except TokenError as exc:
             return await self._refuse("invalid_request", exc.reason, now, ip)
         except ProviderError as exc:
             log.error("oidc: back-channel logout could not be checked: %s", exc)
-            return await self._refuse("temporarily_unavailable", exc.reason, now, ip)
-        issuer = (await self.provider.metadata()).issuer
+            return await self._refuse("temporarily_unavailable", exc.reason, now, ip, status=503)
         until = max(claims.exp or 0.0, claims.iat + MAX_IAT_AGE) + LEEWAY
-        jti = hashlib.sha256(f"{issuer}\n{claims.jti}".encode()).hexdigest()
-        if not await store.first_use(f"jti:{jti}", until):
+        marker = "jti:" + hashlib.sha256(f"{issuer}\n{claims.jti}".encode()).hexdigest()
+        if not await store.first_use(marker, until):
             return await self._refuse("invalid_request", "replayed_jti", now, ip)
-        if claims.sid is not None:
-            links = [x for x in await store.find_links(issuer, sid=claims.sid)
-                     if claims.sub is None or x.subject == claims.sub]
-        else:
-            links = await store.find_links(issuer, subject=claims.sub)
-        revoked = await _revoke(self.gw, [x.session for x in links], "backchannel", ip=ip,
-                                resource=f"POST {request.url.path}")
+        try:
+            if claims.sid is not None:
+                links = [x for x in await store.find_links(issuer, sid=claims.sid)
+                         if claims.sub is None or x.subject == claims.sub]
+            else:
+                links = await store.find_links(issuer, subject=claims.sub)
+            revoked = await _revoke(self.gw, [x.session for x in links], "backchannel", ip=ip,
+                                    resource=f"POST {request.url.path}")
+        except Exception:  # StoreUnavailable above all: the gateway answers 503, and the OP may retry
+            await self._forget(marker)
+            raise
         log.info("oidc: back-channel logout ended %d session(s)", revoked)
         return Response(b"", 200, {"Cache-Control": "no-store"})
 
-    async def _refuse(self, error: str, reason: str, now: float, ip: str | None) -> Response:
+    async def _forget(self, marker: str) -> None:
+        """Drop a jti marker after a failed logout; if the store cannot, the OP's retry is refused, and we say so."""
+        try:
+            await self.gw.rt.store.forget(marker)
+        except StoreUnavailable as exc:
+            log.error("oidc: back-channel logout failed and its jti stays marked (a retry will be refused): %s", exc)
+
+    async def _refuse(self, error: str, reason: str, now: float, ip: str | None, status: int = 400) -> Response:
+        """400: the token is bad (final). 503 with Retry-After: lapse could not judge it yet (BCL 2.5: retry)."""
         await self.gw.rt.audit.emit([AuditEvent(now, BACKCHANNEL_EVENT, ev.FAILURE, None, None, None, ip,
                                                 f"POST {BACKCHANNEL}", reason)])
         log.info("oidc: back-channel logout refused: %s", reason)
-        return JSONResponse({"error": error, "error_description": reason}, 400, {"Cache-Control": "no-store"})
+        headers = {"Cache-Control": "no-store"} | ({"Retry-After": "30"} if status == 503 else {})
+        return JSONResponse({"error": error, "error_description": reason}, status, headers)
 
     # ----------------------------------------------------------- revalidate
 
