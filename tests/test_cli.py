@@ -198,3 +198,25 @@ def test_store_unavailable_is_a_message(tmp_path: Path):
     conf.write_text(f'[store]\nurl = "sqlite:///{blocker}/db.sqlite"\n')
     r = lapse("--config", str(conf), "users", "list")
     assert r.returncode == 1 and "store unavailable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_users_unbind_frees_a_name_bound_to_an_idp_account(conf: Path):
+    """A name given to someone new at the IdP: ``users unbind`` drops its binding (audited), once."""
+    import asyncio
+
+    from lapse.config import load_config
+    from lapse.runtime import open_runtime
+    from lapse.sso import name_claim
+
+    async def claim(value: str) -> str:
+        async with open_runtime(load_config(str(conf))) as rt:
+            return await rt.store.claim(name_claim("Bob"), value)
+
+    assert asyncio.run(claim("old-account")) == "old-account"
+    r = lapse("--config", str(conf), "users", "unbind", "bob")
+    assert r.returncode == 0 and "bob is free" in r.stdout, r.stderr
+    assert asyncio.run(claim("new-account")) == "new-account"
+    again = lapse("--config", str(conf), "users", "unbind", "nobody")
+    assert again.returncode == 1 and "no IdP account holds the name 'nobody'" in again.stderr
+    audit = [json.loads(line) for line in (conf.parent / "state" / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["user"]) for e in audit] == [("user.unbound", "bob")]

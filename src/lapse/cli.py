@@ -410,6 +410,28 @@ def users_delete(name: str) -> None:
     click.echo(f"deleted {name}; ended {ended} session(s)")
 
 
+@users.command("unbind")
+@click.argument("name")
+def users_unbind(name: str) -> None:
+    """Forget which IdP account the name NAME belongs to: the next OIDC sign-in under it takes it.
+
+    For a name given to someone new at the IdP (a new ``sub``). Their sessions are not touched:
+    end them with ``lapse sessions revoke --user NAME`` if the name's old holder must go too.
+    """
+
+    async def body(rt: Runtime) -> bool:
+        from .sso import name_claim
+
+        released = await rt.store.release(name_claim(name))
+        if released:
+            await _user_event(rt, "user.unbound", name)
+        return released
+
+    if not _run(body):
+        raise Fail(f"no IdP account holds the name {name!r}")
+    click.echo(f"{name} is free: the next OIDC sign-in under it binds it again")
+
+
 @users.command("passwd")
 @click.argument("name")
 @click.option("--password-stdin", "password_stdin", is_flag=True, help="read the password from standard input")

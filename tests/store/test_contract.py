@@ -630,6 +630,15 @@ async def test_claim_is_set_once_and_permanent(store: Any, twin: Any, clock: Any
     assert await store.claim("oidc-user:bob", "other") == '["https://idp.test","sub-1"]'
 
 
+async def test_a_released_claim_can_be_claimed_anew(store: Any, twin: Any) -> None:
+    """An administrator gives a name to someone new (``lapse users unbind``): the next claim wins, once."""
+    assert await store.claim("oidc-user:erin", "old") == "old"
+    assert await twin.release("oidc-user:erin") is True
+    assert await store.release("oidc-user:erin") is False
+    assert await store.claim("oidc-user:erin", "new") == "new"
+    assert await twin.claim("oidc-user:erin", "third") == "new"
+
+
 async def test_concurrent_claims_exactly_one_wins(store: Any, twin: Any) -> None:
     answers = await asyncio.gather(*(h.claim("oidc-user:dave", f"v{i}") for i, h in enumerate([store, twin] * 5)))
     assert len(set(answers)) == 1 and answers[0] in {f"v{i}" for i in range(10)}

@@ -202,6 +202,9 @@ class SessionStore(Protocol):
         value wins, and every later call sees it. The OIDC user-name binding (a name to one ``iss``+``sub``).
         """
 
+    async def release(self, key: str) -> bool:
+        """Drop the claim ``key`` (an administrator's act: a name given to someone new); False if none held it."""
+
     async def purge_links(self, before: float) -> int:
         """Forget links whose ``keep_until`` and markers whose ``until`` is before this instant; how many."""
 

@@ -139,6 +139,9 @@ class MemoryStore:
     async def claim(self, key: str, value: str) -> str:
         return self._claims.setdefault(key, value)
 
+    async def release(self, key: str) -> bool:
+        return self._claims.pop(key, None) is not None
+
     async def purge_links(self, before: float) -> int:
         links = [k for k, x in self._links.items() if x.keep_until < before]
         once = [k for k, t in self._once.items() if t < before]

@@ -529,6 +529,12 @@ class RedisStore:
         _set, raw = await self._pipeline("claim", [("SET", held, value, "NX"), ("GET", held)])
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
+    async def release(self, key: str) -> bool:
+        try:
+            return bool(await self._r.delete(self._prefix + b"c:" + key.encode()))
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("release", exc) from exc
+
     async def purge_links(self, before: float) -> int:
         links_index, once_index = self._prefix + b"links", self._prefix + b"once"
         stale_links, stale_once = await self._pipeline("purge_links", [

@@ -735,6 +735,10 @@ class SqliteStore:
             ).fetchone()
         return str(row[0])
 
+    async def release(self, key: str) -> bool:
+        with self._errors("release"):
+            return self.db.execute("DELETE FROM claims WHERE key = ?", (key,)).rowcount == 1
+
     async def purge_links(self, before: float) -> int:
         with self._errors("purge_links"):
             gone = self.db.execute("DELETE FROM sso_links WHERE keep_until < ?", (before,)).rowcount

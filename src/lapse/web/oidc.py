@@ -30,6 +30,7 @@ from ..core.device import from_user_agent
 from ..core.events import AuditEvent
 from ..identity import UserError, check_name
 from ..sealed import SealError
+from ..sso import name_claim
 from ..sso.amr import is_mfa
 from ..sso.flow import FLOW_TTL, Flow, Flows
 from ..sso.provider import Provider, ProviderError, Rejected
@@ -260,7 +261,7 @@ class OidcWeb:
         become "bob".
         """
         mine = json.dumps([issuer, subject], separators=(",", ":"))
-        return await self.gw.rt.store.claim("oidc-user:" + name.casefold(), mine) == mine
+        return await self.gw.rt.store.claim(name_claim(name), mine) == mine
 
     async def _local_user(self, name: str) -> bool:
         """True if a local user has this name, compared without regard to case (as apps may compare Remote-User)."""
