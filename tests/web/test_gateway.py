@@ -4,9 +4,10 @@ on the embedded SQLite store, with the store's clock in the test's hand."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from lapse.store.base import User
 from lapse.web import Gateway, safe_next
 
 from ..core.helpers import Clock
+from ..redis_server import shared_server
 from ..support import free_port, serve_in_thread
 
 T0 = 1_800_000_000.0
@@ -132,6 +134,37 @@ async def harness(tmp_path: Path, *, mode: str = "forward-auth", upstream: str =
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def on_store(kind: str, tmp_path: Path, config: str = CONFIG) -> str:
+    """``config`` on the embedded SQLite store or on the test run's real redis-server (its own key prefix)."""
+    if kind == "sqlite":
+        return config
+    prefix = "g" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12] + ":"
+    return config.replace('url = "sqlite:///state/lapse.db"', f'url = "{shared_server().url}?prefix={prefix}"')
+
+
+async def login_form(h: Harness) -> tuple[str, str]:
+    """A sign-in form's (CSRF cookie, token), to post many times."""
+    page = await h.client.get("/_lapse/login")
+    return _set_cookies(page)["__Host-lapse-csrf"], re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+
+
+async def at_once(h: Harness, n: int, *, user: str = "alice", password: str = "wrong password",
+                  ips: list[str] | None = None, **fields: str) -> list[httpx.Response]:
+    """``n`` sign-in POSTs in flight together (one form, fetched first), each from ``ips[i]`` if given."""
+    nonce, token = await login_form(h)
+
+    def one(i: int) -> Awaitable[httpx.Response]:
+        headers = {"cookie": f"__Host-lapse-csrf={nonce}"} | ({"x-forwarded-for": ips[i]} if ips else {})
+        data = {"username": user, "password": password, "next": "/", "csrf_token": token, **fields}
+        return h.client.post("/_lapse/login", data=data, headers=headers)
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def reasons(events: list[dict], name: str) -> list[str]:
+    return sorted(e.get("reason") or "" for e in events if e["event"] == name)
 
 
 # ------------------------------------------------------------------ forward-auth
@@ -271,6 +304,30 @@ def test_login_failures_are_throttled_per_user_and_ip(tmp_path: Path):
             assert any(e["event"] == "auth.throttled" for e in events)
             h.clock.now += 61
             assert (await h.login()).status_code == 303
+
+    run(main())
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_concurrent_wrong_passwords_cannot_outrun_the_throttle(tmp_path: Path, store: str):
+    """Each attempt is counted before its password is checked: of 40 at once from one address, exactly
+    max_attempts (3) are checked and 37 get 429; from 40 addresses at once, exactly the user's own limit
+    (10 x 3) are checked. The audit's failures count the password checks."""
+
+    async def main():
+        async with harness(tmp_path, config=on_store(store, tmp_path)) as h:
+            statuses = [r.status_code for r in await at_once(h, 40)]
+            assert (statuses.count(200), statuses.count(429)) == (3, 37)
+            events = await h.events()
+            assert reasons(events, "auth.login") == ["bad_credentials"] * 3
+            assert reasons(events, "auth.throttled") == ["ip"] * 37
+
+            spread = await at_once(h, 40, user="bob", ips=[f"203.0.113.{i}" for i in range(40)])
+            statuses = [r.status_code for r in spread]
+            assert (statuses.count(200), statuses.count(429)) == (30, 10)
+            events = await h.events()
+            assert len([e for e in events if e["event"] == "auth.login" and e["user"] == "bob"]) == 30
+            assert reasons(events, "auth.throttled") == ["ip"] * 37 + ["user"] * 10
 
     run(main())
 

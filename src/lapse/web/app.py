@@ -37,7 +37,7 @@ from ..runtime import Runtime
 from ..store.base import StoreUnavailable, User
 from ..totp import enrolled
 from .account import PASSWORD, TOTP, Account
-from .attempts import Attempts
+from .attempts import Attempts, password_keys
 from .forms import read_form
 from .forwarding import unsafe_path
 from .metrics import Metrics
@@ -403,23 +403,20 @@ class Gateway:
         store, audit = self.rt.store, self.rt.audit
         now = await store.now()
         resource = f"POST {LOGIN}"
-        keys = ([f"user:{username.lower()}"] if username else []) + ([f"ip:{ip}"] if ip else [])
-        if await self.attempts.locked(keys, now, user=username or None, ip=ip, resource=resource):
-            page = await self.login_page(request, message="Too many attempts. Please wait a few minutes.",
-                                         status=429, username=username, next_=target, reason="")
-            page.headers["Retry-After"] = str(int(self.login_cfg.window))
-            return page
+        keys = password_keys(username or None, ip)
+        if not await self.attempts.reserve(keys, now, user=username or None, ip=ip, resource=resource):
+            return await self._throttled(request, "Too many attempts. Please wait a few minutes.",
+                                         username=username, next_=target, reason="")
 
         user = await store.get_user(username) if username else None
         ok = await asyncio.to_thread(verify_password, user, password)  # argon2 takes ~50 ms: off the loop
         if not ok or user is None or user.disabled:
-            await self.attempts.failed(keys, now)
             why = "disabled" if ok and user is not None and user.disabled else "bad_credentials"
             await audit.emit([AuditEvent(now, ev.LOGIN, ev.FAILURE, username or None, None, None, ip, resource, why)])
             return await self.login_page(request, message="Wrong user name or password.", status=200,
                                          username=username, next_=target, reason="")
 
-        await store.clear_failures(f"user:{username.lower()}")
+        await self.attempts.password_right(keys, now)
         mfa = False
         if enrolled(user.extra):
             checked = await self._second_factor(request, user, form.get("totp", ""), target, ip, now, resource)
@@ -435,24 +432,29 @@ class Gateway:
         return Response(b"", 303, {"Location": target, "Set-Cookie": self.cookies.session(sid),
                                    "Cache-Control": NO_STORE})
 
+    async def _throttled(self, request: Request, message: str, **ask: Any) -> Response:
+        """The sign-in page again with 429 and ``Retry-After`` (the whole window: counts are per window)."""
+        page = await self.login_page(request, message=message, status=429, **ask)
+        page.headers["Retry-After"] = str(int(self.login_cfg.window))
+        return page
+
     async def _second_factor(
         self, request: Request, user: User, code: str, target: str, ip: str | None, now: float, resource: str
     ) -> Response | None:
         """The one-time code of a user who has one: None when accepted (and spent), else the page to show.
 
-        Wrong codes count towards their own lockout (``totp:NAME``), so guessing six
-        digits is bounded by the login throttle's numbers, and each is audited.
+        Wrong codes count towards their own lockout (``totp:NAME``), counted before each check so
+        concurrent guesses cannot outrun it: guessing six digits is bounded by the login throttle's
+        numbers, and each is audited.
         """
-        ask = {"username": user.name, "next_": target, "reason": "", "need_totp": True}
+        ask: dict[str, Any] = {"username": user.name, "next_": target, "reason": "", "need_totp": True}
         if not code.strip():
             return await self.login_page(request, message="Enter the one-time code from your authenticator app "
                                          "(or a recovery code), with your password.", **ask)
-        if await self.attempts.locked([f"totp:{user.name.lower()}"], now, user=user.name, ip=ip, resource=resource):
-            page = await self.login_page(request, message="Too many wrong codes. Please wait a few minutes.",
-                                         status=429, **ask)
-            page.headers["Retry-After"] = str(int(self.login_cfg.window))
-            return page
-        if not await self.attempts.spend_code(user.name, code, now, ip, resource):
+        accepted = await self.attempts.try_code(user.name, code, now, ip, resource)
+        if accepted is None:
+            return await self._throttled(request, "Too many wrong codes. Please wait a few minutes.", **ask)
+        if not accepted:
             return await self.login_page(request, message="That code is not valid (or was already used).", **ask)
         return None
 
