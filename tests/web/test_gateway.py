@@ -10,9 +10,12 @@ import re
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -328,6 +331,41 @@ def test_concurrent_wrong_passwords_cannot_outrun_the_throttle(tmp_path: Path, s
             events = await h.events()
             assert len([e for e in events if e["event"] == "auth.login" and e["user"] == "bob"]) == 30
             assert reasons(events, "auth.throttled") == ["ip"] * 37 + ["user"] * 10
+
+    run(main())
+
+
+def test_login_location_is_ascii_even_for_a_non_latin_next(tmp_path: Path):
+    """A session that expired on /wiki/%CE%95%CE%BB signs in again with next=/wiki/Ελ: 303 to the encoded path,
+    one session, never a 500 after the session was created (an orphan that counts towards max_sessions)."""
+
+    async def main():
+        async with harness(tmp_path) as h:
+            for wanted, location in (("/wiki/Ελ", "/wiki/%CE%95%CE%BB"), ("/cafē", "/caf%C4%93"),
+                                     ("/a%2Fb?q=x%20y&z=%E2%82%AC", "/a%2Fb?q=x%20y&z=%E2%82%AC"),
+                                     ("/100%", "/100%25"), ("/a b\"c", "/a%20b%22c")):
+                r = await h.login(next_=wanted)
+                assert (r.status_code, r.headers["location"]) == (303, location)
+            assert len(await h.rt.store.sessions("alice")) == 5
+
+    run(main())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(wanted=st.one_of(st.text(max_size=40), st.text(max_size=40).map(lambda t: "/" + t)))
+def test_login_always_redirects_same_site_to_what_was_asked(tmp_path: Path, wanted: str):
+    """For any ``next``: 303, an ASCII same-site Location that decodes back to it (or ``/`` when refused)."""
+
+    async def main():
+        async with harness(tmp_path / hashlib.sha256(wanted.encode()).hexdigest()[:16], peer="192.0.2.1") as h:
+            r = await h.login(next_=wanted)
+            location = r.headers["location"]
+            assert r.status_code == 303 and "__Host-lapse=" in r.headers["set-cookie"]
+            assert location.isascii() and location.startswith("/") and not location.startswith(("//", "/\\"))
+            assert safe_next(location) == location
+            expected = safe_next(wanted)
+            assert unquote(location) == unquote(expected)
+            assert expected == "/" or expected == wanted
 
     run(main())
 

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -64,6 +65,7 @@ EVENTS_EVERY = 1.0  # seconds between an event stream's looks at its session
 KEEPALIVE = 15.0  # a comment line at least this often, so proxies keep the stream open
 STREAM_LIFETIME = 300.0  # then the client reconnects (and may land on another replica)
 WIDGET = Path(__file__).with_name("static") / "widget.js"
+_LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def safe_next(value: str | None) -> str:
@@ -76,6 +78,13 @@ def safe_next(value: str | None) -> str:
     if parts.scheme or parts.netloc:
         return "/"
     return value
+
+
+def location_of(target: str) -> str:
+    """A ``safe_next`` path as a ``Location`` header: ASCII (headers are Latin-1 at best), the rest
+    percent-encoded as UTF-8, escapes already there kept, a ``%`` that starts none encoded itself;
+    so it can never fail to send, and it decodes back to ``target``."""
+    return quote(_LONE_PERCENT.sub("%25", target), safe="/?#[]@!$&'()*+,;=:~%")
 
 
 def login_url(next_uri: str, reason: str | None) -> str:
@@ -424,12 +433,13 @@ class Gateway:
                 return checked
             mfa = True
         host = headers.get("host", "")
+        location = location_of(target)  # before the session exists: nothing may fail after it
         sid, decision = await self.gate.sign_in(
             user.name, host=host, path=target.split("?", 1)[0], ip=ip, groups=user.groups, mfa=mfa,
             replaces=old_sid if valid_id(old_sid) else None, login=resource,
             device=from_user_agent(headers.get("user-agent")),
         )
-        return Response(b"", 303, {"Location": target, "Set-Cookie": self.cookies.session(sid),
+        return Response(b"", 303, {"Location": location, "Set-Cookie": self.cookies.session(sid),
                                    "Cache-Control": NO_STORE})
 
     async def _throttled(self, request: Request, message: str, **ask: Any) -> Response:
@@ -607,4 +617,4 @@ def _wants_html(headers: dict[str, str]) -> bool:
 
 
 
-__all__ = ["Gateway", "login_url", "safe_next"]
+__all__ = ["Gateway", "location_of", "login_url", "safe_next"]
