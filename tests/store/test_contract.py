@@ -343,6 +343,24 @@ async def test_failures_count_within_a_window_and_clear(store: Any) -> None:
     assert await store.failures("user:alice", T0 + 63, 60.0) == 0
 
 
+async def test_failures_reserve_atomically_and_give_back(store: Any, twin: Any) -> None:
+    """The login throttle counts an attempt before checking it and gives a right one back (web/attempts.py):
+    concurrent reservations, from two handles, each get their own count; a give-back never goes below 0
+    and never opens a window."""
+    counts = await asyncio.gather(*(s.failures("ip:192.0.2.1", T0, 60.0, add=1) for s in [store, twin] * 20))
+    assert sorted(counts) == list(range(1, 41))
+    assert await store.failures("ip:192.0.2.1", T0 + 1, 60.0, add=-1) == 39
+    assert await twin.failures("ip:192.0.2.1", T0 + 1, 60.0) == 39
+    assert await store.failures("user:bob", T0, 60.0, add=-1) == 0  # nothing to give back: no window opened
+    assert await store.failures("user:bob", T0 + 30, 60.0, add=1) == 1
+    assert await store.failures("user:bob", T0 + 31, 60.0, add=-1) == 0
+    assert await store.failures("user:bob", T0 + 32, 60.0, add=-1) == 0  # never below 0
+    assert await store.failures("user:bob", T0 + 89, 60.0, add=1) == 1  # the window that began at T0+30 holds
+    assert await store.failures("user:bob", T0 + 91, 60.0) == 0
+    assert await store.failures("ip:192.0.2.1", T0 + 61, 60.0, add=-1) == 0  # an ended window is not reopened
+    assert await store.failures("ip:192.0.2.1", T0 + 62, 60.0, add=1) == 1
+
+
 # --------------------------------------------------------------- audit
 
 

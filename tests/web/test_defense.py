@@ -3,6 +3,7 @@ session limits, fixation, a flood of unknown cookies, and the trusted client IP 
 
 from __future__ import annotations
 
+import asyncio
 import html
 import ipaddress
 import re
@@ -10,15 +11,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from lapse import totp
 from lapse.core.policy import NetworkSpec, PolicySpec, compile_policy
 from lapse.web.app import UNKNOWN_COOKIE_LIMIT
+from lapse.web.attempts import network
 from lapse.web.net import Trust, client_ip
 
-from .test_gateway import CONFIG, PASSWORD, T0, _set_cookies, harness, run
+from .test_gateway import CONFIG, PASSWORD, T0, _set_cookies, at_once, harness, on_store, reasons, run
 
 MFA_CONFIG = CONFIG.replace('max_auth_age = "5m"', 'max_auth_age = "5m"\n  mfa = true').replace(
     'passive_paths = ["/poll*"]', 'passive_paths = ["/poll*"]\nmax_sessions = 2'
@@ -105,6 +108,92 @@ def test_recovery_codes_work_once_and_wrong_codes_lock_out(tmp_path: Path):
             assert any(e["event"] == "auth.throttled" and e.get("reason") == "totp" for e in await h.events())
             h.clock.now = T0 + 61
             assert (await h.login(totp=codes[1])).status_code == 303
+
+    run(main())
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_concurrent_wrong_codes_cannot_outrun_the_code_throttle(tmp_path: Path, store: str, monkeypatch):
+    """A code is counted before it is checked, on every store: of 12 sign-ins at once with the right password
+    and a wrong code (12 addresses, so the password throttle lets them all through), exactly max_attempts (3)
+    codes are checked (``bad_totp``) and 9 get 429 (``auth.throttled`` reason ``totp``). The password check
+    is made instant here so that all 12 reach the code check together, not staggered by argon2's threads."""
+    monkeypatch.setattr("lapse.web.app.verify_password", lambda user, password: password == PASSWORD)
+
+    async def main():
+        async with harness(tmp_path, config=on_store(store, tmp_path, MFA_CONFIG)) as h:
+            await enrol(h)
+            rs = await at_once(h, 12, password=PASSWORD, totp="000000", ips=[f"203.0.113.{i}" for i in range(12)])
+            statuses = [r.status_code for r in rs]
+            assert (statuses.count(200), statuses.count(429)) == (3, 9)
+            events = await h.events()
+            assert reasons(events, "auth.login") == ["bad_totp"] * 3
+            assert reasons(events, "auth.throttled") == ["totp"] * 9
+
+    run(main())
+
+
+def test_strangers_cannot_lock_a_user_out_and_ipv6_counts_by_its_64(tmp_path: Path):
+    """Wrong passwords lock the network they come from (an IPv4 address, an IPv6 /64) at max_attempts (3), and
+    the user everywhere only at 10 x max_attempts: three wrong guesses from elsewhere never lock Alice out of
+    her own address, a fresh IPv6 address in the same /64 is no fresh counter, and distributed guessing
+    still stops at 30 per window."""
+
+    async def main():
+        async with harness(tmp_path) as h:
+            async def attempt(ip: str, password: str = "wrong password", user: str = "alice") -> int:
+                (r,) = await at_once(h, 1, user=user, password=password, ips=[ip])
+                return r.status_code
+
+            assert [await attempt(f"203.0.113.{i}") for i in range(3)] == [200] * 3
+            # Alice's own address: in, and again (a right password gives its attempt back).
+            assert [await attempt("198.51.100.7", PASSWORD) for _ in range(4)] == [303] * 4
+            # One /64 is one counter, for every user; the next /64 is not locked.
+            assert [await attempt(f"2001:db8:1:2::{i}") for i in range(1, 4)] == [200] * 3
+            assert await attempt("2001:db8:1:2:ffff:ffff:ffff:ffff", PASSWORD, user="bob") == 429
+            assert await attempt("2001:db8:1:3::1", PASSWORD) == 303
+            events = await h.events()
+            assert reasons(events, "auth.throttled") == ["ip"]
+            assert [e["ip"] for e in events if e["event"] == "auth.throttled"] == ["2001:db8:1:2:ffff:ffff:ffff:ffff"]
+            # Distributed guessing: 30 wrong from 30 addresses, then not even the right password, anywhere.
+            h.clock.now += 61
+            spread = await at_once(h, 30, ips=[f"192.0.2.{i}" for i in range(30)])
+            assert [r.status_code for r in spread] == [200] * 30
+            assert await attempt("198.51.100.7", PASSWORD) == 429
+            assert reasons(await h.events(), "auth.throttled") == ["ip", "user"]
+            h.clock.now += 61
+            assert await attempt("198.51.100.7", PASSWORD) == 303
+
+    run(main())
+
+
+@pytest.mark.parametrize(("ip", "counted_as"), [
+    ("192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+    ("2001:DB8:1:2::", "2001:db8:1:2::/64"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("not an address", "not an address"),
+])
+def test_attempts_count_per_ipv4_address_and_per_ipv6_64(ip: str, counted_as: str):
+    assert network(ip) == counted_as
+
+
+def test_concurrent_wrong_current_passwords_cannot_outrun_the_throttle(tmp_path: Path):
+    """The password page re-checks the current password under the login throttle, counted before the check:
+    of 12 at once on a signed-in session, exactly max_attempts (3) are checked and 9 get 429."""
+
+    async def main():
+        async with harness(tmp_path) as h:
+            jar = {"cookie": f"__Host-lapse={await h.sid()}"}
+            token = _csrf(await h.client.get("/_lapse/password", headers=jar))
+            form = {"csrf_token": token, "current": "wrong password", "new": "n3w password!", "confirm": "n3w password!"}
+            rs = await asyncio.gather(*(h.client.post("/_lapse/password", data=form, headers=jar) for _ in range(12)))
+            statuses = [r.status_code for r in rs]
+            assert (statuses.count(200), statuses.count(429)) == (3, 9)
+            events = await h.events()
+            failed = [e for e in events if e["event"] == "auth.login" and e["outcome"] == "failure"]
+            assert [e["resource"] for e in failed] == ["POST /_lapse/password"] * 3
+            assert reasons(events, "auth.throttled") == ["ip"] * 9
 
     run(main())
 

@@ -4,14 +4,18 @@ on the embedded SQLite store, with the store's clock in the test's hand."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -24,6 +28,7 @@ from lapse.store.base import User
 from lapse.web import Gateway, safe_next
 
 from ..core.helpers import Clock
+from ..redis_server import shared_server
 from ..support import free_port, serve_in_thread
 
 T0 = 1_800_000_000.0
@@ -132,6 +137,37 @@ async def harness(tmp_path: Path, *, mode: str = "forward-auth", upstream: str =
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def on_store(kind: str, tmp_path: Path, config: str = CONFIG) -> str:
+    """``config`` on the embedded SQLite store or on the test run's real redis-server (its own key prefix)."""
+    if kind == "sqlite":
+        return config
+    prefix = "g" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12] + ":"
+    return config.replace('url = "sqlite:///state/lapse.db"', f'url = "{shared_server().url}?prefix={prefix}"')
+
+
+async def login_form(h: Harness) -> tuple[str, str]:
+    """A sign-in form's (CSRF cookie, token), to post many times."""
+    page = await h.client.get("/_lapse/login")
+    return _set_cookies(page)["__Host-lapse-csrf"], re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+
+
+async def at_once(h: Harness, n: int, *, user: str = "alice", password: str = "wrong password",
+                  ips: list[str] | None = None, **fields: str) -> list[httpx.Response]:
+    """``n`` sign-in POSTs in flight together (one form, fetched first), each from ``ips[i]`` if given."""
+    nonce, token = await login_form(h)
+
+    def one(i: int) -> Awaitable[httpx.Response]:
+        headers = {"cookie": f"__Host-lapse-csrf={nonce}"} | ({"x-forwarded-for": ips[i]} if ips else {})
+        data = {"username": user, "password": password, "next": "/", "csrf_token": token, **fields}
+        return h.client.post("/_lapse/login", data=data, headers=headers)
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def reasons(events: list[dict], name: str) -> list[str]:
+    return sorted(e.get("reason") or "" for e in events if e["event"] == name)
 
 
 # ------------------------------------------------------------------ forward-auth
@@ -271,6 +307,65 @@ def test_login_failures_are_throttled_per_user_and_ip(tmp_path: Path):
             assert any(e["event"] == "auth.throttled" for e in events)
             h.clock.now += 61
             assert (await h.login()).status_code == 303
+
+    run(main())
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_concurrent_wrong_passwords_cannot_outrun_the_throttle(tmp_path: Path, store: str):
+    """Each attempt is counted before its password is checked: of 40 at once from one address, exactly
+    max_attempts (3) are checked and 37 get 429; from 40 addresses at once, exactly the user's own limit
+    (10 x 3) are checked. The audit's failures count the password checks."""
+
+    async def main():
+        async with harness(tmp_path, config=on_store(store, tmp_path)) as h:
+            statuses = [r.status_code for r in await at_once(h, 40)]
+            assert (statuses.count(200), statuses.count(429)) == (3, 37)
+            events = await h.events()
+            assert reasons(events, "auth.login") == ["bad_credentials"] * 3
+            assert reasons(events, "auth.throttled") == ["ip"] * 37
+
+            spread = await at_once(h, 40, user="bob", ips=[f"203.0.113.{i}" for i in range(40)])
+            statuses = [r.status_code for r in spread]
+            assert (statuses.count(200), statuses.count(429)) == (30, 10)
+            events = await h.events()
+            assert len([e for e in events if e["event"] == "auth.login" and e["user"] == "bob"]) == 30
+            assert reasons(events, "auth.throttled") == ["ip"] * 37 + ["user"] * 10
+
+    run(main())
+
+
+def test_login_location_is_ascii_even_for_a_non_latin_next(tmp_path: Path):
+    """A session that expired on /wiki/%CE%95%CE%BB signs in again with next=/wiki/Ελ: 303 to the encoded path,
+    one session, never a 500 after the session was created (an orphan that counts towards max_sessions)."""
+
+    async def main():
+        async with harness(tmp_path) as h:
+            for wanted, location in (("/wiki/Ελ", "/wiki/%CE%95%CE%BB"), ("/cafē", "/caf%C4%93"),
+                                     ("/a%2Fb?q=x%20y&z=%E2%82%AC", "/a%2Fb?q=x%20y&z=%E2%82%AC"),
+                                     ("/100%", "/100%25"), ("/a b\"c", "/a%20b%22c")):
+                r = await h.login(next_=wanted)
+                assert (r.status_code, r.headers["location"]) == (303, location)
+            assert len(await h.rt.store.sessions("alice")) == 5
+
+    run(main())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(wanted=st.one_of(st.text(max_size=40), st.text(max_size=40).map(lambda t: "/" + t)))
+def test_login_always_redirects_same_site_to_what_was_asked(tmp_path: Path, wanted: str):
+    """For any ``next``: 303, an ASCII same-site Location that decodes back to it (or ``/`` when refused)."""
+
+    async def main():
+        async with harness(tmp_path / hashlib.sha256(wanted.encode()).hexdigest()[:16], peer="192.0.2.1") as h:
+            r = await h.login(next_=wanted)
+            location = r.headers["location"]
+            assert r.status_code == 303 and "__Host-lapse=" in r.headers["set-cookie"]
+            assert location.isascii() and location.startswith("/") and not location.startswith(("//", "/\\"))
+            assert safe_next(location) == location
+            expected = safe_next(wanted)
+            assert unquote(location) == unquote(expected)
+            assert expected == "/" or expected == wanted
 
     run(main())
 

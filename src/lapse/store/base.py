@@ -171,10 +171,12 @@ class SessionStore(Protocol):
     async def purge_audit(self, before: float) -> int:
         """Forget audit events older than this instant (``[audit] retention``); returns how many."""
 
-    async def failures(self, key: str, now: float, window: float, *, add: bool = False) -> int:
-        """Failed attempts under ``key`` (a user or an IP) in the current window, after adding one if ``add``.
+    async def failures(self, key: str, now: float, window: float, *, add: int = 0) -> int:
+        """Attempts under ``key`` (a user, a network, a user's codes) in the current window, after adding ``add``.
 
-        A window starts at its first failure and lasts ``window`` seconds (login throttling).
+        A window starts at its first attempt and lasts ``window`` seconds (login throttling). Adding is
+        atomic (concurrent callers each see their own count), so a caller can reserve an attempt before
+        checking it; ``add=-1`` gives one back, never below 0 and never opening a window.
         """
 
     async def clear_failures(self, key: str) -> None: ...

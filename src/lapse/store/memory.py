@@ -102,12 +102,12 @@ class MemoryStore:
         self._audit = deque(kept, maxlen=AUDIT_KEEP)
         return gone
 
-    async def failures(self, key: str, now: float, window: float, *, add: bool = False) -> int:
+    async def failures(self, key: str, now: float, window: float, *, add: int = 0) -> int:
         start, count = self._failures.get(key, (now, 0))
         if now - start >= window:
             start, count = now, 0
-        if add:
-            count += 1
+        if add > 0 or (add < 0 and count > 0):
+            count = max(0, count + add)
             self._failures[key] = (start, count)
         return count
 

@@ -460,7 +460,7 @@ class RedisStore:
 
     # ------------------------------------------------------------ failures
 
-    async def failures(self, key: str, now: float, window: float, *, add: bool = False) -> int:
+    async def failures(self, key: str, now: float, window: float, *, add: int = 0) -> int:
         try:
             return int(await self._eval(lua.FAILURES, (self._prefix + b"f:" + key.encode(),),
                                         (repr(now), repr(window), int(add))))

@@ -88,16 +88,20 @@ end
 return {1}
 """
 
-# KEYS: login-failure counter. ARGV: now, window seconds, add ('1'/'0'). The count in the current window.
+# KEYS: login-attempt counter. ARGV: now, window seconds, add (an integer). The count in the current window
+# after adding: a positive add opens a window if none is live; a negative one gives back, never below 0.
 FAILURES = """
-local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now, window, add = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local v = redis.call('HMGET', KEYS[1], 'start', 'count')
 local start, count = tonumber(v[1]), tonumber(v[2]) or 0
 if start == nil or now - start >= window then start, count = now, 0 end
-if ARGV[3] == '1' then
-  count = count + 1
+if add > 0 then
+  count = count + add
   redis.call('HSET', KEYS[1], 'start', string.format('%.17g', start), 'count', count)
   redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
+elseif add < 0 and count > 0 then
+  count = math.max(0, count + add)
+  redis.call('HSET', KEYS[1], 'count', count)
 end
 return count
 """

@@ -128,7 +128,7 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 
 CREATE TABLE IF NOT EXISTS failures (
-    key   TEXT PRIMARY KEY,             -- "user:NAME" or "ip:ADDRESS"
+    key   TEXT PRIMARY KEY,             -- "user:NAME", "ip:NETWORK", "totp:NAME", "cookie:ADDRESS"
     start REAL NOT NULL,                -- when the current window began
     count INTEGER NOT NULL
 ) WITHOUT ROWID;
@@ -658,18 +658,25 @@ class SqliteStore:
             rows = self.db.execute(sql, args).fetchall()
         return [_audit_event(ts, text) for ts, text in rows]
 
-    async def failures(self, key: str, now: float, window: float, *, add: bool = False) -> int:
+    async def failures(self, key: str, now: float, window: float, *, add: int = 0) -> int:
+        args = {"key": key, "now": now, "window": window, "add": int(add)}
         with self._errors("failures"):
+            if add < 0:  # give back: only within a live window, never below 0
+                row = self.db.execute(
+                    "UPDATE failures SET count = MAX(0, count + :add) WHERE key = :key AND :now - start < :window "
+                    "RETURNING count", args,
+                ).fetchone()
+                return 0 if row is None else int(row[0])
             if not add:
                 row = self.db.execute("SELECT start, count FROM failures WHERE key = ?", (key,)).fetchone()
                 return 0 if row is None or now - row[0] >= window else int(row[1])
             row = self.db.execute(
-                "INSERT INTO failures (key, start, count) VALUES (:key, :now, 1) "
+                "INSERT INTO failures (key, start, count) VALUES (:key, :now, :add) "
                 "ON CONFLICT (key) DO UPDATE SET "
-                "count = CASE WHEN :now - start >= :window THEN 1 ELSE count + 1 END, "
+                "count = CASE WHEN :now - start >= :window THEN :add ELSE count + :add END, "
                 "start = CASE WHEN :now - start >= :window THEN :now ELSE start END "
                 "RETURNING count",
-                {"key": key, "now": now, "window": window},
+                args,
             ).fetchone()
             return int(row[0])
 

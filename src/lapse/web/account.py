@@ -29,6 +29,7 @@ from ..core.session import Session
 from ..identity import UserError, check_password, hash_password, verify_password
 from ..sealed import SealError
 from ..store.base import User
+from .attempts import password_keys
 from .forms import read_form
 from .tokens import Csrf, valid_id
 
@@ -99,17 +100,18 @@ class Account:
         return form
 
     async def _password_ok(self, user: User, password: str, ip: str | None, resource: str) -> bool | Response:
-        """The current password, under the login throttle (per user and per IP)."""
+        """The current password, under the login throttle: the attempt is counted before the check (so
+        concurrent guesses on a stolen session cannot outrun it), and a right one gives it back."""
         gw = self.gw
         now = await gw.rt.store.now()
-        keys = [f"user:{user.name.lower()}"] + ([f"ip:{ip}"] if ip else [])
-        if await gw.attempts.locked(keys, now, user=user.name, ip=ip, resource=resource):
+        keys = password_keys(user.name, ip)
+        if not await gw.attempts.reserve(keys, now, user=user.name, ip=ip, resource=resource):
             page = gw._error(429, "Too many attempts", "Please wait a few minutes and try again.")
             page.headers["Retry-After"] = str(int(gw.login_cfg.window))
             return page
         if await asyncio.to_thread(verify_password, user, password):
+            await gw.attempts.password_right(keys, now)
             return True
-        await gw.attempts.failed(keys, now)
         await gw.rt.audit.emit([AuditEvent(now, ev.LOGIN, ev.FAILURE, user.name, None, None, ip, resource,
                                            "bad_credentials")])
         return False

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ from ..runtime import Runtime
 from ..store.base import StoreUnavailable, User
 from ..totp import enrolled
 from .account import PASSWORD, TOTP, Account
-from .attempts import Attempts
+from .attempts import Attempts, password_keys
 from .forms import read_form
 from .forwarding import unsafe_path
 from .metrics import Metrics
@@ -64,6 +65,7 @@ EVENTS_EVERY = 1.0  # seconds between an event stream's looks at its session
 KEEPALIVE = 15.0  # a comment line at least this often, so proxies keep the stream open
 STREAM_LIFETIME = 300.0  # then the client reconnects (and may land on another replica)
 WIDGET = Path(__file__).with_name("static") / "widget.js"
+_LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def safe_next(value: str | None) -> str:
@@ -76,6 +78,13 @@ def safe_next(value: str | None) -> str:
     if parts.scheme or parts.netloc:
         return "/"
     return value
+
+
+def location_of(target: str) -> str:
+    """A ``safe_next`` path as a ``Location`` header: ASCII (headers are Latin-1 at best), the rest
+    percent-encoded as UTF-8, escapes already there kept, a ``%`` that starts none encoded itself;
+    so it can never fail to send, and it decodes back to ``target``."""
+    return quote(_LONE_PERCENT.sub("%25", target), safe="/?#[]@!$&'()*+,;=:~%")
 
 
 def login_url(next_uri: str, reason: str | None) -> str:
@@ -423,23 +432,20 @@ class Gateway:
         store, audit = self.rt.store, self.rt.audit
         now = await store.now()
         resource = f"POST {LOGIN}"
-        keys = ([f"user:{username.lower()}"] if username else []) + ([f"ip:{ip}"] if ip else [])
-        if await self.attempts.locked(keys, now, user=username or None, ip=ip, resource=resource):
-            page = await self.login_page(request, message="Too many attempts. Please wait a few minutes.",
-                                         status=429, username=username, next_=target, reason="")
-            page.headers["Retry-After"] = str(int(self.login_cfg.window))
-            return page
+        keys = password_keys(username or None, ip)
+        if not await self.attempts.reserve(keys, now, user=username or None, ip=ip, resource=resource):
+            return await self._throttled(request, "Too many attempts. Please wait a few minutes.",
+                                         username=username, next_=target, reason="")
 
         user = await store.get_user(username) if username else None
         ok = await asyncio.to_thread(verify_password, user, password)  # argon2 takes ~50 ms: off the loop
         if not ok or user is None or user.disabled:
-            await self.attempts.failed(keys, now)
             why = "disabled" if ok and user is not None and user.disabled else "bad_credentials"
             await audit.emit([AuditEvent(now, ev.LOGIN, ev.FAILURE, username or None, None, None, ip, resource, why)])
             return await self.login_page(request, message="Wrong user name or password.", status=200,
                                          username=username, next_=target, reason="")
 
-        await store.clear_failures(f"user:{username.lower()}")
+        await self.attempts.password_right(keys, now)
         mfa = False
         if enrolled(user.extra):
             checked = await self._second_factor(request, user, form.get("totp", ""), target, ip, now, resource)
@@ -447,32 +453,38 @@ class Gateway:
                 return checked
             mfa = True
         host = headers.get("host", "")
+        location = location_of(target)  # before the session exists: nothing may fail after it
         sid, decision = await self.gate.sign_in(
             user.name, host=host, path=target.split("?", 1)[0], ip=ip, groups=user.groups, mfa=mfa,
             replaces=old_sid if valid_id(old_sid) else None, login=resource,
             device=from_user_agent(headers.get("user-agent")),
         )
-        return Response(b"", 303, {"Location": target, "Set-Cookie": self.cookies.session(sid),
+        return Response(b"", 303, {"Location": location, "Set-Cookie": self.cookies.session(sid),
                                    "Cache-Control": NO_STORE})
+
+    async def _throttled(self, request: Request, message: str, **ask: Any) -> Response:
+        """The sign-in page again with 429 and ``Retry-After`` (the whole window: counts are per window)."""
+        page = await self.login_page(request, message=message, status=429, **ask)
+        page.headers["Retry-After"] = str(int(self.login_cfg.window))
+        return page
 
     async def _second_factor(
         self, request: Request, user: User, code: str, target: str, ip: str | None, now: float, resource: str
     ) -> Response | None:
         """The one-time code of a user who has one: None when accepted (and spent), else the page to show.
 
-        Wrong codes count towards their own lockout (``totp:NAME``), so guessing six
-        digits is bounded by the login throttle's numbers, and each is audited.
+        Wrong codes count towards their own lockout (``totp:NAME``), counted before each check so
+        concurrent guesses cannot outrun it: guessing six digits is bounded by the login throttle's
+        numbers, and each is audited.
         """
-        ask = {"username": user.name, "next_": target, "reason": "", "need_totp": True}
+        ask: dict[str, Any] = {"username": user.name, "next_": target, "reason": "", "need_totp": True}
         if not code.strip():
             return await self.login_page(request, message="Enter the one-time code from your authenticator app "
                                          "(or a recovery code), with your password.", **ask)
-        if await self.attempts.locked([f"totp:{user.name.lower()}"], now, user=user.name, ip=ip, resource=resource):
-            page = await self.login_page(request, message="Too many wrong codes. Please wait a few minutes.",
-                                         status=429, **ask)
-            page.headers["Retry-After"] = str(int(self.login_cfg.window))
-            return page
-        if not await self.attempts.spend_code(user.name, code, now, ip, resource):
+        accepted = await self.attempts.try_code(user.name, code, now, ip, resource)
+        if accepted is None:
+            return await self._throttled(request, "Too many wrong codes. Please wait a few minutes.", **ask)
+        if not accepted:
             return await self.login_page(request, message="That code is not valid (or was already used).", **ask)
         return None
 
@@ -646,4 +658,4 @@ def _wants_html(headers: dict[str, str]) -> bool:
 
 
 
-__all__ = ["Gateway", "login_url", "safe_next"]
+__all__ = ["Gateway", "location_of", "login_url", "safe_next"]
