@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import posixpath
+import re
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -145,3 +149,56 @@ def test_websocket_origin_must_be_the_host():
     assert _same_origin("https://app.test", "app.test:443")
     assert not _same_origin("https://evil.app.test", "app.test")
     assert not _same_origin("null", "app.test")
+
+
+# ------------------------------------------------ security review of 2026-11-27 (second pass)
+
+_TOKENS = ("a", "pay", "admin", ".", "..", "%2e", "%2E", "%2e%2e", ".%2E", ";", ";x=1", "%3b", "%3B", "%3b.",
+           "%252e", "%252E%252e", "%253b", "%2f", "%2F", "%252f", "%5c", "%5C", "\\", "/", "%25", "%2525", "%61")
+
+
+def _served(raw: str, decodings: int) -> str:
+    """The reference server: decode ``decodings`` times, ``\\`` as ``/``, strip ``;params`` from every
+    segment, then resolve dot segments and empty ones (RFC 3986 5.2.4, as Tomcat/Jetty/Spring do)."""
+    path = raw
+    for _ in range(decodings):
+        path = unquote(path)
+    path = re.sub(r";[^/]*", "", path.replace("\\", "/"))
+    return posixpath.normpath("/" + re.sub("/+", "/", path)).replace("//", "/")
+
+
+@given(st.lists(st.sampled_from(_TOKENS), max_size=8).map(lambda t: "/" + "".join(t)))
+@settings(max_examples=3000, deadline=None)
+def test_the_path_judged_is_the_path_a_normalising_server_serves_or_it_is_refused(raw: str):
+    """Forward-auth judges what a server that decodes once and honours ``;`` and dot segments serves;
+    proxy mode judges exactly that or refuses, also for servers that decode two or three times."""
+    judged = canonical_path(raw)
+    assert (judged.rstrip("/") or "/") == _served(raw, 1), raw
+    if not unsafe_path(raw):
+        for decodings in (1, 2, 3):
+            assert (judged.rstrip("/") or "/") == _served(raw, decodings), (raw, decodings)
+        assert ";" not in judged and "\\" not in judged
+
+
+def test_path_parameters_cannot_hide_a_dot_segment(tmp_path: Path, upstream: str):
+    """Finding 1: ``..;`` and ``.;`` are dot segments to Tomcat, Jetty and older Spring. Proxy mode refuses
+    them (and double encoding); forward-auth judges the path those servers serve."""
+
+    async def main():
+        async with harness(tmp_path / "proxy", mode="proxy", upstream=upstream) as h:
+            bob = f"__Host-lapse={await h.sid(user='bob')}"
+            for sneaky in ("/x/..;/pay/admin", "/.;/pay", "/x/%2e%2e;/pay", "/x/%2E%2E%3Bx/pay", "/x/..%3b/pay",
+                           "/x/%252e%252e/pay", "/x/%252E%252E%253B/pay", "/;x/pay", "/x/%255c../pay"):
+                assert await raw(h, sneaky, cookie=bob) == 400, sneaky
+            assert await raw(h, "/pay;jsessionid=1/x", cookie=bob) == 403  # judged as /pay/x
+            assert await raw(h, "/docs;v=1", cookie=bob) == 200
+        async with harness(tmp_path / "auth") as h:
+            bob = await h.sid(user="bob")
+            for uri in ("/x/..;/pay/admin", "/.;/pay", "/x/%2e%2e;/pay", "/pay;jsessionid=1/admin", "/x/..%3B/pay",
+                        "/x/%252e%252e/pay", "/x/%253b/docs"):
+                r = await h.auth(bob, uri)
+                assert (r.status_code, r.headers["x-lapse-reason"]) == (403, "forbidden"), uri
+                assert "remote-user" not in r.headers
+            assert (await h.auth(bob, "/docs;v=1/x")).status_code == 200
+
+    run(main())

@@ -8,11 +8,13 @@ they are ignored, so a client cannot choose its own IP, network or path.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_REENCODED = re.compile(r"%[0-9a-fA-F]{2}")
 
 _CACHE_MAX = 4096
 
@@ -104,21 +106,35 @@ def original_request(headers: dict[str, str], peer_trusted: bool) -> Original:
     return Original(method.upper(), host, canonical_path(uri.split("?", 1)[0]), uri)
 
 
+def reencoded(raw: str) -> bool:
+    """True when ``raw`` is still percent-encoded after one decoding (``%252e``, ``%2570``): a server (or a
+    chain of them) that decodes twice would serve another path (``..``, ``p``) than the one lapse judges."""
+    return _REENCODED.search(unquote(raw)) is not None
+
+
 def canonical_path(raw: str) -> str:
-    """The path a normalising server serves for ``raw``: percent-decoded, ``\\`` as ``/``, dot segments
-    resolved, empty segments dropped. Forward-auth judges this form: the proxy in front passes the
-    raw URI on, and ``/x/../p%61y`` must be judged as the ``/pay`` the app will serve."""
+    """The path a normalising server serves for ``raw``: percent-decoded once, ``\\`` as ``/``, each
+    segment's ``;parameters`` stripped, dot segments resolved, empty segments dropped.
+
+    Forward-auth judges this form: the proxy in front passes the raw URI on, so ``/x/../p%61y`` must be
+    judged as the ``/pay`` the app will serve. Parameters go before dot segments are resolved because
+    Tomcat, Jetty and older Spring read ``..;`` and ``.;`` as ``..`` and ``.``: ``/x/..;/pay`` is
+    ``/pay`` to them, and ``/pay;jsessionid=1/admin`` is ``/pay/admin``. A server that keeps ``;`` as
+    a plain character serves a path lapse judges at least as strictly.
+    """
     decoded = unquote(raw).replace("\\", "/")
     segments: list[str] = []
+    last = ""
     for segment in decoded.split("/"):
-        if segment in ("", "."):
+        last = segment.split(";", 1)[0]
+        if last in ("", "."):
             continue
-        if segment == "..":
+        if last == "..":
             if segments:
                 segments.pop()
             continue
-        segments.append(segment)
-    tail = "/" if segments and (decoded.endswith("/") or decoded.endswith("/.") or decoded.endswith("/..")) else ""
+        segments.append(last)
+    tail = "/" if segments and last in ("", ".", "..") else ""
     return "/" + "/".join(segments) + tail
 
 

@@ -27,8 +27,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from ..core.policy import normalize_host
 from ..monitor import Facts, Monitor
-from .forwarding import upstream_headers
-from .net import client_ip, header_dict
+from .forwarding import upstream_headers, upstream_path
+from .net import canonical_path, client_ip, header_dict
 from .tokens import parse_cookies
 
 if TYPE_CHECKING:
@@ -68,12 +68,13 @@ class WebSocketProxy:
         peer = scope["client"][0] if scope.get("client") else None
         ip = client_ip(peer, headers, gw.trust)
         sid = parse_cookies(headers.get("cookie", "")).get(gw.cookies.name)
-        host, path = headers.get("host", ""), scope["path"]
+        host, raw_path = headers.get("host", ""), upstream_path(scope)
         passive = headers.get("x-lapse-activity", "").lower() == "passive"
-        refused = gw.unservable(host, path)
+        refused = gw.unservable(host, raw_path)
         if refused is not None:
             await _refuse(scope, send, refused[0], "refused")
             return
+        path = canonical_path(raw_path)
         if not _same_origin(headers.get("origin"), host):
             await _refuse(scope, send, 403, "origin")  # another site's page may not use this session
             return
