@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import posixpath
 import re
 from pathlib import Path
@@ -202,3 +203,35 @@ def test_path_parameters_cannot_hide_a_dot_segment(tmp_path: Path, upstream: str
             assert (await h.auth(bob, "/docs;v=1/x")).status_code == 200
 
     run(main())
+
+
+def test_forward_auth_refuses_what_it_cannot_judge_and_says_how_to_fix_it(tmp_path: Path, caplog):
+    """Finding 2: a peer outside trusted_proxies, or a proxy that names no URI, gets 403 (an error page
+    from the proxy, not a login loop), never a guess at ``/``; one log line per cause names the fix."""
+
+    async def main():
+        async with harness(tmp_path / "trusted") as h:
+            bob = await h.sid(user="bob")
+            for _ in range(3):
+                r = await h.client.get("/_lapse/auth", headers={"host": "app.test", "cookie": f"__Host-lapse={bob}"})
+                assert (r.status_code, r.headers["x-lapse-reason"], r.headers["cache-control"]) == (
+                    403, "forbidden", "no-store")
+                assert "remote-user" not in r.headers and "set-cookie" not in r.headers
+            r = await h.client.get("/_lapse/auth", headers={"host": "app.test", "cookie": f"__Host-lapse={bob}",
+                                                            "x-forwarded-uri": "/docs"})
+            assert (r.status_code, r.headers["remote-user"]) == (200, "bob")  # Traefik and Caddy send this one
+        async with harness(tmp_path / "untrusted", peer="172.18.0.5") as h:
+            bob = await h.sid(user="bob")
+            for uri in ("/pay/x", "/docs", "/pay/admin"):
+                r = await h.auth(bob, uri)
+                assert (r.status_code, r.headers["x-lapse-reason"]) == (403, "forbidden"), uri
+                assert "remote-user" not in r.headers
+
+    with caplog.at_level(logging.ERROR, logger="lapse.web"):
+        run(main())
+    assert [r.getMessage() for r in caplog.records if r.name == "lapse.web"] == [
+        "forward-auth refused, the proxy is misconfigured: the proxy at 127.0.0.1 sent neither X-Original-URI nor "
+        "X-Forwarded-Uri: set X-Original-URI (nginx: proxy_set_header X-Original-URI $request_uri)",
+        "forward-auth refused, the proxy is misconfigured: 172.18.0.5 is not in trusted_proxies, so the URI it "
+        "names cannot be believed: add the proxy's address to trusted_proxies",
+    ]

@@ -41,7 +41,7 @@ from .attempts import Attempts
 from .forms import read_form
 from .forwarding import unsafe_path, upstream_path
 from .metrics import Metrics
-from .net import Trust, canonical_path, client_ip, header_dict, original_request, reencoded
+from .net import Trust, Unjudgeable, canonical_path, client_ip, header_dict, original_request, reencoded
 from .proxy import Upstream
 from .streams import guard, lasting
 from .tokens import Cookies, Csrf, new_nonce, parse_cookies, presented, valid_id
@@ -101,6 +101,7 @@ class Gateway:
         self.login_cfg = cfg.login
         self.attempts = Attempts(runtime.store, runtime.audit, runtime.sealer, cfg.login.window, cfg.login.max_attempts)
         self._outage = OutageLog(log, "store unavailable, failing closed")
+        self._misconfigured = OutageLog(log, "forward-auth refused, the proxy is misconfigured")
         self.pages = Environment(loader=PackageLoader("lapse.web"), autoescape=True)
         self.upstream = (
             Upstream(cfg.server.upstream, inject_widget=cfg.server.inject_widget)
@@ -284,7 +285,12 @@ class Gateway:
         peer = scope["client"][0] if scope.get("client") else None
         trusted = self.trust(peer)
         ip = client_ip(peer, headers, self.trust) if trusted else peer
-        original = original_request(headers, trusted)
+        try:
+            original = original_request(headers, peer, trusted)
+        except Unjudgeable as exc:
+            # A refusal, not a sign-in (401 would send the user to a login that cannot help), and no guess.
+            self._misconfigured.refused(exc)
+            return 403, _CANNOT_JUDGE
         if reencoded(original.uri.split("?", 1)[0]):  # a server decoding twice would serve another path
             return 403, _CANNOT_JUDGE
         sid = self.cookies.session_id(headers.get("cookie", ""))

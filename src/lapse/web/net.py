@@ -93,14 +93,25 @@ class Original:
     uri: str  # path and query, as the client sent them
 
 
-def original_request(headers: dict[str, str], peer_trusted: bool) -> Original:
-    """nginx sends ``X-Original-Method``/``-URI``; Caddy and Traefik ``X-Forwarded-Method``/``-Uri``/``-Host``."""
-    host = headers.get("host", "")
+class Unjudgeable(Exception):
+    """Forward-auth cannot know which request it is asked about; the message names the fix."""
+
+
+def original_request(headers: dict[str, str], peer: str | None, peer_trusted: bool) -> Original:
+    """nginx sends ``X-Original-Method``/``-URI``; Caddy and Traefik ``X-Forwarded-Method``/``-Uri``/``-Host``.
+
+    Never a guess: judging ``/`` in place of a missing or unbelievable URI would let every path
+    rule pass, so a peer outside ``trusted_proxies`` or a proxy that sends no URI is ``Unjudgeable``.
+    """
     if not peer_trusted:
-        return Original("GET", host, "/", "/")
+        raise Unjudgeable(f"{peer or 'a client'} is not in trusted_proxies, so the URI it names cannot be believed: "
+                          "add the proxy's address to trusted_proxies")
+    uri = headers.get("x-original-uri") or headers.get("x-forwarded-uri")
+    if not uri:
+        raise Unjudgeable(f"the proxy at {peer} sent neither X-Original-URI nor X-Forwarded-Uri: set X-Original-URI "
+                          "(nginx: proxy_set_header X-Original-URI $request_uri)")
     method = headers.get("x-original-method") or headers.get("x-forwarded-method") or "GET"
-    uri = headers.get("x-original-uri") or headers.get("x-forwarded-uri") or "/"
-    host = headers.get("x-forwarded-host") or host
+    host = headers.get("x-forwarded-host") or headers.get("host", "")
     if not uri.startswith("/"):
         uri = "/" + uri
     return Original(method.upper(), host, canonical_path(uri.split("?", 1)[0]), uri)
