@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lapse.web.forwarding import unsafe_path
@@ -235,3 +235,71 @@ def test_forward_auth_refuses_what_it_cannot_judge_and_says_how_to_fix_it(tmp_pa
         "forward-auth refused, the proxy is misconfigured: 172.18.0.5 is not in trusted_proxies, so the URI it "
         "names cannot be believed: add the proxy's address to trusted_proxies",
     ]
+
+
+async def _answers(request: Request) -> Response:
+    """An upstream that misbehaves on /evil and tells what it received everywhere."""
+    body = await request.body()
+    r = JSONResponse({"raw_path": request.scope["raw_path"].decode(), "query": request.url.query,
+                      "headers": dict(request.headers), "body": body.decode()})
+    if request.url.path == "/evil":
+        r.raw_headers += [
+            (b"set-cookie", b"__Host-lapse=attacker-chosen-session-id-000000; Path=/; Secure; HttpOnly"),
+            (b"set-cookie", b"__host-LAPSE-csrf=x; Path=/; Secure"),
+            (b"set-cookie", b"theme=dark; Path=/"),
+            (b"connection", b"x-internal-token, close"),
+            (b"x-internal-token", b"s3cr3t"),
+            (b"cache-control", b"private"),
+        ]
+    return r
+
+
+@pytest.fixture(scope="module")
+def answering():
+    with serve_in_thread(Starlette(routes=[Route("/{path:path}", _answers, methods=["GET", "POST"])])) as url:
+        yield url
+
+
+def test_the_upstream_cannot_set_lapse_cookies_or_pass_connection_headers(tmp_path: Path, answering: str, caplog):
+    """Finding 3: an upstream may not fix or clear lapse's cookies, and headers its Connection header names
+    are hop-by-hop (RFC 9110 7.6.1); the first attempt per cookie is logged."""
+
+    async def main():
+        async with harness(tmp_path, mode="proxy", upstream=answering) as h:
+            sid = await h.sid()
+            for _ in range(2):
+                r = await h.client.get("/evil", headers={"cookie": f"__Host-lapse={sid}"})
+                assert r.status_code == 200
+                assert r.headers.get_list("set-cookie") == ["theme=dark; Path=/"]
+                assert "x-internal-token" not in r.headers and "connection" not in r.headers
+                assert r.headers.get_list("cache-control") == ["private"]
+
+    with caplog.at_level(logging.ERROR, logger="lapse.proxy"):
+        run(main())
+    assert [r.getMessage() for r in caplog.records if r.name == "lapse.proxy"] == [
+        "upstream response header dropped: the upstream tried to set lapse's cookie __Host-lapse",
+        "upstream response header dropped: the upstream tried to set lapse's cookie __host-LAPSE-csrf",
+    ]
+
+
+def test_the_upstream_gets_the_path_as_sent_and_a_body_only_when_there_is_one(tmp_path: Path, answering: str):
+    """Findings 5 and 6: ``/a%2Fb%3Fc`` is not ``/a/b?c``; a GET goes on without a chunked empty body,
+    a POST's body still goes on."""
+
+    async def main():
+        async with harness(tmp_path, mode="proxy", upstream=answering) as h:
+            ck = {"cookie": f"__Host-lapse={await h.sid()}"}
+            seen = (await h.client.get("/a%2Fb%3Fc;v=1?q=%2F1", headers=ck)).json()
+            assert (seen["raw_path"], seen["query"]) == ("/a%2Fb%3Fc;v=1", "q=%2F1")
+            assert "transfer-encoding" not in seen["headers"] and "content-length" not in seen["headers"]
+            seen = (await h.client.post("/docs", content=b"x" * 100_000, headers=ck)).json()
+            assert (seen["body"], seen["headers"]["content-length"]) == ("x" * 100_000, "100000")
+
+            async def chunks():
+                yield b"ab"
+                yield b"cd"
+
+            seen = (await h.client.post("/docs", content=chunks(), headers=ck)).json()
+            assert (seen["body"], seen["headers"]["transfer-encoding"]) == ("abcd", "chunked")
+
+    run(main())
