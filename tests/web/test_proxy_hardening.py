@@ -23,7 +23,7 @@ from lapse.web.net import canonical_path
 from lapse.web.websocket import _same_origin
 
 from ..support import serve_in_thread
-from .test_gateway import harness, run
+from .test_gateway import CONFIG, harness, run
 
 
 async def _headers(request: Request) -> JSONResponse:
@@ -146,10 +146,10 @@ def test_path_rules():
 
 def test_websocket_origin_must_be_the_host():
     """L7: a page on a sibling host may not open a WebSocket with this site's session."""
-    assert _same_origin(None, "app.test")  # not a browser
-    assert _same_origin("https://app.test", "app.test:443")
-    assert not _same_origin("https://evil.app.test", "app.test")
-    assert not _same_origin("null", "app.test")
+    assert _same_origin(None, "app.test", "https")  # not a browser
+    assert _same_origin("https://app.test", "app.test:443", "https")
+    assert not _same_origin("https://evil.app.test", "app.test", "https")
+    assert not _same_origin("null", "app.test", "https")
 
 
 # ------------------------------------------------ security review of 2026-11-27 (second pass)
@@ -302,4 +302,45 @@ def test_the_upstream_gets_the_path_as_sent_and_a_body_only_when_there_is_one(tm
             seen = (await h.client.post("/docs", content=chunks(), headers=ck)).json()
             assert (seen["body"], seen["headers"]["transfer-encoding"]) == ("abcd", "chunked")
 
+    run(main())
+
+
+def test_websocket_origin_must_have_the_gateways_scheme():
+    """Finding 4: a plain-http page of this host may not open a WebSocket on an https gateway."""
+    assert _same_origin("https://app.test", "app.test", "https")
+    assert not _same_origin("http://app.test:80", "app.test", "https")
+    assert not _same_origin("http://app.test", "app.test:443", "https")
+    assert _same_origin("http://app.test:8080", "app.test:8080", "http")
+    assert not _same_origin("https://app.test", "app.test", "http")
+
+
+def test_an_https_gateway_refuses_a_websocket_from_a_plain_http_page(tmp_path: Path):
+    """Finding 4, end to end: the upgrade is refused (403) before any upstream is dialled."""
+
+    async def upgrade(h, origin: str) -> tuple[str, int | None]:
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "websocket.connect"}
+
+        headers = [(b"host", b"app.test"), (b"cookie", f"__Host-lapse={sid}".encode()), (b"origin", origin.encode())]
+        await h.app({"type": "websocket", "path": "/ws", "raw_path": b"/ws", "query_string": b"", "headers": headers,
+                     "client": ("127.0.0.1", 1), "scheme": "wss", "subprotocols": [],
+                     "extensions": {"websocket.http.response": {}}}, receive, send)
+        return sent[0]["type"], sent[0].get("status") or sent[0].get("code")
+
+    https = CONFIG.replace("[server]", '[server]\npublic_url = "https://app.test"')
+
+    async def main():
+        nonlocal sid
+        async with harness(tmp_path, mode="proxy", upstream="http://127.0.0.1:9", config=https) as h:
+            sid = await h.sid()
+            assert await upgrade(h, "http://app.test:80") == ("websocket.http.response.start", 403)
+            assert await upgrade(h, "http://app.test") == ("websocket.http.response.start", 403)
+            assert await upgrade(h, "https://app.test") == ("websocket.close", 1011)  # allowed; nothing listens
+
+    sid = ""
     run(main())
