@@ -236,10 +236,12 @@ def test_forwarded_headers_only_from_trusted_proxies(tmp_path: Path):
             await h.auth(sid, "/docs", x_forwarded_for="198.51.100.7, 10.0.0.1, 127.0.0.1")
             async with harness(tmp_path / "b", peer="203.0.113.9") as outsider:
                 other = await outsider.sid()
-                # An untrusted peer cannot choose the path, the IP, or make a request passive by path.
+                # An untrusted peer cannot choose the path, the IP, or make a request passive by path: what it
+                # names is not believed, and lapse does not guess (GET / would pass every path rule).
                 r = await outsider.auth(other, "/pay/admin/x", x_forwarded_for="10.9.9.9")
-                assert r.status_code == 200  # judged as GET / on the Host: the main app
-                assert (await outsider.auth(None, "/x")).status_code == 401
+                assert (r.status_code, r.headers["x-lapse-reason"]) == (403, "forbidden")
+                assert "remote-user" not in r.headers
+                assert (await outsider.auth(None, "/x")).status_code == 403
                 created = [e for e in await outsider.events() if e["event"] == "session.created"]
                 assert created[-1]["ip"] == "203.0.113.9"
             sessions = await h.rt.store.sessions("alice")

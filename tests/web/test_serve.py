@@ -131,7 +131,7 @@ def test_metrics_on_their_own_listener(tmp_path: Path):
     try:
         _wait_up(port, proc)
         for _ in range(3):
-            httpx.get(f"http://127.0.0.1:{port}/_lapse/auth", headers={"cookie": "__Host-lapse=" + "A" * 43})
+            httpx.get(f"http://127.0.0.1:{port}/_lapse/auth", headers={"cookie": "__Host-lapse=" + "A" * 43, "x-original-uri": "/"})
         text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         assert 'lapse_decisions_total{reason="unknown",verdict="deny"} 3.0' in text
         assert "lapse_decision_seconds_bucket" in text and "lapse_live_sessions 0.0" in text
@@ -165,7 +165,7 @@ def test_audit_end_to_end_with_the_sweeper(tmp_path: Path):
                 r = client.post("/_lapse/login", headers={"cookie": nonce},
                                 data={"username": "alice", "password": password, "csrf_token": token})
             session = r.headers["set-cookie"].split(";", 1)[0]
-            client.get("/_lapse/auth", headers={"cookie": "__Host-lapse=" + "B" * 43})
+            client.get("/_lapse/auth", headers={"cookie": "__Host-lapse=" + "B" * 43, "x-original-uri": "/"})
         deadline = time.monotonic() + 10
         events: list[dict] = []
         while time.monotonic() < deadline:
@@ -204,7 +204,8 @@ def test_several_workers_share_the_store(tmp_path: Path):
                              cwd=tmp_path).stdout.strip()
         pids = set()
         for _ in range(40):  # new connections: both workers answer some of them
-            r = httpx.get(f"http://127.0.0.1:{port}/_lapse/auth", headers={"cookie": f"__Host-lapse={sid}"})
+            r = httpx.get(f"http://127.0.0.1:{port}/_lapse/auth", headers={"cookie": f"__Host-lapse={sid}",
+                                                                         "x-original-uri": "/"})
             assert r.status_code == 200 and r.headers["remote-user"] == "carol", r.text
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)

@@ -40,9 +40,9 @@ from ..totp import enrolled
 from .account import PASSWORD, TOTP, Account
 from .attempts import Attempts, password_keys
 from .forms import read_form
-from .forwarding import unsafe_path
+from .forwarding import unsafe_path, upstream_path
 from .metrics import Metrics
-from .net import Trust, client_ip, header_dict, original_request
+from .net import Trust, Unjudgeable, canonical_path, client_ip, header_dict, original_request, reencoded
 from .proxy import Upstream
 from .streams import guard, lasting
 from .tokens import Cookies, Csrf, new_nonce, parse_cookies, presented, valid_id
@@ -52,6 +52,8 @@ log = logging.getLogger("lapse.web")
 NO_STORE = "no-store"
 _NO_STORE = (b"cache-control", b"no-store")
 _EMPTY = (b"content-length", b"0")
+_CANNOT_JUDGE = [_NO_STORE, (b"x-lapse-reason", b"forbidden"), _EMPTY]
+"""Forward-auth's answer when it cannot tell which request it is asked about: a refusal, never a guess."""
 _AUTH_HEADERS = frozenset(
     {b"host", b"cookie", b"x-forwarded-for", b"x-real-ip", b"x-original-method", b"x-original-uri",
      b"x-forwarded-method", b"x-forwarded-uri", b"x-forwarded-host", b"x-lapse-activity"}
@@ -112,6 +114,7 @@ class Gateway:
         self.login_cfg = cfg.login
         self.attempts = Attempts(runtime.store, runtime.audit, runtime.sealer, cfg.login.window, cfg.login.max_attempts)
         self._outage = OutageLog(log, "store unavailable, failing closed")
+        self._misconfigured = OutageLog(log, "forward-auth refused, the proxy is misconfigured")
         self.pages = Environment(loader=PackageLoader("lapse.web"), autoescape=True)
         self.upstream = (
             Upstream(cfg.server.upstream, inject_widget=cfg.server.inject_widget)
@@ -272,12 +275,12 @@ class Gateway:
         del self._flooding[ip]
         return False
 
-    def unservable(self, host: str, path: str) -> tuple[int, str] | None:
+    def unservable(self, host: str, raw_path: str) -> tuple[int, str] | None:
         """Proxy mode: (status, why) for a request lapse must not judge, because the upstream could
         serve something other than what was judged: a path that servers normalise differently
         (400), or a Host no app claims (421: the client would choose which app's limits apply)."""
-        if unsafe_path(path):
-            return 400, "The address contains '.', '..' or empty path segments, or a backslash."
+        if unsafe_path(raw_path):
+            return 400, "The address contains '.', '..' or empty path segments, a backslash, or double encoding."
         policy = self.gate.policy
         if policy.spec.apps and not policy.claims_host(host) and normalize_host(host) != self._public_host:
             return 421, "This gateway does not serve that host name."
@@ -311,7 +314,14 @@ class Gateway:
         peer = scope["client"][0] if scope.get("client") else None
         trusted = self.trust(peer)
         ip = client_ip(peer, headers, self.trust) if trusted else peer
-        original = original_request(headers, trusted)
+        try:
+            original = original_request(headers, peer, trusted)
+        except Unjudgeable as exc:
+            # A refusal, not a sign-in (401 would send the user to a login that cannot help), and no guess.
+            self._misconfigured.refused(exc)
+            return 403, _CANNOT_JUDGE
+        if reencoded(original.uri.split("?", 1)[0]):  # a server decoding twice would serve another path
+            return 403, _CANNOT_JUDGE
         sid = self.cookies.session_id(headers.get("cookie", ""))
         verdict = await self._check(
             host=original.host, path=original.path, method=original.method, ip=ip,
@@ -337,16 +347,17 @@ class Gateway:
         assert self.upstream is not None
         headers, trusted, ip, sid = self._facts(request)
         host = headers.get("host", "")
-        path = request.scope["path"]
+        raw_path = upstream_path(request.scope)
         passive = headers.get("x-lapse-activity", "").lower() == "passive"
         if headers.get("upgrade"):  # WebSockets come as their own scope; other upgrades are not proxied
             return JSONResponse({"error": "upgrades other than websocket are not proxied"}, 501)
-        refused = self.unservable(host, path)
+        refused = self.unservable(host, raw_path)
         if refused is not None:
             status, detail = refused
             if _wants_html(headers):
                 return self._error(status, "Request refused", detail, {"Cache-Control": NO_STORE})
             return JSONResponse({"error": "refused", "detail": detail}, status, {"Cache-Control": NO_STORE})
+        path = canonical_path(raw_path)  # judged; the upstream gets ``raw_path``, encoding intact
         verdict = await self._check(host=host, path=path, method=request.method, ip=ip, passive=passive, sid=sid)
         d = verdict.decision
         if d.allowed and d.session is not None:
@@ -361,7 +372,7 @@ class Gateway:
         if d.status == 403:
             return self._error(403, "Forbidden", "You don't have access to this application.", out)
         if _wants_html(headers):
-            uri = path + (("?" + request.scope["query_string"].decode("latin-1")) if request.scope["query_string"] else "")
+            uri = raw_path + (("?" + request.scope["query_string"].decode("latin-1")) if request.scope["query_string"] else "")
             out["Location"] = login_url(uri, reason)
             return Response(b"", 303, out)
         if d.reason is Reason.STEP_UP:

@@ -13,15 +13,24 @@ upstream needs it in its logs.
 And the path: proxy mode refuses a path with dot segments, empty segments or
 backslashes (also percent-encoded), because the path lapse judges must be the
 path the upstream serves, and HTTP clients and servers disagree about
-collapsing ``/x/../pay``.
+collapsing ``/x/../pay``. Segments are read with their ``;parameters`` stripped,
+as Tomcat, Jetty and older Spring read them (``/x/..;/pay`` is ``/pay`` there),
+and the path judged is the stripped one (``/pay;jsessionid=1`` is judged as
+``/pay``). Refusing every dot segment, rather than only those with a ``;``, is
+the rule with no exceptions to learn: browsers resolve dot segments before
+sending, so only hand-made requests carry them. A path still percent-encoded
+after one decoding (``%252e``) is refused too: a server that decodes twice
+would serve another path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from urllib.parse import unquote
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import quote, unquote
 
 from ..core.session import Session
+from .net import reencoded
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -32,13 +41,21 @@ CLIENT_MAY_NOT_SAY = IDENTITY | {"x-real-ip", "forwarded"}
 CLIENT_MAY_NOT_SAY_PREFIXES = ("x-forwarded-", "x-original-")
 
 
-def unsafe_path(path: str) -> bool:
-    """True for a path whose meaning depends on who normalises it: ``.``/``..``/empty segments, ``\\``."""
-    decoded = unquote(path)
-    if "\\" in decoded:
+def unsafe_path(raw: str) -> bool:
+    """True for a raw (still percent-encoded) path whose meaning depends on who normalises it:
+    ``.``/``..``/empty segments once ``;parameters`` are stripped, ``\\``, double encoding."""
+    decoded = unquote(raw)
+    if "\\" in decoded or reencoded(raw):
         return True
-    segments = decoded.split("/")[1:]
+    segments = [s.split(";", 1)[0] for s in decoded.split("/")[1:]]
     return any(s in (".", "..") for s in segments) or "" in segments[:-1]
+
+
+def upstream_path(scope: Mapping[str, Any]) -> str:
+    """The path as the client sent it, percent-encoding intact (``/a%2Fb`` is not ``/a/b``): what the
+    upstream gets and what ``unsafe_path`` reads. Policy judges ``net.canonical_path`` of it."""
+    raw = scope.get("raw_path")
+    return raw.decode("latin-1") if raw else quote(scope["path"], safe="/;=:@!$&'()*+,~")
 
 
 def upstream_headers(

@@ -8,11 +8,13 @@ they are ignored, so a client cannot choose its own IP, network or path.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_REENCODED = re.compile(r"%[0-9a-fA-F]{2}")
 
 _CACHE_MAX = 4096
 
@@ -91,34 +93,59 @@ class Original:
     uri: str  # path and query, as the client sent them
 
 
-def original_request(headers: dict[str, str], peer_trusted: bool) -> Original:
-    """nginx sends ``X-Original-Method``/``-URI``; Caddy and Traefik ``X-Forwarded-Method``/``-Uri``/``-Host``."""
-    host = headers.get("host", "")
+class Unjudgeable(Exception):
+    """Forward-auth cannot know which request it is asked about; the message names the fix."""
+
+
+def original_request(headers: dict[str, str], peer: str | None, peer_trusted: bool) -> Original:
+    """nginx sends ``X-Original-Method``/``-URI``; Caddy and Traefik ``X-Forwarded-Method``/``-Uri``/``-Host``.
+
+    Never a guess: judging ``/`` in place of a missing or unbelievable URI would let every path
+    rule pass, so a peer outside ``trusted_proxies`` or a proxy that sends no URI is ``Unjudgeable``.
+    """
     if not peer_trusted:
-        return Original("GET", host, "/", "/")
+        raise Unjudgeable(f"{peer or 'a client'} is not in trusted_proxies, so the URI it names cannot be believed: "
+                          "add the proxy's address to trusted_proxies")
+    uri = headers.get("x-original-uri") or headers.get("x-forwarded-uri")
+    if not uri:
+        raise Unjudgeable(f"the proxy at {peer} sent neither X-Original-URI nor X-Forwarded-Uri: set X-Original-URI "
+                          "(nginx: proxy_set_header X-Original-URI $request_uri)")
     method = headers.get("x-original-method") or headers.get("x-forwarded-method") or "GET"
-    uri = headers.get("x-original-uri") or headers.get("x-forwarded-uri") or "/"
-    host = headers.get("x-forwarded-host") or host
+    host = headers.get("x-forwarded-host") or headers.get("host", "")
     if not uri.startswith("/"):
         uri = "/" + uri
     return Original(method.upper(), host, canonical_path(uri.split("?", 1)[0]), uri)
 
 
+def reencoded(raw: str) -> bool:
+    """True when ``raw`` is still percent-encoded after one decoding (``%252e``, ``%2570``): a server (or a
+    chain of them) that decodes twice would serve another path (``..``, ``p``) than the one lapse judges."""
+    return _REENCODED.search(unquote(raw)) is not None
+
+
 def canonical_path(raw: str) -> str:
-    """The path a normalising server serves for ``raw``: percent-decoded, ``\\`` as ``/``, dot segments
-    resolved, empty segments dropped. Forward-auth judges this form: the proxy in front passes the
-    raw URI on, and ``/x/../p%61y`` must be judged as the ``/pay`` the app will serve."""
+    """The path a normalising server serves for ``raw``: percent-decoded once, ``\\`` as ``/``, each
+    segment's ``;parameters`` stripped, dot segments resolved, empty segments dropped.
+
+    Forward-auth judges this form: the proxy in front passes the raw URI on, so ``/x/../p%61y`` must be
+    judged as the ``/pay`` the app will serve. Parameters go before dot segments are resolved because
+    Tomcat, Jetty and older Spring read ``..;`` and ``.;`` as ``..`` and ``.``: ``/x/..;/pay`` is
+    ``/pay`` to them, and ``/pay;jsessionid=1/admin`` is ``/pay/admin``. A server that keeps ``;`` as
+    a plain character serves a path lapse judges at least as strictly.
+    """
     decoded = unquote(raw).replace("\\", "/")
     segments: list[str] = []
+    last = ""
     for segment in decoded.split("/"):
-        if segment in ("", "."):
+        last = segment.split(";", 1)[0]
+        if last in ("", "."):
             continue
-        if segment == "..":
+        if last == "..":
             if segments:
                 segments.pop()
             continue
-        segments.append(segment)
-    tail = "/" if segments and (decoded.endswith("/") or decoded.endswith("/.") or decoded.endswith("/..")) else ""
+        segments.append(last)
+    tail = "/" if segments and last in ("", ".", "..") else ""
     return "/" + "/".join(segments) + tail
 
 

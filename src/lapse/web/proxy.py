@@ -1,12 +1,23 @@
 """Proxy mode: stream an allowed request to the upstream app and its answer back.
 
-Bodies are streamed both ways, never buffered whole. What the upstream is told
-(identity, client address, no hop-by-hop headers, no lapse cookies) is
-``forwarding``'s.
+Bodies are streamed both ways, never buffered whole; a request without a body
+(no ``Content-Length``, no ``Transfer-Encoding``) goes on without one, not as an
+empty chunked stream. What the upstream is told (identity, client address, no
+hop-by-hop headers, no lapse cookies) is ``forwarding``'s.
+
+What comes back is the upstream's, except what could speak for lapse or for the
+connection: hop-by-hop headers and those the answer's ``Connection`` header names
+(RFC 9110 §7.6.1) stop here, and so does a ``Set-Cookie`` for one of lapse's
+cookies (an upstream could otherwise fix a user's session ID or clear it), with
+one log line per cause. Every answer here is to a signed-in request: one
+without ``Cache-Control`` gets ``no-store``, so no shared cache keeps an
+authenticated page and the back button shows none after sign-out (OWASP ASVS
+V8.2.1); an upstream that sets its own keeps it.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator
 
@@ -16,12 +27,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..core.session import Session
-from .forwarding import HOP_BY_HOP, upstream_headers
+from ..outage import OutageLog
+from .forwarding import HOP_BY_HOP, upstream_headers, upstream_path
 
 WIDGET_TAG = '<script src="/_lapse/widget.js" defer{nonce}></script>'
 HEAD_LIMIT = 64 * 1024  # look this far into an HTML page for </head>; past it, pass the page on untouched
 _NONCE = re.compile(r"'nonce-([A-Za-z0-9+/=_-]+)'")
 _HEAD_END = re.compile(rb"</head\s*>", re.IGNORECASE)
+
+log = logging.getLogger("lapse.proxy")
 
 
 class Upstream:
@@ -34,6 +48,7 @@ class Upstream:
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
             follow_redirects=False,
         )
+        self._dropped = OutageLog(log, "upstream response header dropped")
 
     async def forward(self, request: Request, session: Session, client_ip: str | None, *, peer_trusted: bool,
                       lapse_cookies: frozenset[str]) -> Response:
@@ -53,10 +68,10 @@ class Upstream:
             # Pages come back uncompressed, so the script tag can go in without re-encoding them.
             headers.append(("accept-encoding", "identity"))
         query = scope.get("query_string", b"")
-        path = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+        path = upstream_path(scope)
         url = httpx.URL(path=path, query=query) if query else httpx.URL(path=path)
         upstream_request = self.client.build_request(
-            request.method, url, headers=headers, content=_body(request),
+            request.method, url, headers=headers, content=_body(request) if _has_body(request) else None,
         )
         try:
             answer = await self.client.send(upstream_request, stream=True)
@@ -68,16 +83,36 @@ class Upstream:
             body = _inject(body, _script_tag(answer.headers.get("content-security-policy", "")))
             drop = HOP_BY_HOP | {"content-length"}  # the page grows by one tag
         response = StreamingResponse(body, status_code=answer.status_code, background=BackgroundTask(answer.aclose))
-        # Raw bytes pass through as they came (encoding, length); only hop-by-hop headers stop here.
-        response.raw_headers = [
-            (k.encode("latin-1"), v.encode("latin-1"))
-            for k, v in answer.headers.multi_items()
-            if k.lower() not in drop
-        ]
+        # Raw bytes pass through as they came (encoding, length); see the module docstring for what stops here.
+        response.raw_headers = self._passed(answer.headers, drop, lapse_cookies)
         return response
+
+    def _passed(
+        self, headers: httpx.Headers, drop: frozenset[str], lapse_cookies: frozenset[str]
+    ) -> list[tuple[bytes, bytes]]:
+        """The answer's headers the client may see (module docstring), plus ``no-store`` where none was said."""
+        named = {t.strip().lower() for v in headers.get_list("connection") for t in v.split(",") if t.strip()}
+        ours = {n.lower() for n in lapse_cookies}  # browsers match the __Host- prefix in any case
+        out: list[tuple[bytes, bytes]] = []
+        for name, value in headers.multi_items():
+            low = name.lower()
+            if low in drop or low in named:
+                continue
+            cookie = value.split("=", 1)[0].strip() if low == "set-cookie" else ""
+            if cookie.lower() in ours:
+                self._dropped.refused(ValueError(f"the upstream tried to set lapse's cookie {cookie}"))
+                continue
+            out.append((name.encode("latin-1"), value.encode("latin-1")))
+        if "cache-control" not in headers:
+            out.append((b"cache-control", b"no-store"))
+        return out
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _has_body(request: Request) -> bool:
+    return "content-length" in request.headers or "transfer-encoding" in request.headers
 
 
 async def _body(request: Request) -> AsyncIterator[bytes]:

@@ -27,8 +27,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from ..core.policy import normalize_host
 from ..monitor import Facts, Monitor
-from .forwarding import upstream_headers
-from .net import client_ip, header_dict
+from .forwarding import upstream_headers, upstream_path
+from .net import canonical_path, client_ip, header_dict
 from .tokens import parse_cookies
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class WebSocketProxy:
         base = gateway.upstream.base_url if gateway.upstream is not None else ""
         self.base = "ws" + base[len("http"):] if base.startswith("http") else base
         cfg = gateway.rt.loaded.config
+        self.scheme = urlsplit(str(cfg.server.public_url)).scheme.lower()  # the scheme the gateway's pages have
         default = getattr(cfg.defaults, "websocket_activity", None)
         self.patterns: dict[str | None, re.Pattern[str] | None] = {None: _compile(default)}
         for app in cfg.apps:
@@ -68,13 +69,14 @@ class WebSocketProxy:
         peer = scope["client"][0] if scope.get("client") else None
         ip = client_ip(peer, headers, gw.trust)
         sid = parse_cookies(headers.get("cookie", "")).get(gw.cookies.name)
-        host, path = headers.get("host", ""), scope["path"]
+        host, raw_path = headers.get("host", ""), upstream_path(scope)
         passive = headers.get("x-lapse-activity", "").lower() == "passive"
-        refused = gw.unservable(host, path)
+        refused = gw.unservable(host, raw_path)
         if refused is not None:
             await _refuse(scope, send, refused[0], "refused")
             return
-        if not _same_origin(headers.get("origin"), host):
+        path = canonical_path(raw_path)
+        if not _same_origin(headers.get("origin"), host, self.scheme):
             await _refuse(scope, send, 403, "origin")  # another site's page may not use this session
             return
         verdict = await gw._check(host=host, path=path, method="GET", ip=ip, passive=passive, sid=sid)
@@ -185,12 +187,14 @@ class WebSocketProxy:
         )
 
 
-def _same_origin(origin: str | None, host: str) -> bool:
-    """A browser's upgrade says where the page came from; it must be this host (clients that are not
-    browsers send no Origin). SameSite=Lax keeps other sites' pages out; this keeps sibling hosts out."""
+def _same_origin(origin: str | None, host: str, scheme: str) -> bool:
+    """A browser's upgrade says where the page came from; it must be this host, over the gateway's
+    ``scheme`` (clients that are not browsers send no Origin). SameSite=Lax keeps other sites' pages
+    out; this keeps sibling hosts out, and a plain-http page of this host off an https gateway."""
     if origin is None:
         return True
-    return normalize_host(urlsplit(origin).netloc) == normalize_host(host) and bool(host)
+    parts = urlsplit(origin)
+    return parts.scheme.lower() == scheme and normalize_host(parts.netloc) == normalize_host(host) and bool(host)
 
 
 def _compile(text: str | None) -> re.Pattern[str] | None:
