@@ -207,7 +207,8 @@ def test_path_parameters_cannot_hide_a_dot_segment(tmp_path: Path, upstream: str
 
 def test_forward_auth_refuses_what_it_cannot_judge_and_says_how_to_fix_it(tmp_path: Path, caplog):
     """Finding 2: a peer outside trusted_proxies, or a proxy that names no URI, gets 403 (an error page
-    from the proxy, not a login loop), never a guess at ``/``; one log line per cause names the fix."""
+    from the proxy, not a login loop) for a session cookie, never a guess at ``/``; 401 ``missing`` without
+    one; one log line per cause names the fix."""
 
     async def main():
         async with harness(tmp_path / "trusted") as h:
@@ -220,6 +221,10 @@ def test_forward_auth_refuses_what_it_cannot_judge_and_says_how_to_fix_it(tmp_pa
             r = await h.client.get("/_lapse/auth", headers={"host": "app.test", "cookie": f"__Host-lapse={bob}",
                                                             "x-forwarded-uri": "/docs"})
             assert (r.status_code, r.headers["remote-user"]) == (200, "bob")  # Traefik and Caddy send this one
+            # Without a session cookie nothing depends on the path: sign-in is needed (CONTRACT §4 ``missing``).
+            r = await h.client.get("/_lapse/auth", headers={"host": "app.test"})
+            assert (r.status_code, r.headers["x-lapse-reason"], r.headers["location"]) == (
+                401, "missing", "/_lapse/login?next=/&reason=missing")
         async with harness(tmp_path / "untrusted", peer="172.18.0.5") as h:
             bob = await h.sid(user="bob")
             for uri in ("/pay/x", "/docs", "/pay/admin"):

@@ -53,6 +53,7 @@ NO_STORE = "no-store"
 _NO_STORE = (b"cache-control", b"no-store")
 _EMPTY = (b"content-length", b"0")
 _CANNOT_JUDGE = [_NO_STORE, (b"x-lapse-reason", b"forbidden"), _EMPTY]
+_MISSING = [_NO_STORE, (b"x-lapse-reason", b"missing"), (b"location", b"/_lapse/login?next=/&reason=missing"), _EMPTY]
 """Forward-auth's answer when it cannot tell which request it is asked about: a refusal, never a guess."""
 _AUTH_HEADERS = frozenset(
     {b"host", b"cookie", b"x-forwarded-for", b"x-real-ip", b"x-original-method", b"x-original-uri",
@@ -317,8 +318,10 @@ class Gateway:
         try:
             original = original_request(headers, peer, trusted)
         except Unjudgeable as exc:
-            # A refusal, not a sign-in (401 would send the user to a login that cannot help), and no guess.
             self._misconfigured.refused(exc)
+            if self.cookies.session_id(headers.get("cookie", "")) is None:
+                return 401, _MISSING  # no session: sign-in is needed whatever was asked for
+            # A refusal, not a sign-in (401 would send the user to a login that cannot help), and no guess.
             return 403, _CANNOT_JUDGE
         if reencoded(original.uri.split("?", 1)[0]):  # a server decoding twice would serve another path
             return 403, _CANNOT_JUDGE
