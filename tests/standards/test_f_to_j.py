@@ -714,3 +714,21 @@ def test_55_logout_clears_cookies_and_storage_with_clear_site_data(tmp_path: Pat
             assert "set-cookie" not in forged.headers and "clear-site-data" not in forged.headers
 
     run(main())
+
+
+def test_68_an_mfa_requirement_is_signalled_with_acr_values(tmp_path: Path) -> None:
+    """[checklist 68 · RFC 9470 §3] A request whose authentication is too weak (not too old) is refused
+    with ``error="insufficient_user_authentication"`` and ``acr_values`` naming the level needed, so the
+    client can ask for it; ``max_age`` alone tells it nothing. lapse names ``acr_values="mfa"`` (RFC 8176: more than one factor) and
+    no ``max_age`` when only the second factor is missing."""
+
+    async def main() -> None:
+        async with gateway(tmp_path, mode="proxy") as h:
+            sid = await h.sid()
+            r = await h.client.get("/pay/mfa/x", headers=cookie(sid, "application/json"))
+            assert (r.status_code, r.json()) == (401, {"reason": "step_up"})
+            challenge = r.headers["www-authenticate"]
+            assert challenge == ('Bearer error="insufficient_user_authentication", '
+                                 'error_description="a second factor is required", acr_values="mfa"')
+
+    run(main())

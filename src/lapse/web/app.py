@@ -90,6 +90,18 @@ def location_of(target: str) -> str:
     return quote(_LONE_PERCENT.sub("%25", target), safe="/?#[]@!$&'()*+,;=:~%")
 
 
+def _step_up_challenge(verdict: Verdict) -> str:
+    """RFC 9470 for an API client: what would satisfy the route. ``max_age`` when the sign-in is too old
+    (or the network changed: a fresh sign-in is what helps); ``acr_values="mfa"`` (RFC 8176's name for
+    more than one factor) when a second factor is missing, without a ``max_age`` the session already meets."""
+    why = next((e.reason for e in verdict.decision.events if e.event == ev.STEP_UP_REQUIRED), None)
+    step = verdict.effective.step_up
+    challenge = 'Bearer error="insufficient_user_authentication"'
+    if why == "mfa":
+        return challenge + ', error_description="a second factor is required", acr_values="mfa"'
+    return challenge + f", max_age={int(step.max_auth_age) if step else 0}"
+
+
 def login_url(next_uri: str, reason: str | None) -> str:
     query = "next=" + quote(next_uri, safe="/")
     return f"{LOGIN}?{query}&reason={reason}" if reason else f"{LOGIN}?{query}"
@@ -379,9 +391,7 @@ class Gateway:
             out["Location"] = login_url(uri, reason)
             return Response(b"", 303, out)
         if d.reason is Reason.STEP_UP:
-            step = verdict.effective.step_up
-            max_age = int(step.max_auth_age) if step else 0
-            out["WWW-Authenticate"] = f'Bearer error="insufficient_user_authentication", max_age={max_age}'
+            out["WWW-Authenticate"] = _step_up_challenge(verdict)
         return JSONResponse({"reason": reason}, 401, out)
 
     # ------------------------------------------------------------------ login
