@@ -38,6 +38,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, replace
 from typing import Any
@@ -86,17 +87,20 @@ Client = Redis | RedisCluster
 
 
 def connect(target: RedisTarget) -> Client:
-    """A client for the target, with a timeout on every connect and reply and one immediate reconnect.
+    """A client for the target, with a timeout on every connect and reply, that never sends a command twice.
 
-    redis-py's default retries ten times with backoff up to a second: far too
-    long for a gateway that must answer 503 quickly. Only a broken connection
-    is retried (once, at once: a pooled connection Redis dropped on restart);
-    a timeout is not, so every call gives up within about ``timeout``.
+    redis-py's retry sends a command again after a broken connection, even when
+    Redis ran it and only the reply was lost: a second ``CREATE`` of a fresh key,
+    a second ``XADD``, a counter bumped twice. So it is off here; the store sends
+    again itself, once and at once, only what may run twice (``RedisStore._send``).
+    A pooled connection Redis closed (a restart) is replaced by the pool before
+    anything is sent on it. A timeout is never retried: every call gives up
+    within about ``timeout``.
     """
     common: dict[str, Any] = dict(
         socket_timeout=target.timeout,
         socket_connect_timeout=target.timeout,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry=Retry(NoBackoff(), 0),
         username=target.username,
         password=target.password,
         ssl=target.tls,
@@ -157,30 +161,57 @@ class RedisStore:
             self._down = False
             log.warning("redis store %s answers again", self.target.redacted())
 
-    def _command(self, *command: Any) -> Awaitable[Any]:
-        return self._r.execute_command(*command) if self._batch is None else self._batch.call(pack_command(command))
+    async def _send(self, call: Callable[[], Awaitable[Any]], resend: bool) -> Any:
+        """``call()``, once more at once after a broken connection if ``resend`` (running it twice is harmless).
 
-    async def _eval(self, script: str, keys: Sequence[bytes], args: Iterable[Any] = ()) -> Any:
-        sha = self._sha[script]
+        Otherwise the error stands: the command may have run, and the caller fails closed (503) rather
+        than run it twice (finding: a revocation reported as ENDED, a sign-in as SessionExists).
+        """
         try:
-            return await self._command("EVALSHA", sha, len(keys), *keys, *args)
-        except NoScriptError:  # a fresh or restarted Redis: load it (on every primary of a Cluster)
-            await self._r.script_load(script)
-            return await self._command("EVALSHA", sha, len(keys), *keys, *args)
+            return await call()
+        except RedisConnectionError:
+            if not resend:
+                raise
+        return await call()
 
-    async def _pipeline(self, what: str, commands: Iterable[tuple[Any, ...]]) -> list[Any]:
-        """Many single-key commands in one round trip per node (Cluster pipelines route each command)."""
+    async def _command(self, command: tuple[Any, ...], resend: bool) -> Any:
+        if self._batch is not None:  # the pipeline resends what may run twice itself
+            return await self._batch.call(pack_command(command), resend=resend)
+        return await self._send(lambda: self._r.execute_command(*command), resend)
+
+    async def _eval(self, script: str, keys: Sequence[bytes], args: Iterable[Any] = (), *, resend: bool = True) -> Any:
+        """Run a script; ``resend=False`` for those that must not run twice (``FAILURES``, ``FIRST_USE``)."""
+        command = ("EVALSHA", self._sha[script], len(keys), *keys, *args)
+        try:
+            return await self._command(command, resend)
+        except NoScriptError:  # a fresh or restarted Redis: load it (on every primary of a Cluster)
+            await self._send(lambda: self._r.script_load(script), True)
+            return await self._command(command, resend)
+
+    async def _pipeline(self, what: str, commands: Iterable[tuple[Any, ...]], *, resend: bool = True) -> list[Any]:
+        """Many single-key commands in one round trip per node (Cluster pipelines route each command).
+
+        ``resend=False`` where running them twice would do harm (``XADD``).
+        """
         out: list[Any] = []
         batch = list(commands)
         try:
             for i in range(0, len(batch), BATCH):
-                pipe = self._r.pipeline(transaction=False)
-                for command in batch[i : i + BATCH]:
-                    pipe.execute_command(*command)
-                out.extend(await pipe.execute())
+                chunk = batch[i : i + BATCH]
+                out.extend(await self._send(lambda chunk=chunk: self._execute(chunk), resend))  # type: ignore[misc]
         except (RedisError, OSError) as exc:
             raise self._unavailable(what, exc) from exc
         return out
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self._r.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute()
+
+    def _session_keys(self, member: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+        """Record, due index, ended index and write marker (``redis_scripts``): one slot."""
+        return (*session_keys(self._prefix, member), tag(self._prefix, shard_of(member)) + b"w" + member)
 
     def _record_key(self, member: bytes) -> bytes:
         return tag(self._prefix, shard_of(member)) + b"s" + member
@@ -200,7 +231,7 @@ class RedisStore:
         if self._clock is not None:
             return self._clock()
         try:
-            sec, usec = await self._r.time()
+            sec, usec = await self._send(self._r.time, True)
         except (RedisError, OSError) as exc:
             raise self._unavailable("now", exc) from exc
         self._answered()
@@ -255,9 +286,10 @@ class RedisStore:
         try:
             # The user's index first: a crash in between leaves an index entry without a record
             # (skipped and cleaned later), never a session that revoking the user would miss.
-            await self._r.sadd(self._user_key(session.user), member)
+            await self._send(lambda: self._r.sadd(self._user_key(session.user), member), True)
             keys, args = self._with_audit(
-                session_keys(self._prefix, member), (blob, member, int(ended), at, SAFETY, ENDED_KEEP), events
+                self._session_keys(member), (blob, member, int(ended), at, SAFETY, ENDED_KEEP, os.urandom(8).hex()),
+                events,
             )
             created = await self._eval(lua.CREATE, keys, args)
         except (RedisError, OSError) as exc:
@@ -275,7 +307,8 @@ class RedisStore:
 
     async def _write(self, before: Session, after: Session, events: Sequence[AuditEvent]) -> WriteResult:
         member = pack_member(before.key)
-        keys = session_keys(self._prefix, member)
+        keys = self._session_keys(member)
+        written = os.urandom(8).hex()  # this write's id: its end, sent again after a lost reply, is known as its own
         # First guess: the record is still ``before`` (the caller has just read it). The swap checks it.
         stored: Session | None = before
         seen = self._seen.get(before.key)
@@ -298,7 +331,8 @@ class RedisStore:
                     else:
                         change, at = "", ""
                     reply = await self._eval(lua.WRITE, *self._with_audit(
-                        keys, (expected, pack(record), member, change, at, SAFETY, ENDED_KEEP, self._ended_channel),
+                        keys, (expected, pack(record), member, change, at, SAFETY, ENDED_KEEP, self._ended_channel,
+                               written),
                         events,
                     ))
                     if reply[0] == 1:
@@ -414,7 +448,7 @@ class RedisStore:
         await self._pipeline("append_audit", (
             ("XADD", self._audit, "MAXLEN", "~", cap, "*", "ts", ts, "e", event)
             for ts, event in zip(fields[::2], fields[1::2])
-        ))
+        ), resend=False)  # an entry the lost reply hid would be appended twice
 
     async def tail_audit(self, n: int) -> list[AuditEvent]:
         if n <= 0:
@@ -463,7 +497,7 @@ class RedisStore:
     async def failures(self, key: str, now: float, window: float, *, add: int = 0) -> int:
         try:
             return int(await self._eval(lua.FAILURES, (self._prefix + b"f:" + key.encode(),),
-                                        (repr(now), repr(window), int(add))))
+                                        (repr(now), repr(window), int(add)), resend=False))
         except (RedisError, OSError) as exc:
             raise self._unavailable("failures", exc) from exc
 
@@ -511,7 +545,7 @@ class RedisStore:
         marker = self._prefix + b"o:" + key.encode()
         keep_ms = max(1, int((until - now) * 1000)) + ENDED_KEEP  # a safety net only; purge_links is the rule
         try:
-            fresh = await self._eval(lua.FIRST_USE, (marker,), (repr(now), repr(until), keep_ms))
+            fresh = await self._eval(lua.FIRST_USE, (marker,), (repr(now), repr(until), keep_ms), resend=False)
         except (RedisError, OSError) as exc:
             raise self._unavailable("first_use", exc) from exc
         if fresh:
@@ -531,7 +565,7 @@ class RedisStore:
 
     async def release(self, key: str) -> bool:
         try:
-            return bool(await self._r.delete(self._prefix + b"c:" + key.encode()))
+            return bool(await self._send(lambda: self._r.delete(self._prefix + b"c:" + key.encode()), False))
         except (RedisError, OSError) as exc:
             raise self._unavailable("release", exc) from exc
 
@@ -559,7 +593,7 @@ class RedisStore:
 
     async def ping(self) -> None:
         try:
-            await self._r.ping()
+            await self._send(self._r.ping, True)
         except (RedisError, OSError) as exc:
             raise self._unavailable("ping", exc) from exc
         self._answered()
