@@ -81,6 +81,7 @@ CAS_ATTEMPTS = 16  # compare-and-swap rounds before a write gives up (only under
 BATCH = 1000  # keys per pipeline or purge step
 SEEN_MAX = 100_000  # sessions whose last decoded record is kept for ``read`` (forgotten at once when full)
 WATCH_RETRY = 1.0  # seconds between attempts to subscribe again after the connection to Redis was lost
+INDEX_GRACE = 60.0  # seconds a user's index entry is kept while its record is missing (a create in flight)
 WATCH_PING = 1.0  # seconds of silence on the subscription before it asks Redis (PING) whether it is still there
 
 Client = Redis | RedisCluster
@@ -217,7 +218,12 @@ class RedisStore:
         return tag(self._prefix, shard_of(member)) + b"s" + member
 
     def _user_key(self, user: str) -> bytes:
+        """The user's sessions as older versions kept them (a set): still read, never added to."""
         return self._prefix + b"u:" + user.encode()
+
+    def _user_index(self, user: str) -> bytes:
+        """The user's sessions, scored by creation (store clock): ``_sessions_of`` says why."""
+        return self._prefix + b"uz:" + user.encode()
 
     def _decode(self, key: str, blob: bytes) -> Session:
         try:
@@ -285,8 +291,10 @@ class RedisStore:
         at = score(session.ended_at if ended else session.expires_at)  # type: ignore[arg-type]
         try:
             # The user's index first: a crash in between leaves an index entry without a record
-            # (skipped and cleaned later), never a session that revoking the user would miss.
-            await self._send(lambda: self._r.sadd(self._user_key(session.user), member), True)
+            # (skipped, and dropped once older than INDEX_GRACE), never a session that revoking the user
+            # would miss. Scored by its creation, so ``sessions`` can tell an entry whose record is
+            # about to be created (young) from one whose record is gone (old).
+            await self._send(lambda: self._r.zadd(self._user_index(session.user), {member: session.created_at}), True)
             keys, args = self._with_audit(
                 self._session_keys(member), (blob, member, int(ended), at, SAFETY, ENDED_KEEP, os.urandom(8).hex()),
                 events,
@@ -379,20 +387,43 @@ class RedisStore:
             live = [s for s in await self._sessions([(unpack_member(m), m) for m in members], "sessions")
                     if s.ended_at is None]
         else:
-            index = self._user_key(user)
-            (members,) = await self._pipeline("sessions", [("SMEMBERS", index)])
-            wanted = [(unpack_member(m), m) for m in members]
-            blobs = await self._pipeline("sessions", (("GET", self._record_key(m)) for _, m in wanted))
-            live, stale = [], []
-            for (key, member), blob in zip(wanted, blobs):
-                session = None if blob is None else self._decode(key, blob)
-                if session is None or session.ended_at is not None or session.user != user:
-                    stale.append(member)  # ended, gone, or another user's (a create that found its key taken)
-                else:
-                    live.append(session)
-            if stale:
-                await self._pipeline("sessions", [("SREM", index, *stale)])
+            live = await self._sessions_of(user)
         return sorted(live, key=lambda s: (s.created_at, s.key))
+
+    async def _sessions_of(self, user: str) -> list[Session]:
+        """The user's live sessions, from the user's index (and the set older versions kept, ``u:``).
+
+        An entry whose record is missing is dropped only once it is older than ``INDEX_GRACE``: a young one
+        may be a sign-in between its index entry and its record (``create``), which revoking the user must
+        still see once it is there. A missing entry of the older set, of unknown age, moves to the index
+        scored now, so it gets the same grace. Ended records and another user's (a create that found its
+        key taken) are dropped at once: they can never become this user's live session.
+        """
+        legacy, index = self._user_key(user), self._user_index(user)
+        now = await self.now()
+        old, scored = await self._pipeline("sessions", [
+            ("SMEMBERS", legacy), ("ZRANGEBYSCORE", index, "-inf", "+inf", "WITHSCORES"),
+        ])
+        created = {member: float(at) for member, at in scored}
+        members = sorted(set(created) | set(old))
+        blobs = await self._pipeline("sessions", (("GET", self._record_key(m)) for m in members))
+        live, stale, moved = [], [], []
+        for member, blob in zip(members, blobs):
+            session = None if blob is None else self._decode(unpack_member(member), blob)
+            if session is not None and session.ended_at is None and session.user == user:
+                live.append(session)
+            elif session is not None or created.get(member, now) < now - INDEX_GRACE:
+                stale.append(member)
+            elif member not in created:
+                moved.append(member)
+        commands: list[tuple[Any, ...]] = [("ZADD", index, *(x for m in moved for x in (repr(now), m)))] if moved else []
+        if stale or moved:
+            commands += [("SREM", legacy, *stale, *moved)]
+        if stale:
+            commands += [("ZREM", index, *stale)]
+        if commands:
+            await self._pipeline("sessions", commands)
+        return live
 
     async def count_live(self) -> int:
         counts = await self._pipeline("count_live", (("ZCARD", tag(self._prefix, n) + b"due") for n in range(SHARDS)))
@@ -414,7 +445,8 @@ class RedisStore:
                 commands: list[tuple[Any, ...]] = [("UNLINK", self._record_key(m)) for m in members]
                 for member, blob in zip(members, blobs):
                     if blob is not None:
-                        commands.append(("SREM", self._user_key(self._decode(unpack_member(member), blob).user), member))
+                        user = self._decode(unpack_member(member), blob).user
+                        commands += [("ZREM", self._user_index(user), member), ("SREM", self._user_key(user), member)]
                 commands.append(("ZREM", ended_index, *members))
                 await self._pipeline("purge", commands)
                 total += len(members)
