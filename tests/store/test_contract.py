@@ -134,6 +134,21 @@ async def test_device_is_kept_through_writes_and_the_end(store: Any, twin: Any) 
     assert (await twin.read(s.key))[0].device == "Chrome on Linux"
 
 
+async def test_thousands_of_groups_are_stored_by_every_store(store: Any, twin: Any) -> None:
+    """An IdP's groups claim of 2,500 entries (67 KB joined): every store keeps it through writes and the end
+    (Redis once raised ValueError at sign-in, a 500, where SQLite stored it)."""
+    groups = tuple(f"/org/department-{i:05d}/team" for i in range(2500))
+    s = make_session(1, groups=groups)
+    await store.create(s)
+    assert (await twin.read(s.key))[0] == s
+    later = active(s, T0 + 10)
+    assert await store.write(s, later) == APPLIED
+    got = (await twin.read(s.key))[0]
+    assert got.groups == groups
+    assert await store.write(got, revoke(got, "logout", T0 + 11).session) == APPLIED
+    assert (await twin.read(s.key))[0].groups == groups
+
+
 async def test_create_refuses_an_existing_key(store: Any) -> None:
     s = make_session(1)
     await store.create(s)

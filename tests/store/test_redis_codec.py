@@ -47,7 +47,19 @@ def test_a_device_round_trips_with_or_without_statistics(device: str, stats: boo
 
 
 def test_a_newer_version_or_trailing_bytes_are_refused() -> None:
-    with pytest.raises(Damaged, match="version 3"):
-        unpack(SESSION.key, b"\x03" + VERSION_1[1:])
+    with pytest.raises(Damaged, match="version 4"):
+        unpack(SESSION.key, b"\x04" + VERSION_1[1:])
     with pytest.raises(Damaged):
         unpack(SESSION.key, pack(SESSION.with_(device="curl")) + b"x")
+
+
+@given(device=st.none() | st.text(max_size=40), ended=st.booleans())
+def test_groups_past_64_kib_are_version_3_and_round_trip(device: str | None, ended: bool) -> None:
+    """An IdP's groups claim of thousands of entries: stored (as SQLite stores it), not a ValueError."""
+    groups = tuple(f"/org/department-{i:05d}/team" for i in range(2500))  # 67,499 bytes joined
+    s = SESSION.with_(groups=groups, device=device, ended_at=T0 + 9 if ended else None,
+                      end_reason="idle" if ended else None)
+    blob = pack(s)
+    assert blob[0] == 3
+    assert unpack(s.key, blob) == s
+    assert pack(s.with_(groups=groups[:2000]))[0] == (1 if device is None else 2)  # 53,999 bytes: as before

@@ -529,3 +529,59 @@ def test_the_read_cache_never_serves_what_another_connection_changed(tmp_path: P
     assert run(ours.read(t.key))[0] == run(theirs.read(t.key))[0] == moved
     run(ours.close())
     run(theirs.close())
+
+
+def test_a_revocation_through_a_symlinked_path_is_seen_at_once(tmp_path: Path) -> None:
+    """The CLI opens the file through a symlink: the gateway's memory hears of it at its next read (one
+    change counter per real file, not per spelling of its path)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "lapse.db").symlink_to(tmp_path / "real" / "lapse.db")
+    gateway = SqliteStore(tmp_path / "real" / "lapse.db", clock)
+    cli = SqliteStore(tmp_path / "lapse.db", clock)
+    try:
+        s = make_session(1)
+        run(gateway.create(s))
+        live = run(gateway.read(s.key))[0]
+        assert run(gateway.read(s.key))[0] is live  # served from memory
+        assert run(cli.write(live, end(live, "admin", T0 + 1))) is WriteResult.APPLIED
+        seen = run(gateway.read(s.key))[0]
+        assert seen.ended and seen.end_reason == "admin"
+    finally:
+        run(gateway.close())
+        run(cli.close())
+
+
+def test_a_commit_nobody_announced_is_seen_within_the_trust_bound(tmp_path: Path, monkeypatch) -> None:
+    """A writer killed between its commit and its counter bump, or the ``sqlite3`` shell: the other handles'
+    memory is trusted at most TRUST seconds before ``PRAGMA data_version`` is asked again."""
+    from lapse.store import sqlite as sqlite_store
+
+    path = tmp_path / "x.db"
+    gateway, cli = SqliteStore(path, clock), SqliteStore(path, clock)
+    try:
+        s, t = make_session(1), make_session(2)
+        run(gateway.create(s))
+        run(gateway.create(t))
+        live = run(gateway.read(s.key))[0]
+
+        def killed() -> tuple[bytes, bytes]:
+            raise KeyboardInterrupt  # Ctrl-C or kill -9 of `lapse sessions revoke` right after its COMMIT
+
+        monkeypatch.setattr(cli._changes, "bump", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(cli.write(live, end(live, "admin", T0 + 1)))
+        # The gateway goes on writing other sessions: its own bumps never told it anything.
+        other = run(gateway.read(t.key))[0]
+        moved = other.with_(activity=record_activity(other.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+        assert run(gateway.write(other, moved)) is WriteResult.APPLIED
+        time.sleep(sqlite_store.TRUST * 1.5)
+        seen = run(gateway.read(s.key))[0]
+        assert seen.ended and seen.end_reason == "admin"
+        # And an edit by another program (the sqlite3 shell) alike.
+        with sqlite3.connect(path) as shell:
+            shell.execute("DELETE FROM sessions")
+        time.sleep(sqlite_store.TRUST * 1.5)
+        assert run(gateway.read(t.key))[0] is None
+    finally:
+        run(gateway.close())
+        run(cli.close())

@@ -38,6 +38,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, replace
 from typing import Any
@@ -80,23 +81,27 @@ CAS_ATTEMPTS = 16  # compare-and-swap rounds before a write gives up (only under
 BATCH = 1000  # keys per pipeline or purge step
 SEEN_MAX = 100_000  # sessions whose last decoded record is kept for ``read`` (forgotten at once when full)
 WATCH_RETRY = 1.0  # seconds between attempts to subscribe again after the connection to Redis was lost
+INDEX_GRACE = 60.0  # seconds a user's index entry is kept while its record is missing (a create in flight)
 WATCH_PING = 1.0  # seconds of silence on the subscription before it asks Redis (PING) whether it is still there
 
 Client = Redis | RedisCluster
 
 
 def connect(target: RedisTarget) -> Client:
-    """A client for the target, with a timeout on every connect and reply and one immediate reconnect.
+    """A client for the target, with a timeout on every connect and reply, that never sends a command twice.
 
-    redis-py's default retries ten times with backoff up to a second: far too
-    long for a gateway that must answer 503 quickly. Only a broken connection
-    is retried (once, at once: a pooled connection Redis dropped on restart);
-    a timeout is not, so every call gives up within about ``timeout``.
+    redis-py's retry sends a command again after a broken connection, even when
+    Redis ran it and only the reply was lost: a second ``CREATE`` of a fresh key,
+    a second ``XADD``, a counter bumped twice. So it is off here; the store sends
+    again itself, once and at once, only what may run twice (``RedisStore._send``).
+    A pooled connection Redis closed (a restart) is replaced by the pool before
+    anything is sent on it. A timeout is never retried: every call gives up
+    within about ``timeout``.
     """
     common: dict[str, Any] = dict(
         socket_timeout=target.timeout,
         socket_connect_timeout=target.timeout,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry=Retry(NoBackoff(), 0),
         username=target.username,
         password=target.password,
         ssl=target.tls,
@@ -157,36 +162,68 @@ class RedisStore:
             self._down = False
             log.warning("redis store %s answers again", self.target.redacted())
 
-    def _command(self, *command: Any) -> Awaitable[Any]:
-        return self._r.execute_command(*command) if self._batch is None else self._batch.call(pack_command(command))
+    async def _send(self, call: Callable[[], Awaitable[Any]], resend: bool) -> Any:
+        """``call()``, once more at once after a broken connection if ``resend`` (running it twice is harmless).
 
-    async def _eval(self, script: str, keys: Sequence[bytes], args: Iterable[Any] = ()) -> Any:
-        sha = self._sha[script]
+        Otherwise the error stands: the command may have run, and the caller fails closed (503) rather
+        than run it twice (finding: a revocation reported as ENDED, a sign-in as SessionExists).
+        """
         try:
-            return await self._command("EVALSHA", sha, len(keys), *keys, *args)
-        except NoScriptError:  # a fresh or restarted Redis: load it (on every primary of a Cluster)
-            await self._r.script_load(script)
-            return await self._command("EVALSHA", sha, len(keys), *keys, *args)
+            return await call()
+        except RedisConnectionError:
+            if not resend:
+                raise
+        return await call()
 
-    async def _pipeline(self, what: str, commands: Iterable[tuple[Any, ...]]) -> list[Any]:
-        """Many single-key commands in one round trip per node (Cluster pipelines route each command)."""
+    async def _command(self, command: tuple[Any, ...], resend: bool) -> Any:
+        if self._batch is not None:  # the pipeline resends what may run twice itself
+            return await self._batch.call(pack_command(command), resend=resend)
+        return await self._send(lambda: self._r.execute_command(*command), resend)
+
+    async def _eval(self, script: str, keys: Sequence[bytes], args: Iterable[Any] = (), *, resend: bool = True) -> Any:
+        """Run a script; ``resend=False`` for those that must not run twice (``FAILURES``, ``FIRST_USE``)."""
+        command = ("EVALSHA", self._sha[script], len(keys), *keys, *args)
+        try:
+            return await self._command(command, resend)
+        except NoScriptError:  # a fresh or restarted Redis: load it (on every primary of a Cluster)
+            await self._send(lambda: self._r.script_load(script), True)
+            return await self._command(command, resend)
+
+    async def _pipeline(self, what: str, commands: Iterable[tuple[Any, ...]], *, resend: bool = True) -> list[Any]:
+        """Many single-key commands in one round trip per node (Cluster pipelines route each command).
+
+        ``resend=False`` where running them twice would do harm (``XADD``).
+        """
         out: list[Any] = []
         batch = list(commands)
         try:
             for i in range(0, len(batch), BATCH):
-                pipe = self._r.pipeline(transaction=False)
-                for command in batch[i : i + BATCH]:
-                    pipe.execute_command(*command)
-                out.extend(await pipe.execute())
+                chunk = batch[i : i + BATCH]
+                out.extend(await self._send(lambda chunk=chunk: self._execute(chunk), resend))  # type: ignore[misc]
         except (RedisError, OSError) as exc:
             raise self._unavailable(what, exc) from exc
         return out
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self._r.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute()
+
+    def _session_keys(self, member: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+        """Record, due index, ended index and write marker (``redis_scripts``): one slot."""
+        return (*session_keys(self._prefix, member), tag(self._prefix, shard_of(member)) + b"w" + member)
 
     def _record_key(self, member: bytes) -> bytes:
         return tag(self._prefix, shard_of(member)) + b"s" + member
 
     def _user_key(self, user: str) -> bytes:
+        """The user's sessions as older versions kept them (a set): still read, never added to."""
         return self._prefix + b"u:" + user.encode()
+
+    def _user_index(self, user: str) -> bytes:
+        """The user's sessions, scored by creation (store clock): ``_sessions_of`` says why."""
+        return self._prefix + b"uz:" + user.encode()
 
     def _decode(self, key: str, blob: bytes) -> Session:
         try:
@@ -200,7 +237,7 @@ class RedisStore:
         if self._clock is not None:
             return self._clock()
         try:
-            sec, usec = await self._r.time()
+            sec, usec = await self._send(self._r.time, True)
         except (RedisError, OSError) as exc:
             raise self._unavailable("now", exc) from exc
         self._answered()
@@ -254,10 +291,13 @@ class RedisStore:
         at = score(session.ended_at if ended else session.expires_at)  # type: ignore[arg-type]
         try:
             # The user's index first: a crash in between leaves an index entry without a record
-            # (skipped and cleaned later), never a session that revoking the user would miss.
-            await self._r.sadd(self._user_key(session.user), member)
+            # (skipped, and dropped once older than INDEX_GRACE), never a session that revoking the user
+            # would miss. Scored by its creation, so ``sessions`` can tell an entry whose record is
+            # about to be created (young) from one whose record is gone (old).
+            await self._send(lambda: self._r.zadd(self._user_index(session.user), {member: session.created_at}), True)
             keys, args = self._with_audit(
-                session_keys(self._prefix, member), (blob, member, int(ended), at, SAFETY, ENDED_KEEP), events
+                self._session_keys(member), (blob, member, int(ended), at, SAFETY, ENDED_KEEP, os.urandom(8).hex()),
+                events,
             )
             created = await self._eval(lua.CREATE, keys, args)
         except (RedisError, OSError) as exc:
@@ -275,7 +315,8 @@ class RedisStore:
 
     async def _write(self, before: Session, after: Session, events: Sequence[AuditEvent]) -> WriteResult:
         member = pack_member(before.key)
-        keys = session_keys(self._prefix, member)
+        keys = self._session_keys(member)
+        written = os.urandom(8).hex()  # this write's id: its end, sent again after a lost reply, is known as its own
         # First guess: the record is still ``before`` (the caller has just read it). The swap checks it.
         stored: Session | None = before
         seen = self._seen.get(before.key)
@@ -298,7 +339,8 @@ class RedisStore:
                     else:
                         change, at = "", ""
                     reply = await self._eval(lua.WRITE, *self._with_audit(
-                        keys, (expected, pack(record), member, change, at, SAFETY, ENDED_KEEP, self._ended_channel),
+                        keys, (expected, pack(record), member, change, at, SAFETY, ENDED_KEEP, self._ended_channel,
+                               written),
                         events,
                     ))
                     if reply[0] == 1:
@@ -345,20 +387,43 @@ class RedisStore:
             live = [s for s in await self._sessions([(unpack_member(m), m) for m in members], "sessions")
                     if s.ended_at is None]
         else:
-            index = self._user_key(user)
-            (members,) = await self._pipeline("sessions", [("SMEMBERS", index)])
-            wanted = [(unpack_member(m), m) for m in members]
-            blobs = await self._pipeline("sessions", (("GET", self._record_key(m)) for _, m in wanted))
-            live, stale = [], []
-            for (key, member), blob in zip(wanted, blobs):
-                session = None if blob is None else self._decode(key, blob)
-                if session is None or session.ended_at is not None or session.user != user:
-                    stale.append(member)  # ended, gone, or another user's (a create that found its key taken)
-                else:
-                    live.append(session)
-            if stale:
-                await self._pipeline("sessions", [("SREM", index, *stale)])
+            live = await self._sessions_of(user)
         return sorted(live, key=lambda s: (s.created_at, s.key))
+
+    async def _sessions_of(self, user: str) -> list[Session]:
+        """The user's live sessions, from the user's index (and the set older versions kept, ``u:``).
+
+        An entry whose record is missing is dropped only once it is older than ``INDEX_GRACE``: a young one
+        may be a sign-in between its index entry and its record (``create``), which revoking the user must
+        still see once it is there. A missing entry of the older set, of unknown age, moves to the index
+        scored now, so it gets the same grace. Ended records and another user's (a create that found its
+        key taken) are dropped at once: they can never become this user's live session.
+        """
+        legacy, index = self._user_key(user), self._user_index(user)
+        now = await self.now()
+        old, scored = await self._pipeline("sessions", [
+            ("SMEMBERS", legacy), ("ZRANGEBYSCORE", index, "-inf", "+inf", "WITHSCORES"),
+        ])
+        created = {member: float(at) for member, at in scored}
+        members = sorted(set(created) | set(old))
+        blobs = await self._pipeline("sessions", (("GET", self._record_key(m)) for m in members))
+        live, stale, moved = [], [], []
+        for member, blob in zip(members, blobs):
+            session = None if blob is None else self._decode(unpack_member(member), blob)
+            if session is not None and session.ended_at is None and session.user == user:
+                live.append(session)
+            elif session is not None or created.get(member, now) < now - INDEX_GRACE:
+                stale.append(member)
+            elif member not in created:
+                moved.append(member)
+        commands: list[tuple[Any, ...]] = [("ZADD", index, *(x for m in moved for x in (repr(now), m)))] if moved else []
+        if stale or moved:
+            commands += [("SREM", legacy, *stale, *moved)]
+        if stale:
+            commands += [("ZREM", index, *stale)]
+        if commands:
+            await self._pipeline("sessions", commands)
+        return live
 
     async def count_live(self) -> int:
         counts = await self._pipeline("count_live", (("ZCARD", tag(self._prefix, n) + b"due") for n in range(SHARDS)))
@@ -380,7 +445,8 @@ class RedisStore:
                 commands: list[tuple[Any, ...]] = [("UNLINK", self._record_key(m)) for m in members]
                 for member, blob in zip(members, blobs):
                     if blob is not None:
-                        commands.append(("SREM", self._user_key(self._decode(unpack_member(member), blob).user), member))
+                        user = self._decode(unpack_member(member), blob).user
+                        commands += [("ZREM", self._user_index(user), member), ("SREM", self._user_key(user), member)]
                 commands.append(("ZREM", ended_index, *members))
                 await self._pipeline("purge", commands)
                 total += len(members)
@@ -414,7 +480,7 @@ class RedisStore:
         await self._pipeline("append_audit", (
             ("XADD", self._audit, "MAXLEN", "~", cap, "*", "ts", ts, "e", event)
             for ts, event in zip(fields[::2], fields[1::2])
-        ))
+        ), resend=False)  # an entry the lost reply hid would be appended twice
 
     async def tail_audit(self, n: int) -> list[AuditEvent]:
         if n <= 0:
@@ -463,7 +529,7 @@ class RedisStore:
     async def failures(self, key: str, now: float, window: float, *, add: int = 0) -> int:
         try:
             return int(await self._eval(lua.FAILURES, (self._prefix + b"f:" + key.encode(),),
-                                        (repr(now), repr(window), int(add))))
+                                        (repr(now), repr(window), int(add)), resend=False))
         except (RedisError, OSError) as exc:
             raise self._unavailable("failures", exc) from exc
 
@@ -511,7 +577,7 @@ class RedisStore:
         marker = self._prefix + b"o:" + key.encode()
         keep_ms = max(1, int((until - now) * 1000)) + ENDED_KEEP  # a safety net only; purge_links is the rule
         try:
-            fresh = await self._eval(lua.FIRST_USE, (marker,), (repr(now), repr(until), keep_ms))
+            fresh = await self._eval(lua.FIRST_USE, (marker,), (repr(now), repr(until), keep_ms), resend=False)
         except (RedisError, OSError) as exc:
             raise self._unavailable("first_use", exc) from exc
         if fresh:
@@ -531,7 +597,7 @@ class RedisStore:
 
     async def release(self, key: str) -> bool:
         try:
-            return bool(await self._r.delete(self._prefix + b"c:" + key.encode()))
+            return bool(await self._send(lambda: self._r.delete(self._prefix + b"c:" + key.encode()), False))
         except (RedisError, OSError) as exc:
             raise self._unavailable("release", exc) from exc
 
@@ -559,7 +625,7 @@ class RedisStore:
 
     async def ping(self) -> None:
         try:
-            await self._r.ping()
+            await self._send(self._r.ping, True)
         except (RedisError, OSError) as exc:
             raise self._unavailable("ping", exc) from exc
         self._answered()

@@ -10,9 +10,14 @@ one turn share one connection checkout, one socket write, one timeout and one
 read loop. bench/README.md, "Redis (issue 5)", has the figures.
 
 Failure is what it was per command: the whole batch must be answered within
-the store's ``timeout`` (a timeout is not retried); a broken connection (Redis
-restarted, say) is retried once at once, for the commands not yet answered, on
-a fresh connection. An error reply (``NOSCRIPT``, say) fails only its caller.
+the store's ``timeout`` (a timeout is not retried). A broken connection (Redis
+restarted, say) is retried once at once, on a fresh connection, but only for
+the commands that may safely run twice: all of them if the batch never left
+(no connection), else only those not yet answered that their caller marked
+``resend`` (reads, and the scripts written to recognise their own earlier run).
+Any other command not answered may have run: its caller gets the connection
+error (outcome unknown, the store answers 503), never a second run. An error
+reply (``NOSCRIPT``, say) fails only its caller.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-_Queued = list[tuple[bytes, "list[asyncio.Future[Any]]"]]  # a command and the callers waiting for its reply
+# a command, the callers waiting for its reply, and whether it may be sent again after a broken link
+_Queued = list[tuple[bytes, "list[asyncio.Future[Any]]", bool]]
 
 
 class AutoPipeline:
@@ -40,12 +46,14 @@ class AutoPipeline:
         self._next: asyncio.Task[None] | None = None  # the flush that will take ``_queue``
         self._flushing: set[asyncio.Task[None]] = set()  # held so they are not garbage-collected mid-flight
 
-    def call(self, packed: bytes, *, read_only: bool = False) -> asyncio.Future[Any]:
+    def call(self, packed: bytes, *, read_only: bool = False, resend: bool = False) -> asyncio.Future[Any]:
         """The reply to ``packed`` (one command), sent with the others queued in this turn.
 
         ``read_only``: the same command already queued in this turn (not sent yet) is sent once and its
         reply given to every caller: as fresh as separate reads, since Redis runs it after all of them
         asked (a page's parallel requests with one cookie read the session once).
+        ``resend``: running it twice does what running it once does (implied by ``read_only``), so it may
+        be sent again when the connection broke after it was written.
         """
         waiters = self._shared.get(packed) if read_only else None
         if self._next is not None:
@@ -62,7 +70,7 @@ class AutoPipeline:
             waiters.append(future)  # each caller its own future: one cancelled caller cancels no other
             return future
         waiters = [future]
-        self._queue.append((packed, waiters))
+        self._queue.append((packed, waiters, read_only or resend))
         if read_only:
             self._shared[packed] = waiters
         return future
@@ -72,7 +80,7 @@ class AutoPipeline:
         if task is self._next:  # cancelled before it took its batch (its event loop is closing)
             self._next = None
             batch, self._queue, self._shared = self._queue, [], {}
-            for _, waiters in batch:
+            for _, waiters, _ in batch:
                 for future in waiters:
                     future.cancel()
 
@@ -82,38 +90,44 @@ class AutoPipeline:
         try:
             try:
                 await self._send(batch)
-            except _Broken as broken:  # once more, at once, on a fresh connection, for those not answered
-                await self._send(broken.left)
+            except _Broken as broken:  # once more, at once, on a fresh connection, for those that may run twice
+                again = broken.left
+                if broken.sent:
+                    again = [queued for queued in broken.left if queued[2]]
+                    for _, waiters, resend in broken.left:
+                        if not resend:  # it may have run: its caller must not be told it did not
+                            _fail(waiters, RedisConnectionError(f"the outcome is unknown: {broken.cause}"))
+                await self._send(again)
         except BaseException as exc:  # noqa: BLE001 - every caller left must hear of it, whatever it was
             failure = exc if isinstance(exc, Exception) else RedisConnectionError("the pipeline was cancelled")
             if isinstance(exc, _Broken):
                 failure = exc.cause
-            for _, waiters in batch:
-                for future in waiters:
-                    if not future.done():
-                        future.set_exception(failure)
+            for _, waiters, _ in batch:
+                _fail(waiters, failure)
             if not isinstance(exc, Exception):
                 raise
 
     async def _send(self, batch: _Queued) -> None:
         """Answer the batch's callers in order; ``_Broken`` with those left if the connection broke."""
+        if not batch:
+            return
         try:
             connection = await self._pool.get_connection()
         except RedisConnectionError as exc:
-            raise _Broken(batch, exc) from exc
+            raise _Broken(batch, exc, sent=False) from exc
         try:
             try:
-                await connection.send_packed_command(b"".join([packed for packed, _ in batch]), check_health=False)
-            except RedisConnectionError as exc:
-                raise _Broken(batch, exc) from exc
+                await connection.send_packed_command(b"".join([packed for packed, _, _ in batch]), check_health=False)
+            except RedisConnectionError as exc:  # some of it may have been written, and run
+                raise _Broken(batch, exc, sent=True) from exc
             async with asyncio.timeout(self._timeout):
-                for at, (_, waiters) in enumerate(batch):
+                for at, (_, waiters, _) in enumerate(batch):
                     try:
                         reply = await connection.read_response(timeout=math.inf)  # the batch's timeout rules
                     except ResponseError as exc:
                         reply = exc
                     except RedisConnectionError as exc:
-                        raise _Broken(batch[at:], exc) from exc
+                        raise _Broken(batch[at:], exc, sent=True) from exc
                     for future in waiters:
                         if future.done():  # its caller gave up (cancelled): the reply is read all the same
                             continue
@@ -125,6 +139,12 @@ class AutoPipeline:
             raise RedisTimeoutError(f"no reply from Redis within {self._timeout} s") from None
         finally:
             await self._pool.release(connection)
+
+
+def _fail(waiters: list[asyncio.Future[Any]], failure: BaseException) -> None:
+    for future in waiters:
+        if not future.done():
+            future.set_exception(failure)
 
 
 def pack(command: tuple[Any, ...]) -> bytes:
@@ -147,8 +167,8 @@ def pack(command: tuple[Any, ...]) -> bytes:
 
 
 class _Broken(Exception):
-    """The connection broke: ``left`` are the callers not answered yet."""
+    """The connection broke: ``left`` are the callers not answered yet; ``sent``: their commands may have run."""
 
-    def __init__(self, left: _Queued, cause: RedisConnectionError) -> None:
+    def __init__(self, left: _Queued, cause: RedisConnectionError, *, sent: bool) -> None:
         super().__init__(str(cause))
-        self.left, self.cause = left, cause
+        self.left, self.cause, self.sent = left, cause, sent

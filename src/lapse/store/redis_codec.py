@@ -17,6 +17,14 @@ length of 0xFFFF. A session without a device is still written as version 1,
 so during a rolling upgrade older replicas read every session they could read
 before; only sessions signed in with a device need the newer reader.
 
+Version 3 is version 2 with a 4-byte length before the groups, for the rare
+session whose joined groups take 65,535 bytes or more (an IdP's ``groups``
+claim of thousands of entries): SQLite and memory store any groups, so Redis
+does too rather than fail the sign-in. Only such sessions are written as
+version 3; a replica from before it refuses them as damaged (503 for that
+session alone), as version 1 readers do version 2. The other strings (user,
+IP, end reason, device) keep the 2-byte length: lapse bounds them far below.
+
 Keys. A session lives under ``PREFIX{NN}s<member>``, where ``{NN}`` is a hash
 tag naming one of ``SHARDS`` shards (from the session key) and ``member`` is
 the session key itself, packed: the keyed hash (32 lowercase hex digits) as
@@ -37,12 +45,13 @@ from functools import lru_cache
 from ..core import activity as activity_stats
 from ..core.session import Session, Staircase
 
-VERSION = 2  # the newest record version this code reads and writes (1 is still read, and written without device)
+VERSION = 3  # the newest record version: 1 (no device), 2 (device), 3 (2 with a 4-byte groups length), all read
 SHARDS = 64  # fixed: every replica must agree; more shards spread a Cluster's indexes over more slots
 GROUP_SEP = "\x1f"
 _NONE = 0xFFFF
 _HEAD = struct.Struct("<BBB5d")
 _LEN = struct.Struct("<H")
+_LONG = struct.Struct("<I")  # the groups' length in version 3
 _HEX = re.compile(r"[0-9a-f]{32}")
 _MFA, _ENDED = 1, 2
 
@@ -115,16 +124,21 @@ def pack(s: Session) -> bytes:
         if GROUP_SEP in group:
             raise ValueError(f"group name {group!r} contains a control character (U+001F)")
     flags = (_MFA if s.mfa else 0) | (_ENDED if s.ended_at is not None else 0)
+    groups = GROUP_SEP.join(s.groups).encode() if s.groups else None
+    long_groups = groups is not None and len(groups) >= _NONE
     head = _HEAD.pack(
-        1 if s.device is None else VERSION, flags, len(s.activity),
+        3 if long_groups else 1 if s.device is None else 2, flags, len(s.activity),
         _finite_or_inf(s.auth_time), _finite_or_inf(s.created_at), _finite_or_inf(s.last_seen_at),
         _finite_or_inf(s.expires_at), 0.0 if s.ended_at is None else _finite_or_inf(s.ended_at),
     )
     steps = _pairs(len(s.activity)).pack(*(x for step in s.activity for x in step))
-    groups = GROUP_SEP.join(s.groups) if s.groups else None
-    record = head + steps + _text(s.user) + _text(s.ip) + _text(s.end_reason) + _text(groups)
-    if s.device is not None:
-        record += _text(s.device)
+    record = head + steps + _text(s.user) + _text(s.ip) + _text(s.end_reason)
+    if long_groups:
+        record += _LONG.pack(len(groups)) + groups + _text(s.device)  # type: ignore[arg-type]
+    else:
+        record += _LEN.pack(_NONE) if groups is None else _LEN.pack(len(groups)) + groups
+        if s.device is not None:
+            record += _text(s.device)
     stats = activity_stats.pack(s.stats)
     return record if stats is None else record + _LEN.pack(len(stats)) + stats  # absent until the first write
 
@@ -145,10 +159,14 @@ def _unpack(key: str, blob: bytes) -> Session:
     at += 16 * n
     activity: Staircase = tuple(zip(flat[::2], flat[1::2]))
     strings: list[str | None] = []
-    for _ in range(4 if version == 1 else 5):
-        (length,) = _LEN.unpack_from(blob, at)
-        at += 2
-        if length == _NONE:
+    for field in range(4 if version == 1 else 5):
+        if field == 3 and version == 3:
+            (length,) = _LONG.unpack_from(blob, at)
+            at += 4
+        else:
+            (length,) = _LEN.unpack_from(blob, at)
+            at += 2
+        if length == _NONE and not (field == 3 and version == 3):
             strings.append(None)
         else:
             strings.append(blob[at : at + length].decode())

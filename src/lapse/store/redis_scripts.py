@@ -12,7 +12,7 @@ to touch a record that has ended, whatever it is asked.
 
 Every script names all its keys in KEYS, and they share one hash tag (see
 ``redis_codec``): they run unchanged on a Cluster. The one exception is the
-audit stream that ``CREATE`` and ``WRITE`` may be given as KEYS[4], with the
+audit stream that ``CREATE`` and ``WRITE`` may be given last in KEYS, with the
 change's events: it has no hash tag, so the store passes it only where all
 keys are one server's (standalone, Sentinel; see ``RedisStore.write``).
 """
@@ -43,17 +43,24 @@ end
 _AUDIT = """
 local function audit(first)
   for i = first + 1, #ARGV, 2 do
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[first], '*', 'ts', ARGV[i], 'e', ARGV[i + 1])
+    redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', ARGV[first], '*', 'ts', ARGV[i], 'e', ARGV[i + 1])
   end
 end
 """
 
-# KEYS: record, due index, ended index[, audit stream]. ARGV: record, member, ended ('1'/'0'), score, safety ms,
-# ended keep ms[, audit cap, then (ts, event JSON) per event]. Never an upsert: an existing record (an ended one
-# included) is left alone and 0 returned.
+# KEYS: record, due index, ended index, write marker[, audit stream]. ARGV: record, member, ended ('1'/'0'), score,
+# safety ms, ended keep ms, write id[, audit cap, then (ts, event JSON) per event]. Never an upsert: an existing
+# record (an ended one included) is left alone and 0 returned, unless it is exactly these bytes and the marker
+# holds this create's random id: then it is this very create, sent again after its reply was lost, and it
+# answers 1 again, writing nothing.
 CREATE = _KEEP + _AUDIT + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-audit(7)
+local held = redis.call('GET', KEYS[1])
+if held then
+  if held == ARGV[1] and redis.call('GET', KEYS[4]) == ARGV[7] then return 1 end
+  return 0
+end
+audit(8)
+redis.call('SET', KEYS[4], ARGV[7], 'PX', 60000)
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[3] == '1' then
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
@@ -65,21 +72,28 @@ end
 return 1
 """
 
-# KEYS: record, due index, ended index[, audit stream].
+# KEYS: record, due index, ended index, write marker[, audit stream].
 # ARGV: expected record, new record, member, index change ('' | 'due' | 'end'), score, safety ms, ended keep ms,
-# ended channel[, audit cap, then (ts, event JSON) per event].
+# ended channel, write id[, audit cap, then (ts, event JSON) per event].
 # {1}: written. {0, current record or nil}: not written (it changed, is gone, or has ended).
+# An end also leaves its random write id in the write marker for a minute: the same end sent again after its
+# reply was lost finds the record already ended with exactly its bytes and the marker holding its id, and
+# answers {1} again, writing nothing (another writer's identical end, a sweeper's, carries another id).
 WRITE = _KEEP + _AUDIT + """
 local cur = redis.call('GET', KEYS[1])
-if cur ~= ARGV[1] then return {0, cur} end
+if cur ~= ARGV[1] then
+  if cur == ARGV[2] and ARGV[4] == 'end' and redis.call('GET', KEYS[4]) == ARGV[9] then return {1} end
+  return {0, cur}
+end
 if math.floor(string.byte(cur, 2) / 2) % 2 == 1 then return {0, cur} end  -- ended: never touched again
-audit(9)
+audit(10)
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 local change = ARGV[4]
 if change == 'end' then
   redis.call('ZREM', KEYS[2], ARGV[3])
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[7])
+  redis.call('SET', KEYS[4], ARGV[9], 'PX', 60000)
   redis.call('PUBLISH', ARGV[8], ARGV[3])  -- every replica's connection monitors re-check it (store.watch)
 elseif change == 'due' then
   redis.call('ZADD', KEYS[2], ARGV[5], ARGV[3])

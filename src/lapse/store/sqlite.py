@@ -79,6 +79,7 @@ PURGE_BATCH = 1000
 CHECKPOINT_EVERY = 1.0  # seconds between background WAL checkpoints
 CACHE_KIB = 65536  # page cache per connection (SQLite's default is 2 MiB)
 CACHE_SESSIONS = 100_000  # decoded sessions kept per connection (forgotten at once when full)
+TRUST = 0.1  # seconds the decoded sessions are trusted before PRAGMA data_version is asked again
 MMAP_BYTES = 1 << 30  # map the file (up to 1 GiB): reads without a syscall per page
 WATCH_POLL = 0.25  # seconds between looks at the change counter while connections watch (store.watch)
 WATCH_MARGIN = 5.0  # ends written up to this long before the last look are asked for again (clock skew)
@@ -319,11 +320,18 @@ class SqliteStore:
                 raise
         self._checkpointer = _Checkpointer(self.path, busy_timeout)
         # Sessions as this handle last read or wrote them, trusted only while no other handle
-        # (another worker, the CLI) has changed sessions since: the shared counter says so.
+        # (another worker, the CLI) has changed sessions since: the shared counter says so. Its name
+        # comes from the file's real path, so handles opened through a symlink (or ``..``) share it.
         with self._errors("open"):
-            self._changes = _Changes(self.path.with_name(self.path.name + "-changes"))
+            real = Path(os.path.realpath(self.path))
+            self._changes = _Changes(real.with_name(real.name + "-changes"))
         self._cache: dict[str, Session] = {}
         self._seen = self._changes.current()
+        # And at most TRUST seconds at a time without asking SQLite whether anyone committed meanwhile
+        # (``PRAGMA data_version``): this covers changes the counter never heard of (another program, a
+        # writer killed between its commit and its bump).
+        self._version = self._db.execute("PRAGMA data_version").fetchone()[0]  # type: ignore[union-attr]
+        self._verify_at = time.monotonic() + TRUST
         self._watchers = Watchers()
         self._poller: asyncio.Task[None] | None = None
 
@@ -388,6 +396,8 @@ class SqliteStore:
             if seen != self._seen:  # another handle changed sessions: what we remember may be stale
                 self._cache.clear()
                 self._seen = seen
+            if time.monotonic() >= self._verify_at:
+                self._verify()
             session = self._cache.get(key)
             if session is None:
                 row = db.execute(_SELECT_ONE, (_pack_key(key),)).fetchone()
@@ -399,6 +409,14 @@ class SqliteStore:
         except sqlite3.DatabaseError as exc:
             raise self._unavailable("read", exc) from exc
         return session, self._clock()
+
+    def _verify(self) -> None:
+        """Forget what we remember if any other connection committed since we last asked."""
+        self._verify_at = time.monotonic() + TRUST
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._version = version
+            self._cache.clear()
 
     def _changed(self) -> bool:
         """After every commit that touches sessions: tell the other handles. False (and what we
@@ -826,8 +844,10 @@ class _Changes:
     their memory. Writers increment it under an exclusive ``flock`` after their
     commit, so no increment is ever lost: any commit after a reader's look is
     followed by a value that reader has not seen. Changes made to the file by
-    other programs (the ``sqlite3`` shell) are not announced; change sessions
-    through lapse, or restart it after such surgery.
+    other programs (the ``sqlite3`` shell), and a commit whose writer died
+    before its increment, are not announced here: ``PRAGMA data_version``,
+    asked at most every ``TRUST`` seconds, bounds how long they go unseen.
+    The counter is named after the database's real path (symlinks resolved).
     """
 
     def __init__(self, path: Path) -> None:
