@@ -15,7 +15,8 @@ import json
 import logging
 import math
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -28,6 +29,7 @@ from ..config import OIDC
 from ..core import events as ev
 from ..core.device import from_user_agent
 from ..core.events import AuditEvent
+from ..core.session import Session
 from ..identity import UserError, check_name
 from ..sealed import SealError
 from ..sso import name_claim
@@ -40,6 +42,7 @@ from .forms import read_form
 from .tokens import parse_cookies, valid_id
 
 if TYPE_CHECKING:
+    from ..runtime import Runtime
     from .app import Gateway
 
 log = logging.getLogger("lapse.sso")
@@ -55,6 +58,8 @@ LOCAL_USER_CONFLICT = "local_user_conflict"  # auth.login failure: the IdP's use
 BAD_USERNAME = "bad_username"  # auth.login failure: neither username_claim nor sub is a usable lapse user name
 NAME_TAKEN = "name_taken"  # auth.login failure: the name is bound to another IdP account (iss, sub)
 EMAIL_NOT_VERIFIED = "email_not_verified"  # auth.login failure: username_claim = "email" without email_verified
+REVOKERS = 4  # RFC 7009 calls in flight at once, at most
+DRAIN_TIMEOUT = 10.0  # seconds shutdown waits for the revocations still queued
 
 
 class OidcWeb:
@@ -64,6 +69,8 @@ class OidcWeb:
         self.gw = gateway
         self.cfg = cfg
         self.provider = provider or Provider(cfg)
+        self.revoker = RefreshRevoker(gateway.rt, lambda: self.provider)
+        gateway.rt.gate.on_end = self.revoker.ended
         self.flows = Flows(gateway.rt.secrets.derive("oidc-flow"))
         server = gateway.rt.loaded.config.server
         self.base = server.public_url.rstrip("/")
@@ -426,9 +433,14 @@ class OidcWeb:
                 id_token=self._seal(id_token, link.session) if isinstance(id_token, str) else link.id_token,
                 refresh_token=self._seal(rotated, link.session) if isinstance(rotated, str) else link.refresh_token,
             ))
+            current, _ = await store.read(session.key)
+            if current is not None and current.ended:  # it ended while the IdP answered: revoke what we just kept
+                self.revoker.ended(current)
         return ended
 
-    async def run_revalidator(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event) -> None:
+        """Background work beside the sweeper: say once whether refresh tokens can be revoked; revalidate."""
+        await self.revoker.check_endpoint()
         every = self.cfg.revalidate_every
         if every is None:
             return
@@ -444,6 +456,104 @@ class OidcWeb:
                 await asyncio.wait_for(stop.wait(), interval)
             except TimeoutError:
                 pass
+
+
+class RefreshRevoker:
+    """Revokes the refresh token of each ended OIDC session at the IdP (RFC 7009), off the request path.
+
+    ``Gate.on_end`` tells it of every end this process wrote, once; it queues the
+    session key and returns. ``REVOKERS`` workers take the link's refresh token,
+    post it to the ``revocation_endpoint`` (bounded by ``REVOKE_TIMEOUT``), log
+    one line if that fails, and drop the token from the store either way: a
+    stolen store or backup holds no live refresh token of an ended session.
+    """
+
+    def __init__(self, rt: Runtime, provider: Callable[[], Provider]) -> None:
+        self.rt = rt
+        self._provider = provider
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+        self._said_no_endpoint = False
+
+    def ended(self, session: Session) -> None:
+        """``Gate.on_end``: queue the session (never blocks, never raises)."""
+        self._queue.put_nowait(session.key)
+        if not self._workers:
+            self._workers = [asyncio.create_task(self._work()) for _ in range(REVOKERS)]
+
+    async def check_endpoint(self) -> None:
+        """At start: an IdP without a ``revocation_endpoint`` is said once (then ends just drop the tokens)."""
+        try:
+            meta = await self._provider().metadata()
+        except ProviderError:
+            return  # said by whoever needs discovery next; the workers will look again
+        if meta.revocation_endpoint is None:
+            self._no_endpoint()
+
+    def _no_endpoint(self) -> None:
+        if not self._said_no_endpoint:
+            log.warning("oidc: the IdP advertises no revocation_endpoint: refresh tokens of ended sessions are "
+                        "dropped from the store, not revoked at the IdP")
+            self._said_no_endpoint = True
+
+    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
+        """Wait (at most ``timeout``) for the queued revocations, then stop the workers (shutdown, tests)."""
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+        except TimeoutError:
+            log.warning("oidc: %d refresh token revocation(s) not done at shutdown", self._queue.qsize())
+        workers, self._workers = self._workers, []
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _work(self) -> None:
+        while True:
+            key = await self._queue.get()
+            try:
+                await self._revoke_one(key)
+            except Exception as exc:  # StoreUnavailable above all: the link keeps its token until it is purged
+                log.warning("oidc: the refresh token of an ended session was not revoked: %s: %s",
+                            type(exc).__name__, exc)
+            finally:
+                self._queue.task_done()
+
+    async def _revoke_one(self, key: str) -> None:
+        store = self.rt.store
+        link = await store.get_link(key)
+        if link is None or link.refresh_token is None:
+            return
+        try:
+            token = self.rt.sealer.open(link.refresh_token, f"oidc:{key}")
+            if not await self._provider().revoke_refresh_token(token):
+                self._no_endpoint()
+        except (SealError, ProviderError) as exc:
+            log.warning("oidc: the refresh token of an ended session was not revoked at the IdP: %s", exc)
+        await store.put_link(replace(link, refresh_token=None))
+
+
+@asynccontextmanager
+async def revoking(rt: Runtime) -> AsyncIterator[None]:
+    """For processes without a gateway (the CLI): ends they write revoke refresh tokens too, drained at exit."""
+    cfg = rt.loaded.config.oidc
+    if cfg is None:
+        yield
+        return
+    provider: list[Provider] = []
+
+    def made() -> Provider:
+        if not provider:
+            provider.append(Provider(cfg))
+        return provider[0]
+
+    revoker = RefreshRevoker(rt, made)
+    rt.gate.on_end = revoker.ended
+    try:
+        yield
+    finally:
+        await revoker.drain()
+        if provider:
+            await provider[0].aclose()
 
 
 async def _revoke(gw: Gateway, keys: Sequence[str], reason: str, *, ip: str | None = None,
@@ -467,6 +577,6 @@ def _word(text: str) -> str:
     return "".join(c for c in text if c.isalnum() or c == "_")[:40] or "error"
 
 
-__all__ = ["BACKCHANNEL", "CALLBACK", "LOGIN", "OidcWeb"]
+__all__ = ["BACKCHANNEL", "CALLBACK", "LOGIN", "OidcWeb", "RefreshRevoker", "revoking"]
 
 
