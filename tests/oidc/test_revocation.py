@@ -10,11 +10,29 @@ endpoint, whose logout would revoke the grant by itself.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import logging
 import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
+import pytest
+
+from lapse.config import parse_config
+from lapse.core.decide import revoke
+from lapse.enforce import NOTHING, Gate
+from lapse.runtime import open_runtime
+from lapse.sso.provider import REVOKE_TIMEOUT, Provider
+from lapse.store.base import SsoLink
+from lapse.web import Gateway
 
 from .conftest import SECRET, Browser, Idp, Lapse
+from .test_backchannel import CONFIG, ISS, FakeIdp
 from .test_idp import key
 
 
@@ -89,3 +107,155 @@ def test_an_expiry_by_the_sweeper_revokes_the_refresh_token(make_lapse, browser_
     drain(lapse)
     assert refused(refresh_at_idp(idp, "rp2", token)) == (400, "invalid_grant")
     assert [e["reason"] for e in lapse.events("session.expired")] == ["idle"]
+
+
+# ------------------------------------------------------------------ in process, an IdP the test scripts
+
+
+class RevokingIdp(FakeIdp):
+    """``FakeIdp`` with an RFC 7009 endpoint (``endpoint=False``: none advertised) that answers ``status``,
+    raises ``error``, or waits for ``gate`` first; records each revocation request."""
+
+    def __init__(self, *, endpoint: bool = True, status: int = 200, error: Exception | None = None) -> None:
+        super().__init__()
+        self.endpoint, self.status, self.error = endpoint, status, error
+        self.gate: asyncio.Event | None = None
+        self.revocations: list[httpx.Request] = []
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        r = self(request)
+        if request.url.path == "/.well-known/openid-configuration" and self.endpoint:
+            return httpx.Response(200, json={**r.json(), "revocation_endpoint": ISS + "/revoke"})
+        if request.url.path == "/revoke":
+            self.revocations.append(request)
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.error is not None:
+                raise self.error
+            return httpx.Response(self.status, json={"error": "invalid_client"} if self.status == 401 else None)
+        return r
+
+
+def in_process(tmp_path: Path, idp: RevokingIdp, body: Callable[[Any, Gateway, Callable[..., Any]], Any]) -> None:
+    """lapse with [oidc] over ``idp``; ``body(rt, gw, session)``, where ``session(refresh)`` signs one in."""
+
+    async def main() -> None:
+        loaded = parse_config(CONFIG, str(tmp_path / "lapse.toml"), tmp_path)
+        async with open_runtime(loaded) as rt:
+            gw = Gateway(rt)
+            gw.oidc.provider = Provider(loaded.config.oidc,
+                                        client=httpx.AsyncClient(transport=httpx.MockTransport(idp.handle)))
+
+            async def session(refresh: str | None = "rt-1") -> str:
+                _raw, decision = await gw.gate.sign_in("alice")
+                k = decision.session.key
+                sealed = None if refresh is None else rt.sealer.seal(refresh, f"oidc:{k}")
+                await rt.store.put_link(SsoLink(k, ISS, "alice-sub", "S1", "id.tok.en", sealed, False,
+                                                time.time(), time.time() + 9e4))
+                return k
+
+            try:
+                await body(rt, gw, session)
+            finally:
+                await gw.oidc.revoker.drain()
+                await gw.oidc.provider.aclose()
+
+    asyncio.run(main())
+
+
+def failures(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "lapse.sso" and r.levelno >= logging.WARNING]
+
+
+def test_the_revocation_request_is_rfc_7009_with_the_clients_credentials_and_a_bounded_timeout(tmp_path):
+    idp = RevokingIdp()
+
+    async def body(rt, gw, session) -> None:
+        k = await session("the-refresh-token")
+        assert await gw.gate.revoke(k, "admin")
+        await gw.oidc.revoker.drain()
+        [request] = idp.revocations
+        assert (request.method, str(request.url)) == ("POST", ISS + "/revoke")
+        assert parse_qs(request.content.decode()) == {"token": ["the-refresh-token"],
+                                                      "token_type_hint": ["refresh_token"]}
+        assert request.headers["authorization"] == "Basic " + base64.b64encode(b"lapse:not-used-here").decode()
+        assert request.extensions["timeout"] == dict.fromkeys(("connect", "read", "write", "pool"), REVOKE_TIMEOUT)
+        assert (await rt.store.get_link(k)).refresh_token is None
+
+    in_process(tmp_path, idp, body)
+
+
+def test_the_end_does_not_wait_for_the_idp(tmp_path):
+    """Off the request path: the session has ended, and said so, while the IdP is still answering."""
+    idp = RevokingIdp()
+    idp.gate = asyncio.Event()
+
+    async def body(rt, gw, session) -> None:
+        k = await session()
+        assert await asyncio.wait_for(gw.gate.revoke(k, "logout"), 1.0)
+        await asyncio.wait_for(_until(lambda: len(idp.revocations) == 1), 1.0)
+        assert (await rt.store.read(k))[0].ended and (await rt.store.get_link(k)).refresh_token is not None
+        idp.gate.set()
+        await gw.oidc.revoker.drain()
+        assert (await rt.store.get_link(k)).refresh_token is None
+
+    in_process(tmp_path, idp, body)
+
+
+@pytest.mark.parametrize(("idp", "line"), [
+    (RevokingIdp(status=503), "idp_error: revocation endpoint: HTTP 503"),
+    (RevokingIdp(status=401), "invalid_client"),
+    (RevokingIdp(error=httpx.ReadTimeout("slow")), "idp_unreachable: revocation endpoint: ReadTimeout"),
+])
+def test_a_failed_revocation_is_one_log_line_the_end_stands_and_the_token_is_dropped(tmp_path, caplog, idp, line):
+    async def body(rt, gw, session) -> None:
+        k = await session()
+        assert await gw.gate.revoke(k, "admin")
+        await gw.oidc.revoker.drain()
+        assert failures(caplog) == ["oidc: the refresh token of an ended session was not revoked at the IdP: " + line]
+        assert (await rt.store.get_link(k)).refresh_token is None
+        assert [e.reason for e in await rt.store.tail_audit(100) if e.event == "session.revoked"] == ["admin"]
+
+    in_process(tmp_path, idp, body)
+
+
+def test_an_idp_without_a_revocation_endpoint_is_said_once_at_start_and_tokens_are_still_dropped(tmp_path, caplog):
+    idp = RevokingIdp(endpoint=False)
+
+    async def body(rt, gw, session) -> None:
+        await gw.oidc.run(asyncio.Event())  # what lapse serve starts (revalidate_every is "none": it returns)
+        keys = [await session(), await session()]
+        for k in keys:
+            await gw.gate.revoke(k, "admin")
+        await gw.oidc.revoker.drain()
+        assert failures(caplog) == ["oidc: the IdP advertises no revocation_endpoint: refresh tokens of ended "
+                                    "sessions are dropped from the store, not revoked at the IdP"]
+        assert idp.revocations == []
+        assert [(await rt.store.get_link(k)).refresh_token for k in keys] == [None, None]
+
+    in_process(tmp_path, idp, body)
+
+
+def test_only_the_replica_whose_write_ended_the_session_signals_it(tmp_path):
+    """Two replicas on one store: both read the session live; B's end lands; A's write is refused, A judges
+    again, finds it ended, and neither ends it nor signals it."""
+    idp = RevokingIdp()
+
+    async def body(rt, gw, session) -> None:
+        k = await session()
+        told: dict[str, list[str]] = {"a": [], "b": []}
+        a = Gate(rt.store, rt.gate.policy, rt.audit, rt.secrets.session_hash_key)
+        b = Gate(rt.store, rt.gate.policy, rt.audit, rt.secrets.session_hash_key)
+        a.on_end, b.on_end = (lambda s: told["a"].append(s.key)), (lambda s: told["b"].append(s.key))
+        stale = await rt.store.read(k)  # A's read, before B moves
+        assert await b.revoke(k, "admin")
+        decision, _ = await a._settle(k, lambda s, now: revoke(s, "admin", now) if s else NOTHING, stale)
+        assert decision.events == ()
+        assert told == {"a": [], "b": [k]}
+
+    in_process(tmp_path, idp, body)
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    while not check():
+        await asyncio.sleep(0.01)
