@@ -178,6 +178,7 @@ def make_lapse(idp: Idp, tmp_path: Path) -> Iterator[Any]:
         place.mkdir()
         (place / "client-secret").write_text(SECRET + "\n")
         text = LAPSE.format(port=port, issuer=idp.url, client=client, revalidate=revalidate)
+        (place / "lapse.toml").write_text(text)  # for the CLI, on the same store
         loaded = parse_config(text, str(place / "lapse.toml"), place)
         clock = Clock()
         loop = asyncio.new_event_loop()

@@ -14,6 +14,8 @@ import asyncio
 import base64
 import logging
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -107,6 +109,21 @@ def test_an_expiry_by_the_sweeper_revokes_the_refresh_token(make_lapse, browser_
     drain(lapse)
     assert refused(refresh_at_idp(idp, "rp2", token)) == (400, "invalid_grant")
     assert [e["reason"] for e in lapse.events("session.expired")] == ["idle"]
+
+
+def test_a_revocation_from_the_cli_revokes_the_refresh_token_before_the_command_exits(make_lapse, browser_for, idp):
+    """``lapse sessions revoke`` (like ``users disable``/``delete``) runs in its own process, with no gateway:
+    its ends revoke too, and the command waits for them."""
+    lapse = make_lapse()
+    b: Browser = browser_for(lapse)
+    b.sign_in()
+    token = refresh_token(lapse, b.sid)
+    config = lapse.rt.loaded.base_dir / "lapse.toml"
+    done = subprocess.run([sys.executable, "-m", "lapse", "--config", str(config), "sessions", "revoke",
+                           "--user", "alice"], capture_output=True, text=True, timeout=60, cwd=config.parent)
+    assert (done.returncode, done.stdout) == (0, "ended 1 session(s)\n"), done.stderr
+    assert refused(refresh_at_idp(idp, "rp1", token)) == (400, "invalid_grant")
+    assert [e["reason"] for e in lapse.events("session.revoked")] == ["admin"]
 
 
 # ------------------------------------------------------------------ in process, an IdP the test scripts
