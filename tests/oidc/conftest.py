@@ -200,6 +200,7 @@ def make_lapse(idp: Idp, tmp_path: Path) -> Iterator[Any]:
             asyncio.set_event_loop(loop)
             loop.run_until_complete(open_())
             loop.run_until_complete(server.serve())
+            loop.run_until_complete(box["gw"].oidc.revoker.drain())  # as lapse serve does at shutdown
             loop.run_until_complete(box["gw"].oidc.provider.aclose())
             loop.run_until_complete(box["cm"].__aexit__(None, None, None))
 

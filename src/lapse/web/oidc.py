@@ -462,7 +462,7 @@ class RefreshRevoker:
     """Revokes the refresh token of each ended OIDC session at the IdP (RFC 7009), off the request path.
 
     ``Gate.on_end`` tells it of every end this process wrote, once; it queues the
-    session key and returns. ``REVOKERS`` workers take the link's refresh token,
+    session key and returns. Up to ``REVOKERS`` workers take the link's refresh token,
     post it to the ``revocation_endpoint`` (bounded by ``REVOKE_TIMEOUT``), log
     one line if that fails, and drop the token from the store either way: a
     stolen store or backup holds no live refresh token of an ended session.
@@ -472,14 +472,15 @@ class RefreshRevoker:
         self.rt = rt
         self._provider = provider
         self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._workers: list[asyncio.Task[None]] = []
+        self._workers: set[asyncio.Task[None]] = set()  # held: a task nobody holds may be collected
         self._said_no_endpoint = False
 
     def ended(self, session: Session) -> None:
-        """``Gate.on_end``: queue the session (never blocks, never raises)."""
+        """``Gate.on_end``: queue the session (never blocks, never raises); a worker runs while work waits."""
         self._queue.put_nowait(session.key)
-        if not self._workers:
-            self._workers = [asyncio.create_task(self._work()) for _ in range(REVOKERS)]
+        self._workers = {task for task in self._workers if not task.done()}
+        if len(self._workers) < REVOKERS:
+            self._workers.add(asyncio.create_task(self._work()))
 
     async def check_endpoint(self) -> None:
         """At start: an IdP without a ``revocation_endpoint`` is said once (then ends just drop the tokens)."""
@@ -497,19 +498,20 @@ class RefreshRevoker:
             self._said_no_endpoint = True
 
     async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
-        """Wait (at most ``timeout``) for the queued revocations, then stop the workers (shutdown, tests)."""
+        """Wait (at most ``timeout``) for the queued revocations (shutdown, tests); what is left is dropped."""
         try:
             await asyncio.wait_for(self._queue.join(), timeout)
         except TimeoutError:
-            log.warning("oidc: %d refresh token revocation(s) not done at shutdown", self._queue.qsize())
-        workers, self._workers = self._workers, []
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+            log.warning("oidc: shutdown did not wait for the last refresh token revocations (%d still queued)",
+                        self._queue.qsize())
+            for task in self._workers:
+                task.cancel()
+            await asyncio.gather(*self._workers, return_exceptions=True)
 
     async def _work(self) -> None:
-        while True:
-            key = await self._queue.get()
+        """Revoke until the queue is empty, then end (an idle process holds no task)."""
+        while not self._queue.empty():
+            key = self._queue.get_nowait()
             try:
                 await self._revoke_one(key)
             except Exception as exc:  # StoreUnavailable above all: the link keeps its token until it is purged
