@@ -17,7 +17,8 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -137,12 +138,16 @@ class RevokingIdp(FakeIdp):
         super().__init__()
         self.endpoint, self.status, self.error = endpoint, status, error
         self.gate: asyncio.Event | None = None
+        self.on_refresh: Callable[[], Awaitable[None]] | None = None  # runs while a refresh grant is answered
         self.revocations: list[httpx.Request] = []
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         r = self(request)
         if request.url.path == "/.well-known/openid-configuration" and self.endpoint:
             return httpx.Response(200, json={**r.json(), "revocation_endpoint": ISS + "/revoke"})
+        if request.url.path == "/token" and self.on_refresh is not None:
+            await self.on_refresh()
+            return httpx.Response(200, json={"access_token": "at-2", "token_type": "Bearer", "refresh_token": "rt-2"})
         if request.url.path == "/revoke":
             self.revocations.append(request)
             if self.gate is not None:
@@ -153,11 +158,12 @@ class RevokingIdp(FakeIdp):
         return r
 
 
-def in_process(tmp_path: Path, idp: RevokingIdp, body: Callable[[Any, Gateway, Callable[..., Any]], Any]) -> None:
+def in_process(tmp_path: Path, idp: RevokingIdp, body: Callable[[Any, Gateway, Callable[..., Any]], Any],
+               config: str = CONFIG) -> None:
     """lapse with [oidc] over ``idp``; ``body(rt, gw, session)``, where ``session(refresh)`` signs one in."""
 
     async def main() -> None:
-        loaded = parse_config(CONFIG, str(tmp_path / "lapse.toml"), tmp_path)
+        loaded = parse_config(config, str(tmp_path / "lapse.toml"), tmp_path)
         async with open_runtime(loaded) as rt:
             gw = Gateway(rt)
             gw.oidc.provider = Provider(loaded.config.oidc,
@@ -271,6 +277,29 @@ def test_only_the_replica_whose_write_ended_the_session_signals_it(tmp_path):
         assert told == {"a": [], "b": [k]}
 
     in_process(tmp_path, idp, body)
+
+
+def test_a_refresh_token_rotated_while_the_session_ends_is_revoked_too(tmp_path):
+    """revalidate_every's refresh grant is answered with a new token just as the session ends (and its old
+    token is revoked): the new token, stored by the revalidation, is revoked and dropped as well."""
+    idp = RevokingIdp()
+
+    async def body(rt, gw, session) -> None:
+        k = await session("rt-1")
+        link = await rt.store.get_link(k)
+        await rt.store.put_link(replace(link, checked_at=0.0))  # due for revalidation
+
+        async def end_meanwhile() -> None:
+            assert await gw.gate.revoke(k, "admin")
+            await gw.oidc.revoker.drain()  # rt-1 revoked and dropped before the answer is stored
+
+        idp.on_refresh = end_meanwhile
+        assert await gw.oidc.revalidate_once() == 0
+        await gw.oidc.revoker.drain()
+        assert [parse_qs(r.content.decode())["token"] for r in idp.revocations] == [["rt-1"], ["rt-2"]]
+        assert (await rt.store.get_link(k)).refresh_token is None
+
+    in_process(tmp_path, idp, body, CONFIG.replace("require_logout_typ = true", 'revalidate_every = "1m"'))
 
 
 async def _until(check: Callable[[], bool]) -> None:

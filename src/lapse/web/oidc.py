@@ -434,8 +434,8 @@ class OidcWeb:
                 refresh_token=self._seal(rotated, link.session) if isinstance(rotated, str) else link.refresh_token,
             ))
             current, _ = await store.read(session.key)
-            if current is not None and current.ended:  # it ended while the IdP answered: revoke what we just kept
-                self.revoker.ended(current)
+            if isinstance(rotated, str) and current is not None and current.ended:
+                self.revoker.rotated(session.key, rotated)  # it ended while the IdP answered: revoke the new one too
         return ended
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -471,13 +471,21 @@ class RefreshRevoker:
     def __init__(self, rt: Runtime, provider: Callable[[], Provider]) -> None:
         self.rt = rt
         self._provider = provider
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
         self._workers: set[asyncio.Task[None]] = set()  # held: a task nobody holds may be collected
         self._said_no_endpoint = False
 
     def ended(self, session: Session) -> None:
-        """``Gate.on_end``: queue the session (never blocks, never raises); a worker runs while work waits."""
-        self._queue.put_nowait(session.key)
+        """``Gate.on_end``: queue the session (never blocks, never raises); its link says which token."""
+        self._put(session.key, None)
+
+    def rotated(self, key: str, token: str) -> None:
+        """A refresh token issued to a session that has ended meanwhile (``revalidate_once``): revoke it too."""
+        self._put(key, token)
+
+    def _put(self, key: str, token: str | None) -> None:
+        """Queue; a worker runs while work waits."""
+        self._queue.put_nowait((key, token))
         self._workers = {task for task in self._workers if not task.done()}
         if len(self._workers) < REVOKERS:
             self._workers.add(asyncio.create_task(self._work()))
@@ -511,27 +519,38 @@ class RefreshRevoker:
     async def _work(self) -> None:
         """Revoke until the queue is empty, then end (an idle process holds no task)."""
         while not self._queue.empty():
-            key = self._queue.get_nowait()
+            key, token = self._queue.get_nowait()
             try:
-                await self._revoke_one(key)
+                await self._revoke_one(key, token)
             except Exception as exc:  # StoreUnavailable above all: the link keeps its token until it is purged
                 log.warning("oidc: the refresh token of an ended session was not revoked: %s: %s",
                             type(exc).__name__, exc)
             finally:
                 self._queue.task_done()
 
-    async def _revoke_one(self, key: str) -> None:
-        store = self.rt.store
+    async def _revoke_one(self, key: str, token: str | None) -> None:
+        """Revoke ``token`` (None: the link's), then drop the link's token unless it is another one by now (a
+        rotation racing the end: whoever rotated it queues that one, ``rotated``)."""
+        store, sealer, context = self.rt.store, self.rt.sealer, f"oidc:{key}"
         link = await store.get_link(key)
-        if link is None or link.refresh_token is None:
-            return
         try:
-            token = self.rt.sealer.open(link.refresh_token, f"oidc:{key}")
+            if token is None:
+                if link is None or link.refresh_token is None:
+                    return
+                token = sealer.open(link.refresh_token, context)
             if not await self._provider().revoke_refresh_token(token):
                 self._no_endpoint()
         except (SealError, ProviderError) as exc:
             log.warning("oidc: the refresh token of an ended session was not revoked at the IdP: %s", exc)
-        await store.put_link(replace(link, refresh_token=None))
+        current = await store.get_link(key)
+        if current is None or current.refresh_token is None:
+            return
+        try:
+            mine = token is None or sealer.open(current.refresh_token, context) == token
+        except SealError:
+            mine = True  # a token that does not open is of no use to anyone: drop it
+        if mine:
+            await store.put_link(replace(current, refresh_token=None))
 
 
 @asynccontextmanager
