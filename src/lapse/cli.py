@@ -80,7 +80,12 @@ def _run(body: Callable[[Runtime], Awaitable[T]]) -> T:
 
     async def main() -> T:
         async with open_runtime(_load()) as rt:
-            return await body(rt)
+            if rt.loaded.config.oidc is None:
+                return await body(rt)
+            from .web.oidc import revoking  # the ends this command writes revoke refresh tokens too
+
+            async with revoking(rt):
+                return await body(rt)
 
     return asyncio.run(main())
 

@@ -65,6 +65,9 @@ class Gate:
         # request shape): reused while it holds. An entry keeps its Effective alive, so its id is not reused.
         self._answers: dict[tuple[str, int], _Answer] = {}
         self.policy = policy
+        # Told of each session whose end this process wrote (once: see ``_settle``); must not block or raise.
+        # The OIDC adapter revokes the ended session's refresh token at the IdP (web/oidc.py).
+        self.on_end: Callable[[Session], None] | None = None
 
     @property
     def policy(self) -> Policy:
@@ -207,6 +210,10 @@ class Gate:
     ) -> tuple[Decision, float]:
         """Read (or take ``first``, a read just made), judge, write until the write holds; then audit.
 
+        Every end of a session (request-time expiry, revocation, sweep, reauth,
+        max_sessions) is such a write, guarded on the record read: of all
+        replicas, only the one whose write applied calls ``on_end``, once.
+
         A write's events go to the store's audit with the write itself (the ``store`` sink then skips
         them): an end and its event are stored together or not at all. Other sinks get them after.
         """
@@ -215,12 +222,17 @@ class Gate:
             first = None
             decision = judge(session, now)
             stored_in = None
+            ended = None
             if decision.changed and session is not None and decision.session is not None:
                 events = decision.events if decision.events and self.audit.writes_to(self.store) else ()
                 if await self.store.write(session, decision.session, events) is not WriteResult.APPLIED:
                     continue  # someone moved first: judge again what is there now
                 stored_in = self.store if events else None
+                if decision.session.ended and not session.ended:
+                    ended = decision.session  # this write, and no other (a guarded write), ended it
             await self.audit.emit(decision.events, stored_in=stored_in)
+            if ended is not None and self.on_end is not None:
+                self.on_end(ended)
             return decision, now
         raise StoreUnavailable(f"session kept changing under {ATTEMPTS} attempts to write it")
 

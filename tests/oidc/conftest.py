@@ -178,6 +178,7 @@ def make_lapse(idp: Idp, tmp_path: Path) -> Iterator[Any]:
         place.mkdir()
         (place / "client-secret").write_text(SECRET + "\n")
         text = LAPSE.format(port=port, issuer=idp.url, client=client, revalidate=revalidate)
+        (place / "lapse.toml").write_text(text)  # for the CLI, on the same store
         loaded = parse_config(text, str(place / "lapse.toml"), place)
         clock = Clock()
         loop = asyncio.new_event_loop()
@@ -199,6 +200,7 @@ def make_lapse(idp: Idp, tmp_path: Path) -> Iterator[Any]:
             asyncio.set_event_loop(loop)
             loop.run_until_complete(open_())
             loop.run_until_complete(server.serve())
+            loop.run_until_complete(box["gw"].oidc.revoker.drain())  # as lapse serve does at shutdown
             loop.run_until_complete(box["gw"].oidc.provider.aclose())
             loop.run_until_complete(box["cm"].__aexit__(None, None, None))
 

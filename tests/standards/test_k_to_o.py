@@ -9,15 +9,33 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from urllib.parse import parse_qs
 
+import httpx
 import pytest
 
+from lapse.identity import hash_password
 from lapse.sso.tokens import BACKCHANNEL_EVENT
+from lapse.store.base import User
 
-from ._k_to_o_harness import CONFIG, ISS, cookie, harness, logout_token, named, relying_party, run, sid_of
+from ._k_to_o_harness import (
+    CONFIG,
+    ISS,
+    PASSWORD,
+    FakeIdp,
+    cookie,
+    harness,
+    logout_token,
+    named,
+    relying_party,
+    run,
+    sid_of,
+)
 
 CORP = "10.1.2.3"
 OUTSIDE = "203.0.113.5"
@@ -117,6 +135,55 @@ def test_100_logout_on_one_device_ends_the_copied_cookie_for_every_app(tmp_path:
             status = (await h.client.get("/_lapse/session", headers=cookie(sid))).json()
             assert status == {"authenticated": False, "reason": "revoked"}
             assert [e["reason"] for e in await named(h, "session.revoked")] == ["logout"]
+
+    run(main())
+
+
+class SignalIdp(FakeIdp):
+    """An IdP that advertises RFC 7009 revocation and records every call lapse makes to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str]] = []
+        self.revoked: list[dict[str, list[str]]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls.append((request.method, request.url.path))
+        r = super().__call__(request)
+        if request.url.path == "/.well-known/openid-configuration":
+            return httpx.Response(200, json={**r.json(), "revocation_endpoint": "https://idp.test/revoke"})
+        if request.url.path == "/revoke":
+            self.revoked.append(parse_qs(request.content.decode()))
+            return httpx.Response(200)
+        return r
+
+
+def test_99_an_admin_termination_is_signalled_to_the_idp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[checklist 99 · NIST SP 800-63C-4 §4.8] the RP signals the IdP when it terminates an account's
+    sessions: an administrator ending alice's single-sign-on session (POST /_lapse/admin/revoke) revokes
+    that session's refresh token at the IdP's ``revocation_endpoint`` (RFC 7009, ``token_type_hint``
+    ``refresh_token``), after the end and off the request path, and drops it from the store. The end's
+    audit is unchanged: one ``session.revoked`` reason ``admin``. (tests/oidc/test_revocation.py proves
+    it against a real IdP, for every way a session ends; the inbound half of item 99 is in k_to_o.md.)"""
+    idp = SignalIdp()
+
+    async def main() -> None:
+        async with relying_party(tmp_path, monkeypatch, idp=idp) as rp:
+            key = rp.gw.gate.key_of(await rp.session("S1"))
+            link = await rp.rt.store.get_link(key)
+            await rp.rt.store.put_link(replace(link, refresh_token=rp.rt.sealer.seal("rt-alice", f"oidc:{key}")))
+            await rp.rt.store.put_user(User("root", hash_password(PASSWORD), admin=True))
+            root = await sid_of(rp.client, user="root")
+            page = await rp.client.get("/_lapse/admin", headers={**cookie(root), "accept": "text/html"})
+            token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+            r = await rp.client.post("/_lapse/admin/revoke", data={"user": "alice", "csrf_token": token},
+                                     headers={**cookie(root), "accept": "text/html"})
+            assert r.status_code == 303
+            await rp.gw.oidc.revoker.drain()
+            assert [e["reason"] for e in await rp.events("session.revoked")] == ["admin"]
+            assert ("POST", "/revoke") in idp.calls, idp.calls
+            assert idp.revoked == [{"token": ["rt-alice"], "token_type_hint": ["refresh_token"]}]
+            assert (await rp.rt.store.get_link(key)).refresh_token is None
 
     run(main())
 

@@ -45,6 +45,7 @@ JWKS_TTL_CEILING = 3600.0
 JWKS_TTL_DEFAULT = 3600.0  # no (usable) max-age
 JWKS_GRACE = 3600.0  # a JWKS past its time, whose refetch fails, is still used this much longer
 TIMEOUT = 10.0
+REVOKE_TIMEOUT = 5.0  # seconds for one RFC 7009 revocation: best effort, never worth waiting long for
 MAX_BODY = 1 << 20
 
 
@@ -68,6 +69,7 @@ class Metadata:
     jwks_uri: str
     end_session_endpoint: str | None
     userinfo_endpoint: str | None
+    revocation_endpoint: str | None  # RFC 7009 (RFC 8414 metadata)
     algorithms: tuple[str, ...]
     basic_auth: bool  # client_secret_basic (else client_secret_post)
     backchannel_logout: bool
@@ -136,6 +138,7 @@ class Provider:
                 jwks_uri=doc["jwks_uri"],
                 end_session_endpoint=doc.get("end_session_endpoint"),
                 userinfo_endpoint=doc.get("userinfo_endpoint"),
+                revocation_endpoint=doc.get("revocation_endpoint") or None,
                 algorithms=allowed_algorithms(doc.get("id_token_signing_alg_values_supported")),
                 basic_auth="client_secret_basic" in methods or "client_secret_post" not in methods,
                 backchannel_logout=bool(doc.get("backchannel_logout_supported")),
@@ -239,13 +242,15 @@ class Provider:
         sep = "&" if "?" in meta.end_session_endpoint else "?"
         return meta.end_session_endpoint + sep + urlencode(params)
 
+    def _client_auth(self, meta: Metadata, form: dict[str, str]) -> tuple[dict[str, str], httpx.BasicAuth | None]:
+        """The form and Basic credentials for the client's authentication (token and revocation endpoints alike)."""
+        if meta.basic_auth:
+            return form, httpx.BasicAuth(quote(self.cfg.client_id, safe=""), quote(self._secret, safe=""))
+        return {**form, "client_id": self.cfg.client_id, "client_secret": self._secret}, None
+
     async def _token(self, form: dict[str, str]) -> dict[str, Any]:
         meta = await self.metadata()
-        auth = None
-        if meta.basic_auth:
-            auth = httpx.BasicAuth(quote(self.cfg.client_id, safe=""), quote(self._secret, safe=""))
-        else:
-            form = {**form, "client_id": self.cfg.client_id, "client_secret": self._secret}
+        form, auth = self._client_auth(meta, form)
         try:
             r = await self._http.post(meta.token_endpoint, data=form, auth=auth, headers={"Accept": "application/json"})
         except httpx.HTTPError as exc:
@@ -268,6 +273,33 @@ class Provider:
     async def refresh(self, refresh_token: str) -> dict[str, Any]:
         """A refresh grant: tokens, or ``Rejected`` when the IdP says the grant is gone."""
         return await self._token({"grant_type": "refresh_token", "refresh_token": refresh_token})
+
+    async def revoke_refresh_token(self, refresh_token: str) -> bool:
+        """RFC 7009: tell the IdP a refresh token is no longer needed; False when it advertises no endpoint.
+
+        ``token_type_hint=refresh_token`` spares the IdP a lookup among access
+        tokens (2.1). Bounded by ``REVOKE_TIMEOUT``; any answer but 200 (2.2: the
+        IdP answers 200 for a token that is already invalid, too) is a
+        ``ProviderError``, or ``Rejected`` with the IdP's error code (2.2.1).
+        """
+        meta = await self.metadata()
+        if not meta.revocation_endpoint:
+            return False
+        form, auth = self._client_auth(meta, {"token": refresh_token, "token_type_hint": "refresh_token"})
+        try:
+            r = await self._http.post(meta.revocation_endpoint, data=form, auth=auth,
+                                      headers={"Accept": "application/json"}, timeout=REVOKE_TIMEOUT)
+        except httpx.HTTPError as exc:
+            raise ProviderError("idp_unreachable", f"revocation endpoint: {type(exc).__name__}") from exc
+        if r.status_code == 200:
+            return True
+        try:
+            body = r.json()
+        except ValueError:
+            body = {}
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            raise Rejected(_word(body["error"]))
+        raise ProviderError("idp_error", f"revocation endpoint: HTTP {r.status_code}")
 
     async def userinfo(self, access_token: str) -> dict[str, Any]:
         meta = await self.metadata()

@@ -15,7 +15,8 @@ import json
 import logging
 import math
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -28,6 +29,7 @@ from ..config import OIDC
 from ..core import events as ev
 from ..core.device import from_user_agent
 from ..core.events import AuditEvent
+from ..core.session import Session
 from ..identity import UserError, check_name
 from ..sealed import SealError
 from ..sso import name_claim
@@ -40,6 +42,7 @@ from .forms import read_form
 from .tokens import parse_cookies, valid_id
 
 if TYPE_CHECKING:
+    from ..runtime import Runtime
     from .app import Gateway
 
 log = logging.getLogger("lapse.sso")
@@ -55,6 +58,8 @@ LOCAL_USER_CONFLICT = "local_user_conflict"  # auth.login failure: the IdP's use
 BAD_USERNAME = "bad_username"  # auth.login failure: neither username_claim nor sub is a usable lapse user name
 NAME_TAKEN = "name_taken"  # auth.login failure: the name is bound to another IdP account (iss, sub)
 EMAIL_NOT_VERIFIED = "email_not_verified"  # auth.login failure: username_claim = "email" without email_verified
+REVOKERS = 4  # RFC 7009 calls in flight at once, at most
+DRAIN_TIMEOUT = 10.0  # seconds shutdown waits for the revocations still queued
 
 
 class OidcWeb:
@@ -64,6 +69,8 @@ class OidcWeb:
         self.gw = gateway
         self.cfg = cfg
         self.provider = provider or Provider(cfg)
+        self.revoker = RefreshRevoker(gateway.rt, lambda: self.provider)
+        gateway.rt.gate.on_end = self.revoker.ended
         self.flows = Flows(gateway.rt.secrets.derive("oidc-flow"))
         server = gateway.rt.loaded.config.server
         self.base = server.public_url.rstrip("/")
@@ -426,9 +433,14 @@ class OidcWeb:
                 id_token=self._seal(id_token, link.session) if isinstance(id_token, str) else link.id_token,
                 refresh_token=self._seal(rotated, link.session) if isinstance(rotated, str) else link.refresh_token,
             ))
+            current, _ = await store.read(session.key)
+            if isinstance(rotated, str) and current is not None and current.ended:
+                self.revoker.rotated(session.key, rotated)  # it ended while the IdP answered: revoke the new one too
         return ended
 
-    async def run_revalidator(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event) -> None:
+        """Background work beside the sweeper: say once whether refresh tokens can be revoked; revalidate."""
+        await self.revoker.check_endpoint()
         every = self.cfg.revalidate_every
         if every is None:
             return
@@ -444,6 +456,125 @@ class OidcWeb:
                 await asyncio.wait_for(stop.wait(), interval)
             except TimeoutError:
                 pass
+
+
+class RefreshRevoker:
+    """Revokes the refresh token of each ended OIDC session at the IdP (RFC 7009), off the request path.
+
+    ``Gate.on_end`` tells it of every end this process wrote, once; it queues the
+    session key and returns. Up to ``REVOKERS`` workers take the link's refresh token,
+    post it to the ``revocation_endpoint`` (bounded by ``REVOKE_TIMEOUT``), log
+    one line if that fails, and drop the token from the store either way: a
+    stolen store or backup holds no live refresh token of an ended session.
+    """
+
+    def __init__(self, rt: Runtime, provider: Callable[[], Provider]) -> None:
+        self.rt = rt
+        self._provider = provider
+        self._queue: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
+        self._workers: set[asyncio.Task[None]] = set()  # held: a task nobody holds may be collected
+        self._said_no_endpoint = False
+
+    def ended(self, session: Session) -> None:
+        """``Gate.on_end``: queue the session (never blocks, never raises); its link says which token."""
+        self._put(session.key, None)
+
+    def rotated(self, key: str, token: str) -> None:
+        """A refresh token issued to a session that has ended meanwhile (``revalidate_once``): revoke it too."""
+        self._put(key, token)
+
+    def _put(self, key: str, token: str | None) -> None:
+        """Queue; a worker runs while work waits."""
+        self._queue.put_nowait((key, token))
+        self._workers = {task for task in self._workers if not task.done()}
+        if len(self._workers) < REVOKERS:
+            self._workers.add(asyncio.create_task(self._work()))
+
+    async def check_endpoint(self) -> None:
+        """At start: an IdP without a ``revocation_endpoint`` is said once (then ends just drop the tokens)."""
+        try:
+            meta = await self._provider().metadata()
+        except ProviderError:
+            return  # said by whoever needs discovery next; the workers will look again
+        if meta.revocation_endpoint is None:
+            self._no_endpoint()
+
+    def _no_endpoint(self) -> None:
+        if not self._said_no_endpoint:
+            log.warning("oidc: the IdP advertises no revocation_endpoint: refresh tokens of ended sessions are "
+                        "dropped from the store, not revoked at the IdP")
+            self._said_no_endpoint = True
+
+    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
+        """Wait (at most ``timeout``) for the queued revocations (shutdown, tests); what is left is dropped."""
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+        except TimeoutError:
+            log.warning("oidc: shutdown did not wait for the last refresh token revocations (%d still queued)",
+                        self._queue.qsize())
+            for task in self._workers:
+                task.cancel()
+            await asyncio.gather(*self._workers, return_exceptions=True)
+
+    async def _work(self) -> None:
+        """Revoke until the queue is empty, then end (an idle process holds no task)."""
+        while not self._queue.empty():
+            key, token = self._queue.get_nowait()
+            try:
+                await self._revoke_one(key, token)
+            except Exception as exc:  # StoreUnavailable above all: the link keeps its token until it is purged
+                log.warning("oidc: the refresh token of an ended session was not revoked: %s: %s",
+                            type(exc).__name__, exc)
+            finally:
+                self._queue.task_done()
+
+    async def _revoke_one(self, key: str, token: str | None) -> None:
+        """Revoke ``token`` (None: the link's), then drop the link's token unless it is another one by now (a
+        rotation racing the end: whoever rotated it queues that one, ``rotated``)."""
+        store, sealer, context = self.rt.store, self.rt.sealer, f"oidc:{key}"
+        link = await store.get_link(key)
+        try:
+            if token is None:
+                if link is None or link.refresh_token is None:
+                    return
+                token = sealer.open(link.refresh_token, context)
+            if not await self._provider().revoke_refresh_token(token):
+                self._no_endpoint()
+        except (SealError, ProviderError) as exc:
+            log.warning("oidc: the refresh token of an ended session was not revoked at the IdP: %s", exc)
+        current = await store.get_link(key)
+        if current is None or current.refresh_token is None:
+            return
+        try:
+            mine = token is None or sealer.open(current.refresh_token, context) == token
+        except SealError:
+            mine = True  # a token that does not open is of no use to anyone: drop it
+        if mine:
+            await store.put_link(replace(current, refresh_token=None))
+
+
+@asynccontextmanager
+async def revoking(rt: Runtime) -> AsyncIterator[None]:
+    """For processes without a gateway (the CLI): ends they write revoke refresh tokens too, drained at exit."""
+    cfg = rt.loaded.config.oidc
+    if cfg is None:
+        yield
+        return
+    provider: list[Provider] = []
+
+    def made() -> Provider:
+        if not provider:
+            provider.append(Provider(cfg))
+        return provider[0]
+
+    revoker = RefreshRevoker(rt, made)
+    rt.gate.on_end = revoker.ended
+    try:
+        yield
+    finally:
+        await revoker.drain()
+        if provider:
+            await provider[0].aclose()
 
 
 async def _revoke(gw: Gateway, keys: Sequence[str], reason: str, *, ip: str | None = None,
@@ -467,6 +598,6 @@ def _word(text: str) -> str:
     return "".join(c for c in text if c.isalnum() or c == "_")[:40] or "error"
 
 
-__all__ = ["BACKCHANNEL", "CALLBACK", "LOGIN", "OidcWeb"]
+__all__ = ["BACKCHANNEL", "CALLBACK", "LOGIN", "OidcWeb", "RefreshRevoker", "revoking"]
 
 

@@ -110,8 +110,8 @@ class Service:
                                                          self.loaded.config.audit.retention, stop))]
                 if metrics is not None:
                     tasks.append(asyncio.create_task(_watch_store(rt.store, metrics, stop)))
-                if self.gateway.oidc is not None:  # [oidc] revalidate_every (a no-op when "none")
-                    tasks.append(asyncio.create_task(self.gateway.oidc.run_revalidator(stop)))
+                if self.gateway.oidc is not None:  # revocation endpoint check; [oidc] revalidate_every
+                    tasks.append(asyncio.create_task(self.gateway.oidc.run(stop)))
                 listeners = []
                 if self.loaded.config.postgres:
                     from ..postgres import start_listeners
@@ -134,6 +134,7 @@ class Service:
             if self.gateway.upstream is not None:
                 await self.gateway.upstream.aclose()
             if self.gateway.oidc is not None:
+                await self.gateway.oidc.revoker.drain()  # refresh tokens of the sessions ended until now
                 await self.gateway.oidc.provider.aclose()
             log.info("lapse stopped")
         await send({"type": "lifespan.shutdown.complete"})

@@ -29,6 +29,7 @@ const provider = new Provider(ISSUER, {
     devInteractions: { enabled: true },
     backchannelLogout: { enabled: true },
     rpInitiatedLogout: { enabled: true },
+    revocation: { enabled: true }, // RFC 7009: lapse revokes an ended session's refresh token
   },
   cookies: { keys: ['lapse-test-only'] },
   conformIdTokenClaims: false, // put profile claims in the ID token (lapse reads username and groups from it)
