@@ -442,3 +442,43 @@ def test_asgi_and_wsgi_judge_the_same_public_path_under_a_mount(tmp_path):
     assert client.get("/billing/_lapse/session", headers=cookie).json["user"] == "fiona"
     wsgi.bridge.close()
     assert seen == [(401, "step_up")] * 3
+
+
+def test_app_logout_that_only_removes_the_user_ends_the_lapse_session(tmp_path):
+    """Starlette's session cookie is signed, not stored: a copy taken before the logout still says
+    "alice". The logout must end lapse's session, or that copy is a working login again."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.sessions import SessionMiddleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def login(request):
+        request.session["user"] = "alice"
+        return PlainTextResponse("in")
+
+    async def logout(request):
+        request.session.pop("user", None)
+        return PlainTextResponse("out")
+
+    async def private(request):
+        return PlainTextResponse(f"private for {request.session.get('user')}")
+
+    clock = Clock(T0)
+    app = Starlette(routes=[Route("/login", login, methods=["POST"]), Route("/logout", logout, methods=["POST"]),
+                            Route("/private", private)],
+                    middleware=[Middleware(SessionMiddleware, secret_key="k"),
+                                Middleware(LapseMiddleware, config=config(tmp_path), mode="alongside",
+                                           login_url="/login", clock=clock)])
+    with TestClient(app, follow_redirects=False) as client:
+        client.post("/login")
+        assert client.get("/private").text == "private for alice"
+        before_logout = client.cookies["session"]
+        assert client.post("/logout").text == "out"
+        assert [e["event"] for e in audit(tmp_path)][-1] == "session.revoked"
+        assert audit(tmp_path)[-1]["reason"] == "logout"
+        clock.now += 300
+        client.cookies.clear()
+        client.cookies.set("session", before_logout)
+        r = client.get("/private")
+        assert (r.status_code, r.json(), r.headers["x-lapse-reason"]) == (401, {"reason": "revoked"}, "revoked")

@@ -156,15 +156,17 @@ class LapseMiddleware:
     def _follow(self, enf: Enforcer, session: dict[str, Any], sid: str | None, scope: Scope, send: Send) -> Send:
         """Alongside: see what the app did to its session during this request, before the session
         cookie is written. Signed in: lapse's session starts now, so the absolute limit counts from
-        the login itself. Signed out (session cleared): lapse's session ends (``logout``)."""
+        the login itself. Signed out (session cleared, or only its user removed): lapse's session ends
+        (``logout``) now, so a copy of the signed, pre-logout session cookie is refused later."""
         request = dict(scope)  # as it came in: the app's routing may add to the scope
 
         async def following(message: Message) -> None:
             if message["type"] == "http.response.start":
-                now_sid = session.get(SESSION_FIELD)
-                if sid is not None and now_sid != sid:
+                now_sid, user = session.get(SESSION_FIELD), self.user_of(scope)
+                if sid is not None and (now_sid != sid or user is None):
                     await enf.end(sid, "logout")
-                user = self.user_of(scope)
+                    session.pop(SESSION_FIELD, None)
+                    now_sid = None
                 if user is not None and now_sid is None:
                     session[SESSION_FIELD] = await enf.adopt(facts_of(request), user)
             await send(message)
