@@ -77,10 +77,12 @@ class Lapse:
         session.pop(SESSION_FIELD, None)
 
     def _before(self) -> Response | None:
+        wrong = self.lapse.wrong_host(judged_facts(request.environ))  # /_lapse/* included
+        if wrong is not None:
+            return to_response(wrong)
+        if is_lapse(request.path):
+            return None
         try:
-            wrong = self.lapse.wrong_host(judged_facts(request.environ))
-            if wrong is not None or is_lapse(request.path):
-                return None if wrong is None else to_response(wrong)
             return self._judge()
         except StoreUnavailable as exc:
             return to_response(self.lapse.unavailable(judged_facts(request.environ), exc))
