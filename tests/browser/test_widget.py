@@ -268,3 +268,73 @@ def test_absolute_warning_says_when_and_no_click_moves_it(context: Any, gateway:
     page.wait_for_url(re.compile(r"/_lapse/login\?"), timeout=int((SHORT_ABSOLUTE_S + 2) * 1000))
     assert time.monotonic() - landed <= SHORT_ABSOLUTE_S + 1.5
     assert login_target(page.url) == ("/_lapse/login", "/app/absolute", "absolute")
+
+
+# ------------------------------------------------ only real user activity extends a session (§6)
+
+SCROLLS_ITSELF = """() => { const d = document.createElement('div'); d.style.height = '100000px';
+    document.body.appendChild(d); setInterval(() => window.scrollBy(0, 5), 500); }"""
+
+
+def activity_posts(page: Any) -> list[str]:
+    """The active heartbeats the page sends from now on."""
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" and "/_lapse/session/activity" in r.url
+            else None)
+    return posts
+
+
+def test_a_page_that_scrolls_itself_is_signed_out_at_the_idle_deadline(context: Any, gateway: Gateway) -> None:
+    """An auto-scrolling log or a carousel is no user: programmatic scrolling, and the pointer moves
+    Chromium synthesises when the content slides under a resting pointer, extend nothing."""
+    page = context.new_page()
+    posts = activity_posts(page)
+    page.mouse.move(300, 300)  # before the page with the widget: the pointer rests over it, unmoved
+    landed = sign_in(page, gateway, "/app/scrolls")
+    page.evaluate(SCROLLS_ITSELF)
+    while urlsplit(page.url).path != "/_lapse/login" and time.monotonic() - landed < IDLE_S + 3:
+        page.mouse.move(300, 300)  # what Chromium does when content moves under a resting pointer: no movement
+        page.wait_for_timeout(300)
+    page.wait_for_url(re.compile(r"/_lapse/login\?"), timeout=1000)
+    took = time.monotonic() - landed
+    assert took <= IDLE_S + 1.5, f"expiry took {took:.2f}s"
+    assert login_target(page.url) == ("/_lapse/login", "/app/scrolls", "idle")
+    assert posts == []
+
+
+def test_a_wheel_and_keyboard_user_on_that_page_is_kept(context: Any, gateway: Gateway) -> None:
+    page = context.new_page()
+    posts = activity_posts(page)
+    landed = sign_in(page, gateway, "/app/reads")
+    page.evaluate(SCROLLS_ITSELF)
+    page.mouse.move(300, 300)
+    while time.monotonic() - landed < IDLE_S * 2:
+        page.mouse.wheel(0, 120)
+        page.wait_for_timeout(500)
+        page.keyboard.press("ArrowDown")
+        page.wait_for_timeout(500)
+    assert urlsplit(page.url).path == "/app/reads"
+    status = passive_status(page)
+    assert status["authenticated"] is True and status["idle_expires_in"] > WARN_S
+    assert posts, "real input sent no heartbeat"
+
+
+def test_forged_peer_messages_do_not_keep_a_tab_alive(context: Any, gateway: Gateway) -> None:
+    """Any script of the origin can post on the tabs' channel: an 'input' from far in the future, a
+    non-number time, and a session body without a server time must not keep this tab sending heartbeats
+    or freeze its countdown. A peer's input counts once, as of now: one heartbeat at most."""
+    page = context.new_page()
+    posts = activity_posts(page)
+    landed = sign_in(page, gateway, "/app/forged")
+    page.evaluate("""() => { const c = new BroadcastChannel('lapse');
+        c.postMessage({t: 'input', at: Date.now() + 1e12, from: 'x'});
+        c.postMessage({t: 'input', at: Infinity, from: 'x'});
+        c.postMessage({t: 'beat', at: 'soon', from: 'x', p: location.pathname,
+                       b: {authenticated: true, idle_expires_in: 1e9, absolute_expires_in: null}}); }""")
+    wait_js(page, "window.lapse.state().lastInput > 0")
+    assert page.evaluate("window.lapse.state().lastInput <= Date.now()")
+    page.wait_for_url(re.compile(r"/_lapse/login\?"), timeout=int((2 * IDLE_S + 3) * 1000))
+    took = time.monotonic() - landed
+    assert took <= 2 * IDLE_S + 1.5, f"expiry took {took:.2f}s"
+    assert login_target(page.url) == ("/_lapse/login", "/app/forged", "idle")
+    assert len(posts) <= 1, posts

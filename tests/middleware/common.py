@@ -54,3 +54,32 @@ def csrf_field(html: str) -> str:
 def names(events) -> list[tuple[str, str | None]]:
     """(event, reason) of audit events, oldest first."""
     return [(e.event, e.reason) for e in events]
+
+
+BILLING = "billing.example.test"
+APPS = """
+[[apps]]
+name = "billing"
+hosts = ["billing.example.test"]
+idle = "5m"
+{allow}
+  [[apps.privileged]]
+  paths = ["/billing/admin/*"]
+  methods = ["POST"]
+  max_auth_age = "5m"
+  mfa = true
+"""
+WIKI = """
+[[apps]]
+name = "wiki"
+hosts = ["wiki.example.test"]
+"""
+
+
+def write_apps_config(folder: Path, *, store: str = "memory://", allow: bool = True, wiki: bool = False) -> Path:
+    """``write_config`` plus a stricter billing app (5m idle, finance only, MFA step-up for POST
+    /billing/admin/*) on its own host, and optionally a second app: a middleware serves one of them."""
+    path = write_config(folder, store=store)
+    apps = APPS.format(allow='allow = ["group:finance"]' if allow else "") + (WIKI if wiki else "")
+    path.write_text(path.read_text() + apps)
+    return path

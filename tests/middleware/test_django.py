@@ -33,7 +33,7 @@ from lapse.store.base import User  # noqa: E402
 
 from ..core.helpers import Clock  # noqa: E402
 from ..support import free_port  # noqa: E402
-from .common import ABSOLUTE, IDLE, T0, csrf_field, set_cookies  # noqa: E402
+from .common import ABSOLUTE, BILLING, IDLE, T0, csrf_field, set_cookies, write_apps_config  # noqa: E402
 from .test_fastapi import HTML, audit, config  # noqa: E402
 
 
@@ -192,3 +192,47 @@ def test_real_waitress_with_short_timeouts(tmp_path):
         finally:
             server.close()
             bridge_for(options).close()
+
+
+# ------------------------------------------- whose policy: the Host header, the mount
+
+
+@pytest.fixture
+def billing_site(tmp_path: Path, request):
+    """Alongside, with a billing app in lapse.toml and no ``app`` in LAPSE; Django itself accepts any Host."""
+    clock = Clock(T0)
+    options = {"config": str(write_apps_config(tmp_path, allow=request.param)), "clock": clock}
+    with override_settings(LAPSE=options, ALLOWED_HOSTS=["*"]):
+        client = Client(secure=True)
+        client.clock, client.bridge = clock, bridge_for(options)
+        yield client
+        client.bridge.close()
+
+
+@pytest.mark.parametrize("billing_site", [True], indirect=True)
+def test_without_app_a_host_no_app_claims_is_400_not_the_laxer_defaults(billing_site):
+    r = billing_site.post("/login/", {"username": "alice", "password": "wonderland", "next": "/"}, HTTP_HOST=BILLING)
+    assert r.status_code == 302
+    r = billing_site.get("/api/data", HTTP_HOST=BILLING)  # alice is not in group:finance
+    assert (r.status_code, r.json()) == (403, {"reason": "forbidden"})
+    for path in ("/api/data", "/_lapse/session"):
+        r = billing_site.get(path, HTTP_HOST="anything.invalid")
+        assert (r.status_code, r.json()["error"]) == (400, "host"), path
+
+
+def test_several_apps_without_app_fail_at_startup(tmp_path):
+    with pytest.raises(ValueError, match=r"several \[\[apps\]\] \(billing, wiki\).*LAPSE\['app'\]"):
+        bridge_for({"config": str(write_apps_config(tmp_path, wiki=True))})
+
+
+@pytest.mark.parametrize("billing_site", [False], indirect=True)
+def test_a_mounted_django_project_is_judged_by_its_public_path(billing_site):
+    """Served at /billing (SCRIPT_NAME): POST /billing/admin/refund meets the step-up rule for
+    /billing/admin/*; lapse's own endpoints live below the mount."""
+    mount = {"SCRIPT_NAME": "/billing", "HTTP_HOST": BILLING}
+    r = billing_site.post("/login/", {"username": "alice", "password": "wonderland", "next": "/"}, **mount)
+    assert r.status_code == 302
+    assert billing_site.get("/api/data", **mount).json() == {"user": "alice"}
+    assert billing_site.get("/_lapse/session", **mount).json()["user"] == "alice"
+    r = billing_site.post("/admin/refund", **mount)
+    assert (r.status_code, r.json(), r["X-Lapse-Reason"]) == (401, {"reason": "step_up"}, "step_up")

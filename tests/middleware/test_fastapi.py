@@ -22,7 +22,7 @@ from lapse.store.base import User
 
 from ..core.helpers import Clock
 from ..support import free_port, port_open
-from .common import ABSOLUTE, IDLE, T0, csrf_field, set_cookies, write_config
+from .common import ABSOLUTE, BILLING, IDLE, T0, csrf_field, set_cookies, write_apps_config, write_config
 
 HTML = {"accept": "text/html"}
 
@@ -340,3 +340,145 @@ def test_real_uvicorn_with_short_timeouts(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# ------------------------------------------- whose policy: the Host header, the mount
+
+
+def tiny_app(config_path: Path, clock: Clock, **options):
+    """A bare Starlette app under the middleware: every path answers 200 with the user lapse saw."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def page(request):
+        return PlainTextResponse(f"app for {request.scope.get('lapse.user')}")
+
+    app = Starlette(routes=[Route("/{rest:path}", page, methods=["GET", "POST"])])
+    app.add_middleware(LapseMiddleware, config=config_path, clock=clock, **options)
+    return app
+
+
+def signed_in(client: TestClient, user: str, **kw) -> dict[str, str]:
+    enforcer = lapse_of(client.app).enforcer
+    sid, _ = client.portal.call(lambda: enforcer.rt.gate.sign_in(user, **kw))
+    return {"cookie": f"{enforcer.cookies.name}={sid}"}
+
+
+def test_without_app_name_a_host_no_app_claims_is_400_not_the_laxer_defaults(tmp_path):
+    clock = Clock(T0)
+    app = tiny_app(write_apps_config(tmp_path), clock)
+    with TestClient(app, base_url=f"https://{BILLING}", follow_redirects=False) as client:
+        bob = signed_in(client, "bob", groups=("staff",))
+        assert client.get("/billing/invoices", headers=bob).json() == {"reason": "forbidden"}
+        for path in ("/billing/invoices", "/_lapse/session", "/_lapse/session/activity"):
+            r = client.get(path, headers={**bob, "host": "anything.invalid"})
+            assert (r.status_code, r.json()["error"]) == (400, "host"), path
+        fiona = signed_in(client, "fiona", groups=("finance",))
+        assert client.get("/billing/invoices", headers=fiona).status_code == 200
+        clock.now += 30 * 60  # past billing's 5 minutes, within the defaults' 10
+        assert client.get("/billing/invoices", headers={**fiona, "host": "x.invalid"}).status_code == 400
+        r = client.get("/billing/invoices", headers=fiona)
+        assert (r.status_code, r.json()) == (401, {"reason": "idle"})
+
+
+def test_app_name_pins_the_app_and_several_apps_need_one(tmp_path):
+    clock = Clock(T0)
+    with TestClient(tiny_app(write_apps_config(tmp_path), clock, app_name="billing"), follow_redirects=False) as client:
+        bob = signed_in(client, "bob", groups=("staff",))
+        r = client.get("/billing/invoices", headers={**bob, "host": "anything.invalid"})
+        assert (r.status_code, r.json()) == (403, {"reason": "forbidden"})  # billing's rules, whatever the Host
+    with pytest.raises(ValueError, match=r"several \[\[apps\]\] \(billing, wiki\)"):  # at startup, not later
+        with TestClient(tiny_app(write_apps_config(tmp_path, wiki=True), clock)):
+            pass
+
+
+class FullPathServer:
+    """What ``uvicorn --root-path /billing`` hands the app: ``path`` holds ``root_path`` too."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            scope = dict(scope, root_path="/billing", path="/billing" + scope["path"])
+        await self.app(scope, receive, send)
+
+
+def test_asgi_and_wsgi_judge_the_same_public_path_under_a_mount(tmp_path):
+    """POST https://billing.example.test/billing/admin/refund, the app mounted at /billing: the step-up
+    rule for /billing/admin/* holds under either ASGI convention and under WSGI's SCRIPT_NAME."""
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+    from werkzeug.test import Client
+
+    from lapse.middleware.wsgi import LapseWSGI
+
+    path = write_apps_config(tmp_path, allow=False)
+    seen = []
+    clock = Clock(T0)
+    for wrap, root in ((lambda a: a, "/billing"), (FullPathServer, "")):
+        app = tiny_app(path, clock)
+        with TestClient(wrap(app), base_url=f"https://{BILLING}", root_path=root, follow_redirects=False) as client:
+            client.app = app
+            fiona = signed_in(client, "fiona")
+            r = client.post("/admin/refund", headers=fiona)
+            seen.append((r.status_code, r.headers.get("x-lapse-reason")))
+            assert client.post("/invoices", headers=fiona).status_code == 200
+            assert client.get("/_lapse/session", headers=fiona).json()["user"] == "fiona"  # below the mount
+
+    def answer(status: str):
+        def wsgi_app(environ, start_response):
+            start_response(status, [])
+            return [status.encode()]
+        return wsgi_app
+
+    wsgi = LapseWSGI(answer("200 OK"), config=path, clock=clock)
+    sid, _ = wsgi.bridge.run(lambda e: e.rt.gate.sign_in("fiona"))
+    client = Client(DispatcherMiddleware(answer("404 Not Found"), {"/billing": wsgi}), use_cookies=False)
+    cookie = {"cookie": f"{wsgi.bridge.enforcer.cookies.name}={sid}", "host": BILLING}
+    r = client.post("/billing/admin/refund", headers=cookie)
+    seen.append((r.status_code, r.headers.get("x-lapse-reason")))
+    assert client.post("/billing/invoices", headers=cookie).status_code == 200
+    assert client.get("/billing/_lapse/session", headers=cookie).json["user"] == "fiona"
+    wsgi.bridge.close()
+    assert seen == [(401, "step_up")] * 3
+
+
+def test_app_logout_that_only_removes_the_user_ends_the_lapse_session(tmp_path):
+    """Starlette's session cookie is signed, not stored: a copy taken before the logout still says
+    "alice". The logout must end lapse's session, or that copy is a working login again."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.sessions import SessionMiddleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def login(request):
+        request.session["user"] = "alice"
+        return PlainTextResponse("in")
+
+    async def logout(request):
+        request.session.pop("user", None)
+        return PlainTextResponse("out")
+
+    async def private(request):
+        return PlainTextResponse(f"private for {request.session.get('user')}")
+
+    clock = Clock(T0)
+    app = Starlette(routes=[Route("/login", login, methods=["POST"]), Route("/logout", logout, methods=["POST"]),
+                            Route("/private", private)],
+                    middleware=[Middleware(SessionMiddleware, secret_key="k"),
+                                Middleware(LapseMiddleware, config=config(tmp_path), mode="alongside",
+                                           login_url="/login", clock=clock)])
+    with TestClient(app, follow_redirects=False) as client:
+        client.post("/login")
+        assert client.get("/private").text == "private for alice"
+        before_logout = client.cookies["session"]
+        assert client.post("/logout").text == "out"
+        assert [e["event"] for e in audit(tmp_path)][-1] == "session.revoked"
+        assert audit(tmp_path)[-1]["reason"] == "logout"
+        clock.now += 300
+        client.cookies.clear()
+        client.cookies.set("session", before_logout)
+        r = client.get("/private")
+        assert (r.status_code, r.json(), r.headers["x-lapse-reason"]) == (401, {"reason": "revoked"}, "revoked")

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import waitress
+from werkzeug.test import Client
 
 from examples.flask_app.app import create_app
 from lapse.identity import hash_password
@@ -17,7 +18,7 @@ from lapse.store.base import User
 
 from ..core.helpers import Clock
 from ..support import free_port
-from .common import ABSOLUTE, IDLE, T0, csrf_field, set_cookies
+from .common import ABSOLUTE, BILLING, IDLE, T0, csrf_field, set_cookies, write_apps_config
 from .test_fastapi import HTML, audit, config
 
 
@@ -208,3 +209,78 @@ def test_real_waitress_with_short_timeouts(tmp_path):
     finally:
         server.close()
         app.extensions["lapse"].bridge.close()
+
+
+# ------------------------------------------- whose policy: the Host header, the mount
+
+
+def apps_client(tmp_path: Path, *, allow: bool = True, mode: str = "alongside"):
+    clock = Clock(T0)
+    app = create_app(write_apps_config(tmp_path, allow=allow), mode=mode, clock=clock)
+    client = app.test_client()
+    client.environ_base["wsgi.url_scheme"] = "https"
+    client.clock, client.app_ = clock, app
+    return client
+
+
+def lapse_of(client):
+    return client.app_.extensions["lapse"] if "lapse" in client.app_.extensions else client.app_.wsgi_app
+
+
+def test_without_app_name_a_host_no_app_claims_is_400_not_the_laxer_defaults(tmp_path):
+    client = apps_client(tmp_path)
+    billing, elsewhere = {"Host": BILLING}, {"Host": "anything.invalid"}
+    r = client.post("/login", data={"username": "alice", "password": "wonderland", "next": "/"}, headers=billing)
+    assert r.status_code == 303
+    r = client.get("/api/data", headers=billing)  # alice is not in group:finance
+    assert (r.status_code, r.json) == (403, {"reason": "forbidden"})
+    for path in ("/api/data", "/_lapse/session"):
+        r = client.get(path, headers=elsewhere)
+        assert (r.status_code, r.json["error"]) == (400, "host"), path
+    lapse_of(client).bridge.close()
+
+
+def test_standalone_wsgi_refuses_an_unclaimed_host_and_several_apps_need_a_name(tmp_path):
+    wsgi = apps_client(tmp_path, mode="standalone").app_.wsgi_app
+    client = Client(wsgi, use_cookies=False)  # the Cookie header as given
+    sid, _ = wsgi.bridge.run(lambda e: e.rt.gate.sign_in("bob", groups=("staff",)))
+    cookie = f"{wsgi.bridge.enforcer.cookies.name}={sid}"
+    r = client.get("/api/data", headers={"Host": BILLING, "Cookie": cookie})
+    assert (r.status_code, r.json) == (403, {"reason": "forbidden"})
+    r = client.get("/api/data", headers={"Host": "anything.invalid", "Cookie": cookie})
+    assert (r.status_code, r.json["error"]) == (400, "host")
+    wsgi.bridge.close()
+    with pytest.raises(ValueError, match=r"several \[\[apps\]\] \(billing, wiki\)"):
+        create_app(write_apps_config(tmp_path, wiki=True), mode="alongside")
+
+
+def test_a_mounted_flask_app_is_judged_by_its_public_path(tmp_path):
+    """Mounted at /billing: POST /billing/admin/refund meets the step-up rule for /billing/admin/*
+    (judged as /admin/refund it would not); lapse's own endpoints live below the mount."""
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    client = apps_client(tmp_path, allow=False)
+    flask_app = client.app_
+    site = DispatcherMiddleware(lambda environ, start_response: start_response("404 Not Found", []) or [b""],
+                                {"/billing": flask_app.wsgi_app})
+    flask_app.wsgi_app = site  # the test client calls app.wsgi_app: now the whole site
+    billing = {"Host": BILLING}
+    r = client.post("/billing/login", data={"username": "alice", "password": "wonderland", "next": "/"},
+                    headers=billing)
+    assert r.status_code == 303
+    assert client.get("/billing/api/data", headers=billing).json == {"user": "alice"}
+    assert client.get("/billing/_lapse/session", headers=billing).json["user"] == "alice"
+    r = client.post("/billing/admin/refund", headers={**billing, "Accept": "text/html"})
+    assert r.status_code == 303 and r.headers["Location"] == "/login?next=/billing/admin/refund&reason=step_up"
+    flask_app.extensions["lapse"].bridge.close()
+
+
+def test_wsgi_paths_are_script_name_plus_path_info_read_as_utf8():
+    from lapse.middleware.asgi import paths
+    from lapse.middleware.sync import url_path
+
+    environ = {"SCRIPT_NAME": "/billing", "PATH_INFO": "/caf\u00c3\u00a9/x"}  # UTF-8 bytes as WSGI's latin-1
+    assert url_path(environ) == ("/billing/caf\u00e9/x", "/billing")
+    assert paths({"path": "/caf\u00e9/x", "root_path": "/billing"}) == url_path(environ)
+    assert paths({"path": "/billing/caf\u00e9/x", "root_path": "/billing"}) == url_path(environ)
+    assert url_path({"SCRIPT_NAME": "/b", "PATH_INFO": "/caf\u00e9"}, wsgi_strings=False) == ("/b/caf\u00e9", "/b")

@@ -27,6 +27,7 @@ from .core import (
     Reply,
     Settings,
     StoreUnavailable,
+    app_host,
     form_token,
     loaded_config,
     presented,
@@ -62,6 +63,7 @@ class LapseMiddleware:
         self.app = app
         self.loaded = loaded_config(config)
         self.settings = Settings.of(mode, app=app_name, login_url=login_url, public_paths=public_paths)
+        app_host(self.loaded, app_name)  # an ambiguous or wrong app_name fails here, not at the first request
         self.user_of = user_of
         self.alongside = self.settings.mode is Mode.ALONGSIDE
         self.clock = clock
@@ -76,8 +78,13 @@ class LapseMiddleware:
         if enf is None:
             raise RuntimeError("lapse middleware is not started: it opens its store in the ASGI lifespan "
                                "(uvicorn: lifespan on; Starlette's TestClient: use it as `with TestClient(app):`)")
-        path = scope["path"]
-        if self.alongside or (kind == "http" and path.startswith(PREFIX)):
+        if enf.checks_host:
+            wrong = enf.wrong_host(_header(scope, b"host"))
+            if wrong is not None:
+                await refuse(scope, send, wrong)
+                return
+        path, root = paths(scope)
+        if self.alongside or (kind == "http" and path.startswith(PREFIX, len(root))):
             await self._other(enf, scope, receive, send)
             return
         if enf.is_public(path):
@@ -108,7 +115,8 @@ class LapseMiddleware:
                 raise RuntimeError("alongside mode needs Starlette's SessionMiddleware outside LapseMiddleware")
             session = scope["session"]
         try:
-            if session is None or (scope["type"] == "http" and scope["path"].startswith(PREFIX)):
+            path, root = paths(scope)
+            if session is None or (scope["type"] == "http" and path.startswith(PREFIX, len(root))):
                 await self._lapse(enf, facts_of(scope), session, scope, receive, send)
                 return
             proceed = await self._judge(enf, session, scope, send)
@@ -128,7 +136,7 @@ class LapseMiddleware:
         judged = None
         if user is not None and sid is not None:
             host, ip, passive, _ = peek(enf, scope)
-            verdict = await enf.rt.gate.check(host=host, path=scope["path"], method=scope.get("method", "GET"),
+            verdict = await enf.rt.gate.check(host=host, path=paths(scope)[0], method=scope.get("method", "GET"),
                                               ip=ip, passive_header=passive, session_id=presented(sid))
             d = verdict.decision
             if not (d.allowed and d.session is not None):
@@ -148,15 +156,17 @@ class LapseMiddleware:
     def _follow(self, enf: Enforcer, session: dict[str, Any], sid: str | None, scope: Scope, send: Send) -> Send:
         """Alongside: see what the app did to its session during this request, before the session
         cookie is written. Signed in: lapse's session starts now, so the absolute limit counts from
-        the login itself. Signed out (session cleared): lapse's session ends (``logout``)."""
+        the login itself. Signed out (session cleared, or only its user removed): lapse's session ends
+        (``logout``) now, so a copy of the signed, pre-logout session cookie is refused later."""
         request = dict(scope)  # as it came in: the app's routing may add to the scope
 
         async def following(message: Message) -> None:
             if message["type"] == "http.response.start":
-                now_sid = session.get(SESSION_FIELD)
-                if sid is not None and now_sid != sid:
+                now_sid, user = session.get(SESSION_FIELD), self.user_of(scope)
+                if sid is not None and (now_sid != sid or user is None):
                     await enf.end(sid, "logout")
-                user = self.user_of(scope)
+                    session.pop(SESSION_FIELD, None)
+                    now_sid = None
                 if user is not None and now_sid is None:
                     session[SESSION_FIELD] = await enf.adopt(facts_of(request), user)
             await send(message)
@@ -170,7 +180,7 @@ class LapseMiddleware:
             sid = enf.cookie_sid(facts)
         else:
             sid = session.get(SESSION_FIELD)
-            wants_form = facts.method == "POST" and facts.path in ("/_lapse/login", "/_lapse/logout")
+            wants_form = facts.method == "POST" and facts.local in ("/_lapse/login", "/_lapse/logout")
             form = await _form_token(receive) if wants_form else None
             special = await enf.alongside_special(facts, sid, form)
             if special is not None:
@@ -234,12 +244,30 @@ def peek(enf: Enforcer, scope: Scope) -> tuple[str, str | None, bool, str]:
             cookie.decode("latin-1") if cookie else "")
 
 
+def paths(scope: Scope) -> tuple[str, str]:
+    """(the public path, the app's mount prefix). Servers differ on whether ``path`` already holds
+    ``root_path`` (uvicorn's does, Starlette's TestClient's not): read as Starlette's routing reads it,
+    so the same URL is judged as under WSGI (``SCRIPT_NAME + PATH_INFO``)."""
+    path, root = scope["path"], scope.get("root_path", "").rstrip("/")
+    if not root or path == root or path.startswith(root + "/"):
+        return path, root
+    return root + path, root
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
 def facts_of(scope: Scope) -> Facts:
     """The whole request (every header decoded): for refusals and ``/_lapse``, off the hot path."""
     headers = header_dict(scope["headers"])
     client = scope.get("client")
-    return Facts(scope.get("method", "GET"), scope["path"], scope.get("query_string", b"").decode("latin-1"),
-                 headers.get("host", ""), headers, client[0] if client else None)
+    path, root = paths(scope)
+    return Facts(scope.get("method", "GET"), path, scope.get("query_string", b"").decode("latin-1"),
+                 headers.get("host", ""), headers, client[0] if client else None, root)
 
 
 async def refuse(scope: Scope, send: Send, reply: Reply, ws_code: int = 1008) -> None:

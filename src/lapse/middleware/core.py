@@ -88,15 +88,21 @@ class Facts:
     """One request as every adapter can describe it."""
 
     method: str
-    path: str  # without the query string
+    path: str  # the public URL's path, mount prefix included, without the query string: what is judged
     query: str
     host: str
     headers: dict[str, str]  # lower-case names
     peer: str | None  # the TCP peer
+    root: str = ""  # the mount prefix (WSGI ``SCRIPT_NAME``, ASGI ``root_path``)
 
     @property
     def uri(self) -> str:
         return self.path + ("?" + self.query if self.query else "")
+
+    @property
+    def local(self) -> str:
+        """The path inside the app (below its mount): where ``/_lapse/*`` is recognised and served."""
+        return self.path[len(self.root):] or "/"
 
     @property
     def passive(self) -> bool:
@@ -144,7 +150,8 @@ class Enforcer:
         self.cookies = Cookies(cfg.server.effective_cookie_name, cfg.server.cookie_secure)
         self.csrf = Csrf(runtime.secrets.csrf_key)
         self.gateway = Gateway(runtime)
-        self.app_host = _host_of_app(runtime.loaded, settings.app)
+        self.app_host = app_host(runtime.loaded, settings.app)
+        self.checks_host = self.app_host is None and bool(runtime.loaded.config.apps)
         self._public = glob_regex(settings.public_paths)
         self._outage = OutageLog(log, "store unavailable, failing closed")
 
@@ -152,6 +159,14 @@ class Enforcer:
 
     def host(self, facts: Facts) -> str:
         return self.app_host or facts.host
+
+    def wrong_host(self, host: str) -> Reply | None:
+        """Without ``app_name`` the Host header names the app, and the client writes that header: a
+        Host no ``[[apps]]`` entry claims would get the laxer ``[defaults]``. Refuse it (400, as
+        Django's ``ALLOWED_HOSTS`` and Werkzeug's ``trusted_hosts`` do) before anything is judged."""
+        if not self.checks_host or self.rt.gate.policy.claims_host(host):
+            return None
+        return json_reply(400, {"error": "host", "detail": "no [[apps]] entry claims this host name"}, [NO_STORE])
 
     def client_ip(self, facts: Facts) -> str | None:
         return client_ip(facts.peer, facts.headers, self.trust)
@@ -225,19 +240,23 @@ class Enforcer:
         if d.status == 403:
             return json_reply(403, {"reason": reason}, headers)
         if facts.wants_html:
-            return Reply(303, [*headers, ("Location", self.login_location(facts.uri, reason))])
+            return Reply(303, [*headers, ("Location", self.login_location(facts.uri, reason, facts.root))])
         if d.reason is Reason.STEP_UP:
             step = verdict.effective.step_up
             max_age = int(step.max_auth_age) if step else 0
             headers.append(("WWW-Authenticate", f'Bearer error="insufficient_user_authentication", max_age={max_age}'))
         return json_reply(401, {"reason": reason}, headers)
 
-    def login_location(self, next_uri: str, reason: str | None) -> str:
+    def login_location(self, next_uri: str, reason: str | None, root: str = "") -> str:
+        """``login_url?next=...&reason=...``; lapse's own ``/_lapse/login`` lives below the app's mount."""
         query = "next=" + quote(safe_next(next_uri), safe="/")
         if reason:
             query += "&reason=" + quote(reason)
-        sep = "&" if "?" in self.settings.login_url else "?"
-        return f"{self.settings.login_url}{sep}{query}"
+        url = self.settings.login_url
+        if url.startswith(PREFIX):
+            url = root + url
+        sep = "&" if "?" in url else "?"
+        return f"{url}{sep}{query}"
 
     # ------------------------------------------------------------- /_lapse/*
 
@@ -256,7 +275,7 @@ class Enforcer:
         scope = dict(body_scope or {})
         scope.update({
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http",
-            "method": facts.method, "path": facts.path, "raw_path": facts.path.encode(),
+            "method": facts.method, "path": facts.local, "raw_path": facts.local.encode(),
             "query_string": facts.query.encode("latin-1"), "root_path": "",
             "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
             "client": (facts.peer, 0) if facts.peer else None, "server": None,
@@ -268,14 +287,14 @@ class Enforcer:
 
         Returns (reply, sign the framework out) or None for the endpoints the gateway serves as is.
         """
-        if facts.path == "/_lapse/login":
+        if facts.local == "/_lapse/login":
             # The widget sends people here at expiry, and "Sign in again now" before the absolute
             # deadline: the framework signs out (ending lapse's session too) and shows its login page.
             # A session that still lives ends only by a POST with its CSRF token: a GET (a link from
             # another site) shows a confirmation and ends nothing (forced-logout CSRF).
             params = {k: v[0] for k, v in parse_qs(facts.query).items()}
             next_uri, reason = params.get("next", "/"), params.get("reason") or None
-            to_login = Reply(303, [NO_STORE, ("Location", self.login_location(next_uri, reason))])
+            to_login = Reply(303, [NO_STORE, ("Location", self.login_location(next_uri, reason, facts.root))])
             if not valid_id(sid):
                 return to_login, sid is not None
             verdict = await self.check(facts, sid, passive=True)
@@ -292,7 +311,7 @@ class Enforcer:
                 return json_reply(403, {"error": "csrf", "detail": "missing or wrong csrf_token"}, [NO_STORE]), False
             await self.rt.gate.revoke(key, "reauth", ip=self.client_ip(facts), resource=f"POST {facts.path}")
             return to_login, True
-        if facts.path == "/_lapse/logout" and facts.method == "POST":
+        if facts.local == "/_lapse/logout" and facts.method == "POST":
             if valid_id(sid):
                 key = self.rt.gate.key_of(sid)  # type: ignore[arg-type]
                 session, _ = await self.rt.store.read(key)
@@ -302,7 +321,7 @@ class Enforcer:
                         return json_reply(403, {"error": "csrf", "detail": "missing or wrong csrf_token"},
                                           [NO_STORE]), False
                     await self.rt.gate.revoke(key, "logout", ip=self.client_ip(facts), resource=f"POST {facts.path}")
-            return Reply(303, [NO_STORE, ("Location", self.login_location("/", "signed_out"))]), True
+            return Reply(303, [NO_STORE, ("Location", self.login_location(facts.root + "/", "signed_out", facts.root))]), True
         return None
 
     def unavailable(self, facts: Facts, exc: BaseException) -> Reply:
@@ -344,11 +363,19 @@ def json_reply(status: int, body: dict[str, Any], headers: list[tuple[str, str]]
     return Reply(status, [*headers, ("Content-Type", "application/json")], json.dumps(body).encode())
 
 
-def _host_of_app(loaded: LoadedConfig, name: str | None) -> str | None:
-    """A Host header that the named app's ``hosts`` match (wildcards get a label)."""
+def app_host(loaded: LoadedConfig, name: str | None) -> str | None:
+    """A Host header that the named app's ``hosts`` match (wildcards get a label); None without a name.
+
+    A middleware serves one app. Without a name, a file naming several apps would let each
+    request's Host header pick whose policy applies: refused here, when the adapter is built."""
+    apps = loaded.config.apps
     if name is None:
+        names = sorted({app.name for app in apps})
+        if len(names) > 1:
+            raise ValueError(f"{loaded.source} names several [[apps]] ({', '.join(names)}): say which one this "
+                             "app is (app_name=..., Django: LAPSE['app']), else the client's Host header would choose")
         return None
-    for app in loaded.config.apps:
+    for app in apps:
         if app.name == name:
             return re.sub(r"^\*\.", "app.", str(app.hosts[0]))
     raise ValueError(f"no [[apps]] entry named {name!r} in {loaded.source}")
@@ -380,5 +407,5 @@ async def running(loaded: LoadedConfig, settings: Settings, *,
 
 __all__ = [
     "Enforcer", "Facts", "Judgement", "Mode", "Reply", "SESSION_FIELD", "Settings", "StoreUnavailable",
-    "WIDGET_TAG", "form_token", "loaded_config", "presented", "running",
+    "WIDGET_TAG", "app_host", "form_token", "loaded_config", "presented", "running",
 ]

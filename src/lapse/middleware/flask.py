@@ -77,6 +77,9 @@ class Lapse:
         session.pop(SESSION_FIELD, None)
 
     def _before(self) -> Response | None:
+        wrong = self.lapse.wrong_host(judged_facts(request.environ))  # /_lapse/* included
+        if wrong is not None:
+            return to_response(wrong)
         if is_lapse(request.path):
             return None
         try:

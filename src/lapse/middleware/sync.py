@@ -39,7 +39,19 @@ from typing import Any, TypeVar
 from ..config import LoadedConfig
 from ..store.memory import MemoryStore
 from ..store.sqlite import SqliteStore
-from .core import PREFIX, Enforcer, Facts, Judgement, Mode, Reply, Settings, StoreUnavailable, json_reply, running
+from .core import (
+    PREFIX,
+    Enforcer,
+    Facts,
+    Judgement,
+    Mode,
+    Reply,
+    Settings,
+    StoreUnavailable,
+    app_host,
+    json_reply,
+    running,
+)
 
 T = TypeVar("T")
 
@@ -55,6 +67,7 @@ class Bridge:
     def __init__(self, loaded: LoadedConfig, settings: Settings, *, clock: Callable[[], float] | None = None,
                  timeout: float = 10.0) -> None:
         self.loaded, self.settings, self.clock, self.timeout = loaded, settings, clock, timeout
+        app_host(loaded, settings.app)  # an ambiguous or wrong app name fails here, not at the first request
         self._lock = threading.Lock()  # guards starting and stopping
         self._turn = threading.Lock()  # who may touch the gate and the store now (see the module's doc)
         self._direct = False
@@ -192,13 +205,18 @@ class SyncLapse:
     def cookie_sid(self, facts: Facts) -> str | None:
         return self.bridge.enforcer.cookie_sid(facts)
 
+    def wrong_host(self, facts: Facts) -> Reply | None:
+        """400 for a Host no ``[[apps]]`` entry claims, when no app is named (``Enforcer.wrong_host``)."""
+        enforcer = self.bridge.enforcer
+        return enforcer.wrong_host(facts.host) if enforcer.checks_host else None
+
     def endpoint(self, facts: Facts, sid: str | None, body: bytes, form_token: str | None = None) -> tuple[Reply, bool]:
         """A ``/_lapse/*`` request: (reply, whether the framework must sign its user out).
 
         The event stream is not served here: it would hold a worker thread for minutes per open tab.
         The widget, finding no stream, polls the passive ``/_lapse/session`` instead.
         """
-        if facts.path == EVENTS:
+        if facts.local == EVENTS:
             return json_reply(404, {"error": "no event stream with a sync server; poll /_lapse/session"},
                               [("Cache-Control", "no-store")]), False
 
@@ -244,14 +262,34 @@ async def call_asgi(app: Any, scope: dict[str, Any], body: bytes) -> Reply:
     return reply
 
 
-def facts_of_environ(environ: dict[str, Any]) -> Facts:
+def url_path(environ: dict[str, Any], *, wsgi_strings: bool = True) -> tuple[str, str]:
+    """(the public path, the mount prefix): ``SCRIPT_NAME + PATH_INFO``, so a rule for
+    ``/billing/admin/*`` holds for an app mounted at ``/billing`` as it does behind the gateway.
+    WSGI hands the bytes over as latin-1 strings: read them as UTF-8, as Werkzeug does. Django's
+    ``request.META`` holds them decoded already (``wsgi_strings=False``)."""
+    root = (environ.get("SCRIPT_NAME") or "").rstrip("/")
+    path = root + (environ.get("PATH_INFO") or "/")
+    if wsgi_strings and not path.isascii():
+        path, root = _utf8(path), _utf8(root)
+    return path, root
+
+
+def _utf8(wsgi_string: str) -> str:
+    try:
+        return wsgi_string.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # not a WSGI string at all: the server decoded it already
+        return wsgi_string
+
+
+def facts_of_environ(environ: dict[str, Any], *, wsgi_strings: bool = True) -> Facts:
     """A WSGI environ (or Django's ``request.META``, which follows it) as ``Facts``."""
     headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k.startswith("HTTP_")}
     if environ.get("CONTENT_TYPE"):
         headers["content-type"] = environ["CONTENT_TYPE"]
     host = headers.setdefault("host", environ.get("SERVER_NAME", ""))
-    return Facts(environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO") or "/",
-                 environ.get("QUERY_STRING", ""), host, headers, environ.get("REMOTE_ADDR"))
+    path, root = url_path(environ, wsgi_strings=wsgi_strings)
+    return Facts(environ.get("REQUEST_METHOD", "GET"), path, environ.get("QUERY_STRING", ""), host, headers,
+                 environ.get("REMOTE_ADDR"), root)
 
 
 _JUDGED = (("host", "HTTP_HOST"), ("cookie", "HTTP_COOKIE"), ("accept", "HTTP_ACCEPT"),
@@ -260,17 +298,19 @@ _JUDGED = (("host", "HTTP_HOST"), ("cookie", "HTTP_COOKIE"), ("accept", "HTTP_AC
 """The headers judging an app request reads (``core.Enforcer``: cookie, client IP, passive, refusal)."""
 
 
-def judged_facts(environ: dict[str, Any]) -> Facts:
+def judged_facts(environ: dict[str, Any], *, wsgi_strings: bool = True) -> Facts:
     """``facts_of_environ`` with only the headers judging reads: an app request's hot path.
     ``/_lapse`` requests need every header (``facts_of_environ``): the gateway sees them all."""
     headers = {name: environ[key] for name, key in _JUDGED if key in environ}
     host = headers.setdefault("host", environ.get("SERVER_NAME", ""))
-    return Facts(environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO") or "/",
-                 environ.get("QUERY_STRING", ""), host, headers, environ.get("REMOTE_ADDR"))
+    path, root = url_path(environ, wsgi_strings=wsgi_strings)
+    return Facts(environ.get("REQUEST_METHOD", "GET"), path, environ.get("QUERY_STRING", ""), host, headers,
+                 environ.get("REMOTE_ADDR"), root)
 
 
 def is_lapse(path: str) -> bool:
+    """Is this path inside the app (``PATH_INFO``, below the mount) one of lapse's own endpoints?"""
     return path.startswith(PREFIX)
 
 
-__all__ = ["Bridge", "SyncLapse", "call_asgi", "drive", "facts_of_environ", "is_lapse", "judged_facts"]
+__all__ = ["Bridge", "SyncLapse", "call_asgi", "drive", "facts_of_environ", "is_lapse", "judged_facts", "url_path"]

@@ -39,9 +39,14 @@ class LapseWSGI:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if is_lapse(environ.get("PATH_INFO") or "/"):
             facts = facts_of_environ(environ)
-            reply, _ = self.lapse.endpoint(facts, self.lapse.cookie_sid(facts), read_body(environ))
+            reply = self.lapse.wrong_host(facts)
+            if reply is None:
+                reply, _ = self.lapse.endpoint(facts, self.lapse.cookie_sid(facts), read_body(environ))
             return respond(reply, start_response)
         facts = judged_facts(environ)
+        wrong = self.lapse.wrong_host(facts)
+        if wrong is not None:
+            return respond(wrong, start_response)
         sid = self.lapse.cookie_sid(facts)
         judgement = self.lapse.judge(facts, sid)
         if judgement.reply is not None:

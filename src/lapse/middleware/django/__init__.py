@@ -48,8 +48,11 @@ class LapseMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         lapse_path = is_lapse(request.META.get("PATH_INFO") or "/")
-        facts = (facts_of_environ if lapse_path else judged_facts)(request.META)
+        facts = (facts_of_environ if lapse_path else judged_facts)(request.META, wsgi_strings=False)
         try:
+            wrong = self.lapse.wrong_host(facts)
+            if wrong is not None:
+                return to_response(wrong)
             if lapse_path:
                 return self._endpoint(request, facts)
             if not self.lapse.alongside:

@@ -100,7 +100,10 @@
   function input(e) {
     if (e && (e.isTrusted === false || (host && e.target === host))) return; // the dialog's own keys and clicks are not "activity"
     var n = now();
-    if (e && e.type === "pointermove" && n - lastInput < 1000) return; // throttled
+    if (e && e.type === "pointermove") {
+      // Chromium synthesises moves when the layout shifts under a resting pointer: only a move that moved counts
+      if (!(e.movementX || e.movementY) || n - lastInput < 1000) return; // and throttled
+    }
     lastInput = n;
     if (n - lastSent > 1000) { lastSent = n; send({ t: "input", at: n }); }
     if (shown === "idle") beat(true); else beat();
@@ -135,13 +138,22 @@
       else localStorage.setItem("lapse", JSON.stringify(m) + Math.random()); // fires 'storage' in the others
     } catch (x) { /* private mode */ }
   }
+  // Any script of this origin can post on the channel: a peer's times are never later than now, and a
+  // peer's session body is used only when every number in it is a number.
+  function peerTime(v) { v = +v; return isFinite(v) ? Math.min(v, now()) : null; }
+  function num(v) { return v == null || (typeof v === "number" && isFinite(v)); }
+  function sane(b) {
+    return !!b && typeof b === "object" && typeof b.server_time === "number" && isFinite(b.server_time) &&
+      num(b.idle_expires_in) && num(b.absolute_expires_in) && num(b.idle_timeout) && num(b.warn_before);
+  }
   function hear(m) {
     if (!m || m.from === me || gone) return;
-    if (m.t === "input") lastInput = Math.max(lastInput, m.at);
+    var at = peerTime(m.at);
+    if (m.t === "input") { if (at != null) lastInput = Math.max(lastInput, at); }
     else if (m.t === "beat") {
-      lastBeat = Math.max(lastBeat, m.at);
-      if (m.b) { if (m.p === path) apply(m.b, null, null, true); else check(); }
-    } else if (m.t === "dismiss") { dismissed = m.abs; tick(); }
+      if (at != null) lastBeat = Math.max(lastBeat, at);
+      if (sane(m.b)) { if (m.p === path) apply(m.b, null, null, true); else check(); }
+    } else if (m.t === "dismiss") { if (num(m.abs)) { dismissed = m.abs; tick(); } }
     else if (m.t === "exp") { check().then(function (b) { if (!b) expire(m.r); }); }
   }
   if (bc) bc.onmessage = function (e) { hear(e.data); };
@@ -291,7 +303,9 @@
   }
 
   // ---- wiring -------------------------------------------------------------------------------
-  ["keydown", "pointerdown", "pointermove", "wheel", "scroll", "touchstart"].forEach(function (ev) {
+  // Only what a person does. Not "scroll": scrollTo/scrollBy, auto-scrolling logs and carousels fire it too;
+  // a person scrolls with the wheel, keys, a pointer or touch, each of which is here.
+  ["keydown", "pointerdown", "pointermove", "wheel", "touchstart"].forEach(function (ev) {
     W.addEventListener(ev, input, { capture: true, passive: true });
   });
   function recheck() { if (D.visibilityState !== "hidden") { check(); tick(); } }
