@@ -353,3 +353,100 @@ def test_connections_waiting_to_authenticate_are_capped_per_address(gateway, mon
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
     assert sum("too many connections waiting" in r.getMessage() for r in caplog.records) == 1
+
+
+# ------------------------------------------------------------ the cut ends the work on the server too
+
+
+def _direct(ports: dict[str, int]):
+    """A connection straight to PostgreSQL, past lapse: to see what the server did."""
+    return psycopg.connect(host="127.0.0.1", port=ports["pg"], user="alice", password=PASSWORD, dbname="postgres",
+                           autocommit=True, connect_timeout=5)
+
+
+def _gone_at(direct, pid: int, limit: float) -> float:
+    """When (time.time()) backend ``pid`` left pg_stat_activity; fails if it is still there after ``limit`` s."""
+    deadline = time.time() + limit
+    while direct.execute("select count(*) from pg_stat_activity where pid = %s", [pid]).fetchone() != (0,):
+        assert time.time() < deadline, f"backend {pid} still running"
+        time.sleep(0.05)
+    return time.time()
+
+
+def _cut_event(lapse: Lapse, app: str, reason: str, since: float) -> object:
+    """The ``connection.terminated`` of ``app`` with ``reason`` written after ``since`` (waiting up to 5 s for it)."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = [e for e in _events(lapse, "connection.terminated", app) if e.reason == reason and e.ts >= since]
+        if found:
+            return found[-1]
+        assert time.monotonic() < deadline, [(e.event, e.app, e.reason) for e in lapse.audit(20)]
+        time.sleep(0.05)
+
+
+def test_a_query_running_at_the_cut_is_cancelled_and_does_not_commit(gateway) -> None:
+    """Finding 1: closing the connection alone let ``pg_sleep(5); INSERT`` run on and commit after the FATAL."""
+    lapse, ports = gateway
+    with _direct(ports) as direct:
+        direct.execute("create table if not exists cut_rows (note text)")
+        conn = _connect(ports["db"])
+        try:
+            pid = conn.info.backend_pid
+            sent = time.time()
+            conn.pgconn.send_query(b"select pg_sleep(5); insert into cut_rows values ('committed after the cut')")
+            conn.pgconn.flush()
+            gone = _gone_at(direct, pid, limit=3.0 + SLACK + 2.0)
+            cut = _cut_event(lapse, "db", "idle", sent)
+            assert 3.0 - 0.3 <= cut.ts - sent <= 3.0 + SLACK, cut.ts - sent
+            assert gone - cut.ts <= 1.5, gone - cut.ts  # the backend ends with the cut, not when its query does
+            time.sleep(max(0.0, sent + 5.5 - time.time()))  # past the moment the INSERT would have committed
+            assert direct.execute("select count(*) from cut_rows").fetchone() == (0,)
+        finally:
+            conn.close()
+
+
+def _stalled_client(ports: dict[str, int], port: int, table: str):
+    """A client that sends a big query under an exclusive lock and never reads its result."""
+    conn = _connect(port)
+    conn.pgconn.send_query(f"begin; lock table {table} in access exclusive mode; "
+                           "select repeat('x', 1000) from generate_series(1, 200000)".encode())
+    conn.pgconn.flush()
+    return conn
+
+
+def test_a_client_that_stops_reading_is_cut_at_its_idle_deadline(gateway) -> None:
+    """Finding 2: the warning waited for the client to read, so the cut never came and the lock was held."""
+    lapse, ports = gateway
+    with _direct(ports) as direct:
+        direct.execute("create table if not exists cut_locked (note text)")
+        sent = time.time()
+        conn = _stalled_client(ports, ports["db"], "cut_locked")
+        try:
+            gone = _gone_at(direct, conn.info.backend_pid, limit=3.0 + SLACK + 3.0)
+            assert gone - sent <= 3.0 + SLACK + 2.0, gone - sent
+            with direct.transaction():  # the lock went with it
+                direct.execute("lock table cut_locked in access exclusive mode nowait")
+        finally:
+            conn.close()
+    cut = _cut_event(lapse, "db", "idle", sent)
+    assert cut.ts - sent <= 3.0 + SLACK, cut.ts - sent
+    assert any(e.event == "session.expired" and e.reason == "idle" and e.session == cut.session
+               for e in lapse.audit(500))
+
+
+def test_a_client_that_stops_reading_is_cut_by_a_revocation(gateway) -> None:
+    """Finding 2: the final FATAL waited for the client to read; now it has a bounded time, then the abort."""
+    lapse, ports = gateway
+    with _direct(ports) as direct:
+        direct.execute("create table if not exists cut_revoked (note text)")
+        conn = _stalled_client(ports, ports["slow"], "cut_revoked")
+        try:
+            time.sleep(0.5)  # the server's answer fills the buffers: lapse is now blocked writing to the client
+            asked = time.time()
+            assert lapse.run(lambda rt: rt.gate.revoke_user("alice", "admin")) >= 1
+            gone = _gone_at(direct, conn.info.backend_pid, limit=SLACK + 3.0)
+            assert gone - asked <= SLACK + 1.0, gone - asked
+        finally:
+            conn.close()
+    cut = _cut_event(lapse, "dbslow", "revoked", asked)
+    assert cut.ts - asked <= SLACK, cut.ts - asked

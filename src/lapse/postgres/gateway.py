@@ -23,8 +23,12 @@ Theory of operation:
    messages never are. A monitor (``lapse.monitor``) sleeps until the
    deadline; ``warn_before`` ahead of it the client gets a NoticeResponse
    ("this session will end in N seconds for inactivity"); at it an
-   ErrorResponse FATAL, SQLSTATE 57P05 (idle) or 57P01 (absolute, revoked),
-   then both sides are closed. A revocation anywhere cuts within a second.
+   ErrorResponse FATAL, SQLSTATE 57P05 (idle) or 57P01 (absolute, revoked).
+   A revocation anywhere cuts within a second. The server's side is cut first: a
+   CancelRequest with the connection's BackendKeyData stops a running query (so it
+   cannot commit after the cut), then Terminate and an abort. Nothing at the cut
+   waits on the client: warnings are skipped when it is not reading, the FATAL has
+   ``SAY_TIMEOUT`` seconds to leave, then the connection is aborted.
 4. The session ends with the connection: ``session.expired`` (idle, absolute)
    when lapse cut it, ``session.revoked`` reason ``logout`` when the client
    left; ``connection.terminated`` with the reason when lapse cut it.
@@ -57,6 +61,8 @@ AUTH_TIMEOUT = 30.0
 WAITING_MAX = 256  # connections of one listener still authenticating (or shaking hands): more are refused at once
 WAITING_PER_IP = 32  # of which from one address (a NAT of many clients stays well under)
 """Seconds from accepting a connection to ReadyForQuery (startup packet, TLS handshake, authentication); then it is closed."""
+CANCEL_TIMEOUT = 2.0  # seconds for the server to take the CancelRequest sent at a cut
+SAY_TIMEOUT = 2.0  # seconds a client has to take lapse's last message (a FATAL) before the connection is aborted
 TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello: a client that skipped SSLRequest
 
 
@@ -255,12 +261,16 @@ class PostgresGateway:
 
     async def _authenticate(self, server: _Messages, client: _Messages, writer: asyncio.StreamWriter,
                             up_writer: asyncio.StreamWriter, params: dict[str, str],
-                            ip: str | None) -> tuple[Monitor, str] | None:
-        """Relay PostgreSQL's authentication; at AuthenticationOk sign in and judge. (monitor, session ID) or None."""
+                            ip: str | None) -> tuple[Monitor, str, bytes | None] | None:
+        """Relay PostgreSQL's authentication; at AuthenticationOk sign in and judge.
+
+        (monitor, session ID, the server's cancel key) or None; the key is BackendKeyData's process ID and secret,
+        which lapse needs to stop a running query when it cuts the connection.
+        """
         user = params.get("user", "")
         database = params.get("database") or user
         device = from_application_name(params.get("application_name"))
-        opened: tuple[Monitor, str] | None = None
+        opened: tuple[Monitor, str, bytes | None] | None = None
         signed: list[Monitor] = []
         try:
             opened = await self._exchange(server, client, writer, up_writer, user, database, device, ip, signed)
@@ -272,9 +282,10 @@ class PostgresGateway:
 
     async def _exchange(self, server: _Messages, client: _Messages, writer: asyncio.StreamWriter,
                         up_writer: asyncio.StreamWriter, user: str, database: str, device: str,
-                        ip: str | None, signed: list[Monitor]) -> tuple[Monitor, str] | None:
+                        ip: str | None, signed: list[Monitor]) -> tuple[Monitor, str, bytes | None] | None:
         monitor: Monitor | None = None
         sid = ""
+        cancel_key: bytes | None = None
         while True:
             message = await server.one()
             kind = message[0]
@@ -294,12 +305,14 @@ class PostgresGateway:
                     up_writer.write(await client.one())
                     await up_writer.drain()
                 continue
+            if kind == ord("K") and len(message) == 13:
+                cancel_key = message[5:13]
             writer.write(message)
             await writer.drain()
             if kind == ord("E"):
                 return None  # the server refused (bad password, no such database): it closes
             if kind == pg.READY:
-                return (monitor, sid) if monitor is not None else None
+                return (monitor, sid, cancel_key) if monitor is not None else None
 
     async def _sign_in(self, user: str, database: str, device: str, ip: str | None) -> tuple[Monitor, str] | str:
         gate = self.gate()
@@ -314,12 +327,12 @@ class PostgresGateway:
         return self.connections.open(Facts(self.host, path, "CONNECT", ip, sid, resource), verdict), sid
 
     async def _relay(self, server: _Messages, client: _Messages, writer: asyncio.StreamWriter,
-                     up_writer: asyncio.StreamWriter, monitor: Monitor, sid: str) -> None:
+                     up_writer: asyncio.StreamWriter, monitor: Monitor, sid: str, cancel_key: bytes | None) -> None:
         async def warn(kind: str, left: float) -> None:
+            """Never waits for the client: a client that stops reading must not hold the monitor (and the cut)."""
             seconds = max(1, round(left))
             why = "for inactivity" if kind == "idle" else "(its maximum length)"
-            writer.write(pg.notice(f"lapse: this session will end in {seconds} seconds {why}"))
-            await writer.drain()
+            _write_unless_backed_up(writer, pg.notice(f"lapse: this session will end in {seconds} seconds {why}"))
 
         monitor.warn = warn
 
@@ -363,20 +376,52 @@ class PostgresGateway:
             if violation is not None:
                 log.warning("postgres gateway %s: protocol violation from %s: %s; closing", self.spec.name,
                             monitor.facts.ip, violation)
+                await self._stop_upstream(up_writer, cancel_key)
                 await _say(writer, pg.error(f"lapse: protocol violation: {violation}", pg.SQLSTATE_PROTOCOL))
-                up_writer.write(pg.TERMINATE)
                 self.connections.terminated(monitor, "protocol_violation")
                 await gate.revoke(monitor.key, "logout")
                 return
             if reason is None:
                 await gate.revoke(monitor.key, "logout")
                 return
+            await self._stop_upstream(up_writer, cancel_key)
             await _say(writer, pg.error(_cut_message(reason), pg.SQLSTATE_IDLE if reason == "idle" else pg.SQLSTATE_ADMIN))
-            up_writer.write(pg.TERMINATE)
             self.connections.terminated(monitor, reason)
             await gate.revoke(monitor.key, reason if reason in ("idle", "absolute") else "logout")
         except StoreUnavailable as exc:
             log.error("postgres gateway: store unavailable at the end of a connection: %s", exc)
+
+    async def _stop_upstream(self, up_writer: asyncio.StreamWriter, cancel_key: bytes | None) -> None:
+        """End the server's side of a cut connection: cancel what runs, then Terminate and drop the connection.
+
+        Closing the connection alone is not enough: PostgreSQL notices a vanished client only when it next reads
+        or writes, so a running ``pg_sleep(8); INSERT ...`` would finish and commit after the cut. A CancelRequest
+        (on a new connection, as libpq's ``PQcancel``) interrupts it; the connection is then aborted, not closed,
+        so a backend blocked writing to lapse (a client that stopped reading) sees it gone at once.
+        """
+        if cancel_key is not None:
+            await self._cancel(cancel_key)
+        up_writer.write(pg.TERMINATE)  # sent at once unless the server stopped reading; then abort is all there is
+        up_writer.transport.abort()
+
+    async def _cancel(self, cancel_key: bytes) -> None:
+        """Send CancelRequest for ``cancel_key`` and wait (at most ``CANCEL_TIMEOUT``) until the server has taken it.
+
+        Plain TCP to ``upstream``, as the relayed connection itself (the hop to the server is never TLS). The server
+        closes the connection once it has signalled the backend, so that close is the acknowledgement.
+        """
+        cancel_writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(CANCEL_TIMEOUT):
+                cancel_reader, cancel_writer = await asyncio.open_connection(*self.upstream)
+                cancel_writer.write(struct.pack("!II", 16, pg.CANCEL_REQUEST) + cancel_key)
+                await cancel_writer.drain()
+                await cancel_reader.read()
+        except (OSError, TimeoutError) as exc:
+            log.warning("postgres gateway %s: could not cancel the running query at a cut: %s", self.spec.name, exc)
+        finally:
+            if cancel_writer is not None:
+                cancel_writer.transport.abort()
 
 
 def _cut_message(reason: str) -> str:
@@ -395,11 +440,26 @@ def _buffered(reader: asyncio.StreamReader) -> int:
 
 
 async def _say(writer: asyncio.StreamWriter, message: bytes) -> None:
+    """A last message to the client, then the end: it has ``SAY_TIMEOUT`` seconds to take it (a client that
+    stopped reading cannot hold the connection, nor the task that cuts it)."""
+    transport = writer.transport
     try:
         writer.write(message)
-        await writer.drain()
-    except (ConnectionError, RuntimeError):
-        pass
+        transport.set_write_buffer_limits(high=0)  # drain() now waits until everything is sent
+        async with asyncio.timeout(SAY_TIMEOUT):
+            await writer.drain()
+    except (ConnectionError, RuntimeError, TimeoutError):
+        transport.abort()
+    else:
+        transport.close()
+
+
+def _write_unless_backed_up(writer: asyncio.StreamWriter, message: bytes) -> None:
+    """Write without waiting; skipped when the client is not reading (its buffer is past the high-water mark)."""
+    transport = writer.transport
+    if transport.is_closing() or transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
+        return
+    writer.write(message)
 
 
 async def start_listeners(config: Config, gate: Callable[[], Gate], connections: Connections) -> list[asyncio.Server]:
