@@ -450,3 +450,70 @@ def test_a_client_that_stops_reading_is_cut_by_a_revocation(gateway) -> None:
             conn.close()
     cut = _cut_event(lapse, "dbslow", "revoked", asked)
     assert cut.ts - asked <= SLACK, cut.ts - asked
+
+
+# ------------------------------------------------------------ which client messages are activity
+
+
+def _message(kind: bytes, body: bytes = b"") -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+NO_OPS = {
+    "CopyData outside COPY": _message(b"d"),
+    "empty Query": _message(b"Q", b"\0"),
+    "Query of blanks, semicolons and comments": _message(b"Q", b" ; -- nothing\n/* at all */ ;\0"),
+    "Parse without Execute": _message(b"P", b"\0select 1\0\0\0") + _message(b"S"),
+}
+
+
+@pytest.mark.parametrize("no_op", NO_OPS.values(), ids=NO_OPS.keys())
+def test_no_op_messages_do_not_keep_a_session_alive(gateway, no_op: bytes) -> None:
+    """Finding 3: these were judged by their type alone, so one every second kept a 3 s idle session open."""
+    _, ports = gateway
+    with _connect(ports["db"]) as conn:
+        conn.execute("select 1")
+        last = time.monotonic()
+        raw = socket.socket(fileno=os.dup(conn.fileno()))
+        raw.settimeout(1.0)
+        data = b""
+        try:
+            while time.monotonic() - last < 3.0 + SLACK + 2.0:
+                try:
+                    raw.sendall(no_op)
+                    chunk = raw.recv(65536)
+                except TimeoutError:
+                    continue
+                except ConnectionResetError:  # lapse closed while a no-op was on its way
+                    break
+                if not chunk:
+                    break
+                data += chunk
+            took = time.monotonic() - last
+        finally:
+            raw.close()
+    assert _fatal(data)[0] == "57P05" and took <= 3.0 + SLACK + 0.5, (took, data[-200:])
+
+
+def test_copy_data_is_activity_while_a_copy_runs(gateway) -> None:
+    """Finding 3: CopyData counts while the server has a COPY FROM STDIN open (a slow load is not idle)."""
+    _, ports = gateway
+    with _connect(ports["db"]) as conn:
+        conn.execute("create table if not exists copied (note text)")
+        conn.execute("truncate copied")
+        raw = socket.socket(fileno=os.dup(conn.fileno()))
+        raw.settimeout(5)
+        try:
+            raw.sendall(_message(b"Q", b"copy copied (note) from stdin\0"))
+            assert raw.recv(65536)[:1] == b"G"  # CopyInResponse
+            for n in range(5):  # one row a second, well past the 3 s idle limit
+                raw.sendall(_message(b"d", f"row {n}\n".encode()))
+                time.sleep(1.0)
+            raw.sendall(_message(b"c"))
+            answer = b""
+            while not answer.endswith(b"Z\0\0\0\x05I"):
+                answer += raw.recv(65536)
+        finally:
+            raw.close()
+        assert answer.startswith(b"C") and b"COPY 5" in answer, answer
+        assert conn.execute("select count(*) from copied").fetchone() == (5,)

@@ -18,9 +18,9 @@ Theory of operation:
    lapse session per connection, named by the PostgreSQL role -- and judges it
    like a request to an app (allow rules, networks, org ceiling). Refused: an
    ``ErrorResponse`` FATAL 28000 instead of the ``AuthenticationOk``.
-3. Then messages pass both ways. Client messages that do work (a query, a
-   parse/bind/execute, a function call, COPY data) are activity; server
-   messages never are. A monitor (``lapse.monitor``) sleeps until the
+3. Then messages pass both ways. Client messages that make the server execute
+   something (a non-empty query, an execute, a function call, COPY data during a
+   COPY into the server) are activity (``_Activity``); server messages never are. A monitor (``lapse.monitor``) sleeps until the
    deadline; ``warn_before`` ahead of it the client gets a NoticeResponse
    ("this session will end in N seconds for inactivity"); at it an
    ErrorResponse FATAL, SQLSTATE 57P05 (idle) or 57P01 (absolute, revoked).
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import struct
 from collections.abc import Callable
@@ -54,7 +55,10 @@ from .tls import ServerTls
 
 log = logging.getLogger("lapse.postgres")
 
-ACTIVE = frozenset(b"QPBEFd")  # Query, Parse, Bind, Execute, FunctionCall, CopyData
+ACTIVE = frozenset(b"QEF")  # Query (unless empty), Execute, FunctionCall; and CopyData in COPY (_Activity)
+NO_SQL = re.compile(rb"(?:\s|;|--[^\n]*(?:\n|\Z)|/\*(?:[^*]|\*(?!/))*\*/)*\x00?\Z")
+"""A query string the server answers with EmptyQueryResponse: only blanks, semicolons and comments."""
+NO_SQL_MAX = 4096  # longer query strings are judged activity without looking (a keep-alive is short)
 ANSWERED = frozenset({2, 3, 5, 7, 8, 9, 10, 11})  # authentication requests the client answers
 READ = 64 * 1024
 AUTH_TIMEOUT = 30.0
@@ -63,6 +67,8 @@ WAITING_PER_IP = 32  # of which from one address (a NAT of many clients stays we
 """Seconds from accepting a connection to ReadyForQuery (startup packet, TLS handshake, authentication); then it is closed."""
 CANCEL_TIMEOUT = 2.0  # seconds for the server to take the CancelRequest sent at a cut
 SAY_TIMEOUT = 2.0  # seconds a client has to take lapse's last message (a FATAL) before the connection is aborted
+COPY_IN = frozenset(b"GW")  # CopyInResponse, CopyBothResponse: CopyData from the client is work from now
+COPY_END = frozenset(b"cf")  # CopyDone, CopyFail from the client
 TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello: a client that skipped SSLRequest
 
 
@@ -109,6 +115,41 @@ class _Messages:
         if not self.ready:
             self.ready = await self.batch()
         return self.ready.pop(0)
+
+
+class _Activity:
+    """Which client messages do work, so keep the session alive; the COPY state comes from the server.
+
+    Work is what makes the server execute something: a Query (not an empty one), an Execute, a FunctionCall,
+    and CopyData while a COPY into the server runs. Parse and Bind only prepare (an Execute follows when the
+    statement runs), and CopyData outside COPY, Sync, Flush, Describe and Close do nothing: counting them let a
+    client keep a session open forever with 5-byte no-ops.
+    """
+
+    def __init__(self) -> None:
+        self.copy_in = False  # the server said CopyInResponse/CopyBothResponse and the COPY has not ended
+
+    def server(self, batch: list[bytes]) -> None:
+        for m in batch:
+            if m[0] in COPY_IN:
+                self.copy_in = True
+            elif m[0] in (ord("E"), pg.READY):
+                self.copy_in = False
+
+    def client(self, batch: list[bytes]) -> bool:
+        """Whether ``batch`` holds work (and the COPY state after it)."""
+        work = False
+        for m in batch:
+            kind = m[0]
+            if kind == ord("d"):
+                work = work or self.copy_in
+            elif kind in COPY_END:
+                self.copy_in = False
+            elif kind == ord("Q"):
+                work = work or len(m) > NO_SQL_MAX or NO_SQL.match(m, 5) is None
+            elif kind in ACTIVE:
+                work = True
+        return work
 
 
 class PostgresGateway:
@@ -335,11 +376,12 @@ class PostgresGateway:
             _write_unless_backed_up(writer, pg.notice(f"lapse: this session will end in {seconds} seconds {why}"))
 
         monitor.warn = warn
+        activity = _Activity()
 
         async def from_client() -> str | None:
             while True:
                 batch = await client.batch()
-                if any(m[0] in ACTIVE for m in batch):
+                if activity.client(batch):
                     reason = await monitor.activity()
                     if reason is not None:
                         return reason
@@ -350,7 +392,9 @@ class PostgresGateway:
 
         async def from_server() -> str | None:
             while True:
-                writer.write(b"".join(await server.batch()))  # whole messages only: notices go between
+                batch = await server.batch()
+                activity.server(batch)  # before the client sees a CopyInResponse, so its CopyData counts
+                writer.write(b"".join(batch))  # whole messages only: notices go between
                 await writer.drain()
 
         tasks = [asyncio.create_task(from_client()), asyncio.create_task(from_server()),
