@@ -319,12 +319,12 @@ def test_after_authentication_long_messages_pass_and_absurd_ones_end_the_connect
     assert cut and cut[-1].user == "alice"
 
 
-def test_connections_waiting_to_authenticate_are_capped_per_address(gateway, monkeypatch, caplog) -> None:
-    """Before authentication a connection proves nothing: past WAITING_PER_IP from one address (small here),
+def test_connections_waiting_to_authenticate_are_capped_per_network(gateway, monkeypatch, caplog) -> None:
+    """Before authentication a connection proves nothing: past WAITING_PER_NETWORK from one network (small here),
     the next is refused at once with FATAL 53300 (too_many_connections) and one log line; authenticated
     connections do not count, and once the waiting ones leave, new ones are served."""
     _, ports = gateway
-    monkeypatch.setattr(gateway_mod, "WAITING_PER_IP", 3)
+    monkeypatch.setattr(gateway_mod, "WAITING_PER_NETWORK", 3)
     with _connect(ports["slow"]) as signed_in, caplog.at_level(logging.WARNING, logger="lapse.postgres"):
         idle = [_raw(ports["slow"]) for _ in range(3)]
         try:
@@ -333,6 +333,7 @@ def test_connections_waiting_to_authenticate_are_capped_per_address(gateway, mon
             deadline, data = time.monotonic() + 5, b""
             while not data and time.monotonic() < deadline:  # until the gateway has taken the three in
                 with _raw(ports["slow"]) as extra:
+                    extra.sendall(_startup_packet())
                     try:
                         data, took = _until_closed(extra, limit=0.5)
                     except TimeoutError:
@@ -353,6 +354,44 @@ def test_connections_waiting_to_authenticate_are_capped_per_address(gateway, mon
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
     assert sum("too many connections waiting" in r.getMessage() for r in caplog.records) == 1
+
+
+def _raw_from(address: str, port: int) -> socket.socket:
+    """A connection from another loopback address (Linux routes all of 127.0.0.0/8 to lo)."""
+    sock = socket.socket()
+    sock.bind((address, 0))
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def test_idle_sockets_from_many_addresses_of_one_network_do_not_lock_others_out(gateway, monkeypatch) -> None:
+    """Finding 4: counted per address, 8 addresses filled every waiting slot of the listener. Counted per /24,
+    they share one quota: a client from another network is served, and a libpq client from the flooded network
+    reads why it is refused (its SSLRequest is answered N first)."""
+    _, ports = gateway
+    monkeypatch.setattr(gateway_mod, "WAITING_MAX", 8)
+    monkeypatch.setattr(gateway_mod, "WAITING_PER_NETWORK", 4)
+    flood = [_raw_from(f"127.0.0.{n}", ports["slow"]) for n in range(2, 10)]  # 8 addresses of 127.0.0.0/24
+    try:
+        time.sleep(0.3)  # the gateway has taken them in (4 wait, 4 are being refused)
+        with _raw_from("127.0.1.1", ports["slow"]) as other:  # another /24
+            other.sendall(_startup_packet())
+            assert other.recv(65536)[:1] == b"R"  # PostgreSQL asks for the password: not refused
+        with pytest.raises(psycopg.OperationalError, match="too many connections waiting to authenticate"):
+            _connect(ports["slow"], sslmode="prefer")  # from 127.0.0.1: the flooded /24
+    finally:
+        for sock in flood:
+            sock.close()
+
+
+def test_a_socket_that_sends_nothing_is_closed_before_the_authentication_timeout(gateway, monkeypatch) -> None:
+    """Finding 4: the first packet has its own short limit (FIRST_PACKET_TIMEOUT, 5 s; shorter here)."""
+    _, ports = gateway
+    monkeypatch.setattr(gateway_mod, "FIRST_PACKET_TIMEOUT", 0.5)
+    with _raw(ports["slow"]) as sock:
+        data, took = _until_closed(sock)
+    assert _fatal(data) == ("08P01", "lapse: protocol violation: no startup packet within 0.5 s") and took < 2
 
 
 # ------------------------------------------------------------ the cut ends the work on the server too

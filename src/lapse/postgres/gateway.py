@@ -37,6 +37,7 @@ Theory of operation:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import ssl
@@ -62,9 +63,12 @@ NO_SQL_MAX = 4096  # longer query strings are judged activity without looking (a
 ANSWERED = frozenset({2, 3, 5, 7, 8, 9, 10, 11})  # authentication requests the client answers
 READ = 64 * 1024
 AUTH_TIMEOUT = 30.0
-WAITING_MAX = 256  # connections of one listener still authenticating (or shaking hands): more are refused at once
-WAITING_PER_IP = 32  # of which from one address (a NAT of many clients stays well under)
 """Seconds from accepting a connection to ReadyForQuery (startup packet, TLS handshake, authentication); then it is closed."""
+FIRST_PACKET_TIMEOUT = 5.0
+"""Seconds from accepting a connection to its first packet (SSLRequest or startup): a real client sends it at once."""
+WAITING_MAX = 256  # connections of one listener still authenticating (or shaking hands): more are refused at once
+WAITING_PER_NETWORK = 32  # of which from one network (_network: an IPv4 /24, an IPv6 /64)
+REFUSE_TIMEOUT = 1.0  # seconds a refused connection is given to send its first packets, so its client can read why
 CANCEL_TIMEOUT = 2.0  # seconds for the server to take the CancelRequest sent at a cut
 SAY_TIMEOUT = 2.0  # seconds a client has to take lapse's last message (a FATAL) before the connection is aborted
 COPY_IN = frozenset(b"GW")  # CopyInResponse, CopyBothResponse: CopyData from the client is work from now
@@ -161,7 +165,7 @@ class PostgresGateway:
         self.upstream = parse_listen(spec.upstream)
         self.tls = ServerTls(*spec.tls_paths) if spec.tls_paths is not None else None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._waiting: dict[str | None, int] = {}  # connections before authentication, by client address
+        self._waiting: dict[str | None, int] = {}  # connections before authentication, by client network
         self._refusals = OutageLog(log, f"postgres gateway {spec.name}: refusing connections")
 
     async def start(self) -> asyncio.Server:
@@ -174,18 +178,17 @@ class PostgresGateway:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         ip = peer[0] if peer else None
+        net = _network(ip)
         up_writer: asyncio.StreamWriter | None = None
         deadline = asyncio.timeout(AUTH_TIMEOUT)  # before authentication, nobody holds a connection open for long
         client_side = _Client(reader, writer)
-        if sum(self._waiting.values()) >= WAITING_MAX or self._waiting.get(ip, 0) >= WAITING_PER_IP:
+        if sum(self._waiting.values()) >= WAITING_MAX or self._waiting.get(net, 0) >= WAITING_PER_NETWORK:
             # Before authentication a connection costs a file descriptor (and a TLS handshake its CPU) and
             # proves nothing: a flood of them must not starve the listener, nor the gateway's HTTP side.
             self._refusals.refused(ConnectionError("too many connections waiting to authenticate"))
-            await _say(writer, pg.error("lapse: too many connections waiting to authenticate; try again",
-                                        pg.SQLSTATE_TOO_MANY))
-            writer.close()
+            await _refuse(reader, writer)
             return
-        self._waiting[ip] = self._waiting.get(ip, 0) + 1
+        self._waiting[net] = self._waiting.get(net, 0) + 1
         waiting = True
         try:
             async with deadline:
@@ -200,7 +203,7 @@ class PostgresGateway:
                     return
                 server, client = _Messages(up_reader), _Messages(reader, pg.MAX_AUTH_MESSAGE)
                 opened = await self._authenticate(server, client, writer, up_writer, params, ip)
-            self._stop_waiting(ip)
+            self._stop_waiting(net)
             waiting = False
             if opened is not None:
                 client.limit = pg.MAX_MESSAGE
@@ -231,16 +234,16 @@ class PostgresGateway:
             log.warning("postgres gateway %s: protocol error from %s: %s", self.spec.name, ip, exc)
         finally:
             if waiting:
-                self._stop_waiting(ip)
+                self._stop_waiting(net)
             for w in (writer, up_writer):
                 if w is not None:
                     w.close()
 
-    def _stop_waiting(self, ip: str | None) -> None:
+    def _stop_waiting(self, net: str | None) -> None:
         """This connection has authenticated (or ended): it no longer counts against the waiting limits."""
-        left = self._waiting.pop(ip) - 1
+        left = self._waiting.pop(net) - 1
         if left:
-            self._waiting[ip] = left
+            self._waiting[net] = left
 
     async def _startup(self, client: _Client, ip: str | None) -> tuple[bytes, dict[str, str] | None] | None:
         """(the startup packet, its parameters) or (a CancelRequest, None); None if the client gave up or was refused.
@@ -250,7 +253,10 @@ class PostgresGateway:
         reader, writer = client.reader, client.writer
         asked: set[int] = set()
         while True:
-            head = await reader.readexactly(8)
+            if asked:
+                head = await reader.readexactly(8)
+            else:
+                head = await _first_packet_head(reader)
             if not asked and head[0] == TLS_HANDSHAKE:
                 log.warning("postgres gateway %s: %s started TLS directly (sslnegotiation=direct), which lapse does "
                             "not support; closing (sslnegotiation=postgres, the default, works)", self.spec.name, ip)
@@ -466,6 +472,57 @@ class PostgresGateway:
         finally:
             if cancel_writer is not None:
                 cancel_writer.transport.abort()
+
+
+def _network(ip: str | None) -> str | None:
+    """The network a client is counted under before authentication: its IPv4 /24 or its IPv6 /64.
+
+    Counting by address let 8 addresses hold all of a listener's waiting slots; an attacker's addresses come in
+    blocks (a /64 is what one IPv6 host is given; a /24 the smallest IPv4 block routed on its own), so one
+    network shares one quota. IPv4-mapped IPv6 addresses count as IPv4.
+    """
+    if ip is None:
+        return None
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = 24 if address.version == 4 else 64
+    return str(ipaddress.ip_network((address, prefix), strict=False))
+
+
+async def _first_packet_head(reader: asyncio.StreamReader) -> bytes:
+    """The first 8 bytes of a connection, within ``FIRST_PACKET_TIMEOUT``: a socket that says nothing is dropped
+    long before the authentication timeout, so idle sockets cannot hold the waiting slots."""
+    try:
+        async with asyncio.timeout(FIRST_PACKET_TIMEOUT):
+            return await reader.readexactly(8)
+    except TimeoutError:
+        raise pg.ProtocolViolation(f"no startup packet within {FIRST_PACKET_TIMEOUT:g} s") from None
+
+
+async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Refuse a connection over the waiting limits so that its client can say why.
+
+    libpq sends an SSLRequest first and takes only ``S`` or ``N`` for an answer; an ErrorResponse there is an
+    unreadable "invalid response to SSL negotiation". So the first packets (at most ``REFUSE_TIMEOUT`` seconds)
+    are read, an SSLRequest or GSSENCRequest answered ``N``, and the FATAL comes where the client reads one.
+    """
+    try:
+        async with asyncio.timeout(REFUSE_TIMEOUT):
+            for _ in range(3):  # at most an SSLRequest, a GSSENCRequest, then the startup packet
+                length, code = struct.unpack("!II", await reader.readexactly(8))
+                if code not in (pg.SSL_REQUEST, pg.GSSENC_REQUEST) or length != 8:
+                    if 8 < length <= pg.MAX_STARTUP:  # read it whole: closing on unread bytes would reset
+                        await reader.readexactly(length - 8)
+                    break
+                writer.write(b"N")
+    except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+        pass
+    await _say(writer, pg.error("lapse: too many connections waiting to authenticate; try again",
+                                pg.SQLSTATE_TOO_MANY))
 
 
 def _cut_message(reason: str) -> str:
