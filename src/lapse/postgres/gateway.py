@@ -73,6 +73,7 @@ CANCEL_TIMEOUT = 2.0  # seconds for the server to take the CancelRequest sent at
 SAY_TIMEOUT = 2.0  # seconds a client has to take lapse's last message (a FATAL) before the connection is aborted
 COPY_IN = frozenset(b"GW")  # CopyInResponse, CopyBothResponse: CopyData from the client is work from now
 COPY_END = frozenset(b"cf")  # CopyDone, CopyFail from the client
+STREAM_AT = 1 << 20  # after authentication, messages longer than this are streamed, not buffered whole
 TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello: a client that skipped SSLRequest
 
 
@@ -100,6 +101,7 @@ class _Messages:
         self.limit = limit
         self.buffer = bytearray()
         self.ready: list[bytes] = []
+        self.streaming = 0  # bytes still to come of a long message being streamed (relay)
 
     async def batch(self) -> list[bytes]:
         """The whole messages that have arrived (at least one)."""
@@ -119,6 +121,40 @@ class _Messages:
         if not self.ready:
             self.ready = await self.batch()
         return self.ready.pop(0)
+
+    async def relay(self) -> tuple[list[bytes], bytes]:
+        """(the messages that begin in the bytes, the bytes to forward), as they arrive, after authentication.
+
+        A message is whole in the list, or, when it is longer than ``STREAM_AT``, only its 5-byte head: its body
+        is forwarded in pieces as it comes, so a connection buffers at most ``STREAM_AT`` plus one read, not the
+        1 GiB a message may be. ``streaming`` says whether the bytes end inside such a message.
+        """
+        if self.ready:  # sent along with the end of the authentication
+            out, self.ready = self.ready, []
+            return out, b"".join(out)
+        while True:
+            if self.streaming:
+                chunk = await self.reader.read(min(READ, self.streaming))
+                if not chunk:
+                    raise _Closed
+                self.streaming -= len(chunk)
+                return [], chunk
+            chunk = await self.reader.read(READ)
+            if not chunk:
+                raise _Closed
+            self.buffer += chunk
+            found, used = pg.split(self.buffer, self.limit)
+            start = len(self.buffer) - used
+            if start >= 5:
+                (length,) = struct.unpack_from("!I", self.buffer, used + 1)
+                if length > STREAM_AT:  # a long message begins: forward what there is of it, then stream the rest
+                    found.append(bytes(self.buffer[used:used + 5]))
+                    self.streaming = 1 + length - start
+                    used = len(self.buffer)
+            if used:
+                out = bytes(self.buffer[:used])
+                del self.buffer[:used]
+                return found, out
 
 
 class _Activity:
@@ -150,7 +186,8 @@ class _Activity:
             elif kind in COPY_END:
                 self.copy_in = False
             elif kind == ord("Q"):
-                work = work or len(m) > NO_SQL_MAX or NO_SQL.match(m, 5) is None
+                (length,) = struct.unpack_from("!I", m, 1)  # declared: a long one is here as its head only
+                work = work or length > NO_SQL_MAX or NO_SQL.match(m, 5) is None
             elif kind in ACTIVE:
                 work = True
         return work
@@ -379,28 +416,29 @@ class PostgresGateway:
             """Never waits for the client: a client that stops reading must not hold the monitor (and the cut)."""
             seconds = max(1, round(left))
             why = "for inactivity" if kind == "idle" else "(its maximum length)"
-            _write_unless_backed_up(writer, pg.notice(f"lapse: this session will end in {seconds} seconds {why}"))
+            if not server.streaming:  # only between messages: later, if a long one is on its way (not skipped)
+                _write_unless_backed_up(writer, pg.notice(f"lapse: this session will end in {seconds} seconds {why}"))
 
         monitor.warn = warn
         activity = _Activity()
 
         async def from_client() -> str | None:
             while True:
-                batch = await client.batch()
+                batch, data = await client.relay()
                 if activity.client(batch):
                     reason = await monitor.activity()
                     if reason is not None:
                         return reason
-                up_writer.write(b"".join(batch))
+                up_writer.write(data)
                 await up_writer.drain()
                 if any(m[0] == ord("X") for m in batch):
                     return None
 
         async def from_server() -> str | None:
             while True:
-                batch = await server.batch()
+                batch, data = await server.relay()
                 activity.server(batch)  # before the client sees a CopyInResponse, so its CopyData counts
-                writer.write(b"".join(batch))  # whole messages only: notices go between
+                writer.write(data)
                 await writer.drain()
 
         tasks = [asyncio.create_task(from_client()), asyncio.create_task(from_server()),
@@ -421,27 +459,34 @@ class PostgresGateway:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             monitor.close()
+        async def last_word(message: bytes) -> None:
+            if server.streaming:  # inside a long message from the server: a FATAL there would be read as its bytes
+                writer.transport.abort()
+            else:
+                await _say(writer, message)
+
         gate = self.gate()
         try:
             if violation is not None:
                 log.warning("postgres gateway %s: protocol violation from %s: %s; closing", self.spec.name,
                             monitor.facts.ip, violation)
-                await self._stop_upstream(up_writer, cancel_key)
-                await _say(writer, pg.error(f"lapse: protocol violation: {violation}", pg.SQLSTATE_PROTOCOL))
+                await self._stop_upstream(up_writer, cancel_key, terminate=not client.streaming)
+                await last_word(pg.error(f"lapse: protocol violation: {violation}", pg.SQLSTATE_PROTOCOL))
                 self.connections.terminated(monitor, "protocol_violation")
                 await gate.revoke(monitor.key, "logout")
                 return
             if reason is None:
                 await gate.revoke(monitor.key, "logout")
                 return
-            await self._stop_upstream(up_writer, cancel_key)
-            await _say(writer, pg.error(_cut_message(reason), pg.SQLSTATE_IDLE if reason == "idle" else pg.SQLSTATE_ADMIN))
+            await self._stop_upstream(up_writer, cancel_key, terminate=not client.streaming)
+            await last_word(pg.error(_cut_message(reason), pg.SQLSTATE_IDLE if reason == "idle" else pg.SQLSTATE_ADMIN))
             self.connections.terminated(monitor, reason)
             await gate.revoke(monitor.key, reason if reason in ("idle", "absolute") else "logout")
         except StoreUnavailable as exc:
             log.error("postgres gateway: store unavailable at the end of a connection: %s", exc)
 
-    async def _stop_upstream(self, up_writer: asyncio.StreamWriter, cancel_key: bytes | None) -> None:
+    async def _stop_upstream(self, up_writer: asyncio.StreamWriter, cancel_key: bytes | None, *,
+                             terminate: bool) -> None:
         """End the server's side of a cut connection: cancel what runs, then Terminate and drop the connection.
 
         Closing the connection alone is not enough: PostgreSQL notices a vanished client only when it next reads
@@ -451,7 +496,8 @@ class PostgresGateway:
         """
         if cancel_key is not None:
             await self._cancel(cancel_key)
-        up_writer.write(pg.TERMINATE)  # sent at once unless the server stopped reading; then abort is all there is
+        if terminate:  # not inside a long message the client was streaming: there it would be read as its bytes
+            up_writer.write(pg.TERMINATE)  # sent at once unless the server stopped reading; then abort is all there is
         up_writer.transport.abort()
 
     async def _cancel(self, cancel_key: bytes) -> None:
