@@ -136,6 +136,16 @@ def test_queries_pass_with_postgres_own_authentication(gateway) -> None:
     assert ended and ended[-1].reason == "logout"  # the session ends with its connection
 
 
+def test_the_login_records_the_method_postgresql_used(gateway) -> None:
+    """Finding 6: ``auth.login`` said ``password`` whatever the server asked; it names pg_hba.conf's method now."""
+    lapse, ports = gateway
+    with _connect(ports["slow"]) as conn:
+        conn.execute("select 1")
+        created = _events(lapse, "session.created", "dbslow")[-1]
+    login = [e for e in _events(lapse, "auth.login", "dbslow") if e.session == created.session]
+    assert [e.reason for e in login] == ["scram-sha-256"]
+
+
 def test_the_session_device_is_the_clients_application_name(gateway) -> None:
     lapse, ports = gateway
     with _connect(ports["db"], application_name="report-job\tnightly") as conn:

@@ -61,6 +61,9 @@ NO_SQL = re.compile(rb"(?:\s|;|--[^\n]*(?:\n|\Z)|/\*(?:[^*]|\*(?!/))*\*/)*\x00?\
 """A query string the server answers with EmptyQueryResponse: only blanks, semicolons and comments."""
 NO_SQL_MAX = 4096  # longer query strings are judged activity without looking (a keep-alive is short)
 ANSWERED = frozenset({2, 3, 5, 7, 8, 9, 10, 11})  # authentication requests the client answers
+METHODS = {3: "password", 5: "md5", 7: "gss", 9: "sspi", 10: "scram-sha-256"}
+"""The factor ``auth.login`` records, by the server's authentication request (pg_hba.conf's method names);
+``trust`` when the server asked for nothing."""
 READ = 64 * 1024
 AUTH_TIMEOUT = 30.0
 """Seconds from accepting a connection to ReadyForQuery (startup packet, TLS handshake, authentication); then it is closed."""
@@ -370,13 +373,15 @@ class PostgresGateway:
         monitor: Monitor | None = None
         sid = ""
         cancel_key: bytes | None = None
+        method = "trust"
         while True:
             message = await server.one()
             kind = message[0]
             if kind == ord("R") and len(message) >= 9:
                 (code,) = struct.unpack_from("!I", message, 5)
+                method = METHODS.get(code, method)
                 if code == 0:
-                    opened = await self._sign_in(user, database, device, ip)
+                    opened = await self._sign_in(user, database, device, ip, method)
                     if isinstance(opened, str):
                         await _say(writer, pg.error(f"lapse: access refused ({opened})", pg.SQLSTATE_DENIED))
                         up_writer.write(pg.TERMINATE)
@@ -398,11 +403,13 @@ class PostgresGateway:
             if kind == pg.READY:
                 return (monitor, sid, cancel_key) if monitor is not None else None
 
-    async def _sign_in(self, user: str, database: str, device: str, ip: str | None) -> tuple[Monitor, str] | str:
+    async def _sign_in(self, user: str, database: str, device: str, ip: str | None,
+                       method: str) -> tuple[Monitor, str] | str:
         gate = self.gate()
         path = "/" + database
         resource = f"CONNECT {path}"
-        sid, _ = await gate.sign_in(user, host=self.host, path=path, ip=ip, login=resource, device=device)
+        sid, _ = await gate.sign_in(user, host=self.host, path=path, ip=ip, login=resource, device=device,
+                                    factor=method)
         verdict = await gate.check(host=self.host, path=path, method="CONNECT", ip=ip, session_id=sid)
         d = verdict.decision
         if not d.allowed:
