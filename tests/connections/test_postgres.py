@@ -454,6 +454,21 @@ def test_a_query_running_at_the_cut_is_cancelled_and_does_not_commit(gateway) ->
             conn.close()
 
 
+def test_a_cut_cancels_only_when_the_server_may_be_running_something() -> None:
+    """A cancel costs the server a connection (a forked process): an idle connection's cut needs none."""
+    activity = gateway_mod._Activity()
+    assert not activity.busy
+    activity.client([_message(b"Q", b"select 1\0")])
+    assert activity.busy
+    activity.server([_message(b"T"), _message(b"D"), _message(b"C"), _message(b"Z", b"I")])
+    assert not activity.busy
+    activity.client([_message(b"P", b"\0select 1\0\0\0"), _message(b"B"), _message(b"E")])
+    assert activity.busy  # an Execute runs before its Sync
+    activity.client([_message(b"S")])
+    activity.server([_message(b"Z", b"I")])
+    assert not activity.busy
+
+
 def _stalled_client(ports: dict[str, int], port: int, table: str):
     """A client that sends a big query under an exclusive lock and never reads its result."""
     conn = _connect(port)

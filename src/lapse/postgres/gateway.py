@@ -20,8 +20,8 @@ Theory of operation:
    ``ErrorResponse`` FATAL 28000 instead of the ``AuthenticationOk``.
 3. Then messages pass both ways. Client messages that make the server execute
    something (a non-empty query, an execute, a function call, COPY data during a
-   COPY into the server) are activity (``_Activity``); server messages never are. A monitor (``lapse.monitor``) sleeps until the
-   deadline; ``warn_before`` ahead of it the client gets a NoticeResponse
+   COPY into the server) are activity (``_Activity``); server messages never are.
+   A monitor (``lapse.monitor``) sleeps until the deadline; ``warn_before`` ahead of it the client gets a NoticeResponse
    ("this session will end in N seconds for inactivity"); at it an
    ErrorResponse FATAL, SQLSTATE 57P05 (idle) or 57P01 (absolute, revoked).
    A revocation anywhere cuts within a second. The server's side is cut first: a
@@ -76,6 +76,8 @@ CANCEL_TIMEOUT = 2.0  # seconds for the server to take the CancelRequest sent at
 SAY_TIMEOUT = 2.0  # seconds a client has to take lapse's last message (a FATAL) before the connection is aborted
 COPY_IN = frozenset(b"GW")  # CopyInResponse, CopyBothResponse: CopyData from the client is work from now
 COPY_END = frozenset(b"cf")  # CopyDone, CopyFail from the client
+ASKS_READY = frozenset(b"QFS")  # Query, FunctionCall, Sync: the server answers each with one ReadyForQuery
+EXTENDED = frozenset(b"PBEDCH")  # Parse, Bind, Execute, Describe, Close, Flush: the server acts before the Sync
 STREAM_AT = 1 << 20  # after authentication, messages longer than this are streamed, not buffered whole
 TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello: a client that skipped SSLRequest
 
@@ -171,6 +173,14 @@ class _Activity:
 
     def __init__(self) -> None:
         self.copy_in = False  # the server said CopyInResponse/CopyBothResponse and the COPY has not ended
+        self.pending = 0  # ReadyForQuery the server still owes (a Query, FunctionCall or Sync each asks for one)
+        self.unsynced = False  # extended-protocol messages sent since the last Sync (an Execute runs at once)
+
+    @property
+    def busy(self) -> bool:
+        """Whether the server may be running something for the client: only then is a cut worth a cancel
+        (a cancel is one more connection to the server, a forked process before PostgreSQL 17)."""
+        return self.pending > 0 or self.unsynced
 
     def server(self, batch: list[bytes]) -> None:
         for m in batch:
@@ -178,12 +188,19 @@ class _Activity:
                 self.copy_in = True
             elif m[0] in (ord("E"), pg.READY):
                 self.copy_in = False
+            if m[0] == pg.READY:
+                self.pending = max(0, self.pending - 1)
 
     def client(self, batch: list[bytes]) -> bool:
         """Whether ``batch`` holds work (and the COPY state after it)."""
         work = False
         for m in batch:
             kind = m[0]
+            if kind in ASKS_READY:
+                self.pending += 1
+                self.unsynced = self.unsynced and kind != ord("S")
+            elif kind in EXTENDED:
+                self.unsynced = True
             if kind == ord("d"):
                 work = work or self.copy_in
             elif kind in COPY_END:
@@ -466,6 +483,7 @@ class PostgresGateway:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             monitor.close()
+
         async def last_word(message: bytes) -> None:
             if server.streaming:  # inside a long message from the server: a FATAL there would be read as its bytes
                 writer.transport.abort()
@@ -477,7 +495,8 @@ class PostgresGateway:
             if violation is not None:
                 log.warning("postgres gateway %s: protocol violation from %s: %s; closing", self.spec.name,
                             monitor.facts.ip, violation)
-                await self._stop_upstream(up_writer, cancel_key, terminate=not client.streaming)
+                await self._stop_upstream(up_writer, cancel_key if activity.busy else None,
+                                      terminate=not client.streaming)
                 await last_word(pg.error(f"lapse: protocol violation: {violation}", pg.SQLSTATE_PROTOCOL))
                 self.connections.terminated(monitor, "protocol_violation")
                 await gate.revoke(monitor.key, "logout")
@@ -485,7 +504,8 @@ class PostgresGateway:
             if reason is None:
                 await gate.revoke(monitor.key, "logout")
                 return
-            await self._stop_upstream(up_writer, cancel_key, terminate=not client.streaming)
+            await self._stop_upstream(up_writer, cancel_key if activity.busy else None,
+                                      terminate=not client.streaming)
             await last_word(pg.error(_cut_message(reason), pg.SQLSTATE_IDLE if reason == "idle" else pg.SQLSTATE_ADMIN))
             self.connections.terminated(monitor, reason)
             await gate.revoke(monitor.key, reason if reason in ("idle", "absolute") else "logout")
