@@ -440,7 +440,7 @@ class PostgresGateway:
             """Never waits for the client: a client that stops reading must not hold the monitor (and the cut)."""
             seconds = max(1, round(left))
             why = "for inactivity" if kind == "idle" else "(its maximum length)"
-            if not server.streaming:  # only between messages: later, if a long one is on its way (not skipped)
+            if not server.streaming:  # only between messages: skipped while a long one is passing
                 _write_unless_backed_up(writer, pg.notice(f"lapse: this session will end in {seconds} seconds {why}"))
 
         monitor.warn = warn
