@@ -395,6 +395,14 @@ def test_idle_sockets_from_many_addresses_of_one_network_do_not_lock_others_out(
             sock.close()
 
 
+def test_waiting_connections_are_counted_per_ipv4_24_and_ipv6_64() -> None:
+    network = gateway_mod._network
+    assert network("203.0.113.7") == network("203.0.113.250") == "203.0.113.0/24" != network("203.0.114.7")
+    assert network("2001:db8:1:2:aaaa::1") == network("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert network("2001:db8:1:3::1") != network("2001:db8:1:2::1")
+    assert network("::ffff:203.0.113.7") == "203.0.113.0/24"  # IPv4-mapped: counted as IPv4
+
+
 def test_a_socket_that_sends_nothing_is_closed_before_the_authentication_timeout(gateway, monkeypatch) -> None:
     """Finding 4: the first packet has its own short limit (FIRST_PACKET_TIMEOUT, 5 s; shorter here)."""
     _, ports = gateway
