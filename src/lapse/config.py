@@ -721,6 +721,10 @@ class Postgres(_Limits):
                 issues.append(((exc.key,), exc.message))
         if self.tls_required and (self.tls_cert is None or self.tls_key is None):
             issues.append((("tls_required",), "tls_required = true needs tls_cert and tls_key"))
+        for index, rule in enumerate(self.allow or ()):
+            if rule.startswith("group:"):  # the session is a PostgreSQL role's: it has no lapse groups to match
+                issues.append((("allow", index), f"{rule!r} can never match: a PostgreSQL sign-in carries no groups "
+                                                 "(the role is the user); use user:ROLE rules"))
         if issues:
             raise _issues(*issues)
         return self

@@ -66,3 +66,15 @@ upstream = "127.0.0.1:5432"
 """)
     assert "postgres[0].name" in problems and "apps[0]" in problems
     assert "postgres[0].listen" in problems and "server.listen" in problems
+
+
+def test_postgres_listener_refuses_group_allow_rules() -> None:
+    """Finding 6: a PostgreSQL sign-in carries no groups, so ``group:`` never matched: a silent lock-out."""
+    problems = _problems("""
+[[postgres]]
+name = "db"
+listen = "127.0.0.1:6432"
+upstream = "127.0.0.1:5432"
+allow = ["user:alice", "group:dba"]
+""")
+    assert "postgres[0].allow[1]" in problems and "can never match" in problems

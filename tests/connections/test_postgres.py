@@ -136,6 +136,16 @@ def test_queries_pass_with_postgres_own_authentication(gateway) -> None:
     assert ended and ended[-1].reason == "logout"  # the session ends with its connection
 
 
+def test_the_login_records_the_method_postgresql_used(gateway) -> None:
+    """Finding 6: ``auth.login`` said ``password`` whatever the server asked; it names pg_hba.conf's method now."""
+    lapse, ports = gateway
+    with _connect(ports["slow"]) as conn:
+        conn.execute("select 1")
+        created = _events(lapse, "session.created", "dbslow")[-1]
+    login = [e for e in _events(lapse, "auth.login", "dbslow") if e.session == created.session]
+    assert [e.reason for e in login] == ["scram-sha-256"]
+
+
 def test_the_session_device_is_the_clients_application_name(gateway) -> None:
     lapse, ports = gateway
     with _connect(ports["db"], application_name="report-job\tnightly") as conn:
@@ -319,12 +329,12 @@ def test_after_authentication_long_messages_pass_and_absurd_ones_end_the_connect
     assert cut and cut[-1].user == "alice"
 
 
-def test_connections_waiting_to_authenticate_are_capped_per_address(gateway, monkeypatch, caplog) -> None:
-    """Before authentication a connection proves nothing: past WAITING_PER_IP from one address (small here),
+def test_connections_waiting_to_authenticate_are_capped_per_network(gateway, monkeypatch, caplog) -> None:
+    """Before authentication a connection proves nothing: past WAITING_PER_NETWORK from one network (small here),
     the next is refused at once with FATAL 53300 (too_many_connections) and one log line; authenticated
     connections do not count, and once the waiting ones leave, new ones are served."""
     _, ports = gateway
-    monkeypatch.setattr(gateway_mod, "WAITING_PER_IP", 3)
+    monkeypatch.setattr(gateway_mod, "WAITING_PER_NETWORK", 3)
     with _connect(ports["slow"]) as signed_in, caplog.at_level(logging.WARNING, logger="lapse.postgres"):
         idle = [_raw(ports["slow"]) for _ in range(3)]
         try:
@@ -333,6 +343,7 @@ def test_connections_waiting_to_authenticate_are_capped_per_address(gateway, mon
             deadline, data = time.monotonic() + 5, b""
             while not data and time.monotonic() < deadline:  # until the gateway has taken the three in
                 with _raw(ports["slow"]) as extra:
+                    extra.sendall(_startup_packet())
                     try:
                         data, took = _until_closed(extra, limit=0.5)
                     except TimeoutError:
@@ -353,3 +364,270 @@ def test_connections_waiting_to_authenticate_are_capped_per_address(gateway, mon
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
     assert sum("too many connections waiting" in r.getMessage() for r in caplog.records) == 1
+
+
+def _raw_from(address: str, port: int) -> socket.socket:
+    """A connection from another loopback address (Linux routes all of 127.0.0.0/8 to lo)."""
+    sock = socket.socket()
+    sock.bind((address, 0))
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def test_idle_sockets_from_many_addresses_of_one_network_do_not_lock_others_out(gateway, monkeypatch) -> None:
+    """Finding 4: counted per address, 8 addresses filled every waiting slot of the listener. Counted per /24,
+    they share one quota: a client from another network is served, and a libpq client from the flooded network
+    reads why it is refused (its SSLRequest is answered N first)."""
+    _, ports = gateway
+    monkeypatch.setattr(gateway_mod, "WAITING_MAX", 8)
+    monkeypatch.setattr(gateway_mod, "WAITING_PER_NETWORK", 4)
+    flood = [_raw_from(f"127.0.0.{n}", ports["slow"]) for n in range(2, 10)]  # 8 addresses of 127.0.0.0/24
+    try:
+        time.sleep(0.3)  # the gateway has taken them in (4 wait, 4 are being refused)
+        with _raw_from("127.0.1.1", ports["slow"]) as other:  # another /24
+            other.sendall(_startup_packet())
+            assert other.recv(65536)[:1] == b"R"  # PostgreSQL asks for the password: not refused
+        with pytest.raises(psycopg.OperationalError, match="too many connections waiting to authenticate"):
+            _connect(ports["slow"], sslmode="prefer")  # from 127.0.0.1: the flooded /24
+    finally:
+        for sock in flood:
+            sock.close()
+
+
+def test_waiting_connections_are_counted_per_ipv4_24_and_ipv6_64() -> None:
+    network = gateway_mod._network
+    assert network("203.0.113.7") == network("203.0.113.250") == "203.0.113.0/24" != network("203.0.114.7")
+    assert network("2001:db8:1:2:aaaa::1") == network("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert network("2001:db8:1:3::1") != network("2001:db8:1:2::1")
+    assert network("::ffff:203.0.113.7") == "203.0.113.0/24"  # IPv4-mapped: counted as IPv4
+
+
+def test_a_socket_that_sends_nothing_is_closed_before_the_authentication_timeout(gateway, monkeypatch) -> None:
+    """Finding 4: the first packet has its own short limit (FIRST_PACKET_TIMEOUT, 5 s; shorter here)."""
+    _, ports = gateway
+    monkeypatch.setattr(gateway_mod, "FIRST_PACKET_TIMEOUT", 0.5)
+    with _raw(ports["slow"]) as sock:
+        data, took = _until_closed(sock)
+    assert _fatal(data) == ("08P01", "lapse: protocol violation: no startup packet within 0.5 s") and took < 2
+
+
+# ------------------------------------------------------------ the cut ends the work on the server too
+
+
+def _direct(ports: dict[str, int]):
+    """A connection straight to PostgreSQL, past lapse: to see what the server did."""
+    return psycopg.connect(host="127.0.0.1", port=ports["pg"], user="alice", password=PASSWORD, dbname="postgres",
+                           autocommit=True, connect_timeout=5)
+
+
+def _gone_at(direct, pid: int, limit: float) -> float:
+    """When (time.time()) backend ``pid`` left pg_stat_activity; fails if it is still there after ``limit`` s."""
+    deadline = time.time() + limit
+    while direct.execute("select count(*) from pg_stat_activity where pid = %s", [pid]).fetchone() != (0,):
+        assert time.time() < deadline, f"backend {pid} still running"
+        time.sleep(0.05)
+    return time.time()
+
+
+def _cut_event(lapse: Lapse, app: str, reason: str, since: float) -> object:
+    """The ``connection.terminated`` of ``app`` with ``reason`` written after ``since`` (waiting up to 5 s for it)."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = [e for e in _events(lapse, "connection.terminated", app) if e.reason == reason and e.ts >= since]
+        if found:
+            return found[-1]
+        assert time.monotonic() < deadline, [(e.event, e.app, e.reason) for e in lapse.audit(20)]
+        time.sleep(0.05)
+
+
+def test_a_query_running_at_the_cut_is_cancelled_and_does_not_commit(gateway) -> None:
+    """Finding 1: closing the connection alone let ``pg_sleep(5); INSERT`` run on and commit after the FATAL."""
+    lapse, ports = gateway
+    with _direct(ports) as direct:
+        direct.execute("create table if not exists cut_rows (note text)")
+        conn = _connect(ports["db"])
+        try:
+            pid = conn.info.backend_pid
+            sent = time.time()
+            conn.pgconn.send_query(b"select pg_sleep(5); insert into cut_rows values ('committed after the cut')")
+            conn.pgconn.flush()
+            gone = _gone_at(direct, pid, limit=3.0 + SLACK + 2.0)
+            cut = _cut_event(lapse, "db", "idle", sent)
+            assert 3.0 - 0.3 <= cut.ts - sent <= 3.0 + SLACK, cut.ts - sent
+            assert gone - cut.ts <= 1.5, gone - cut.ts  # the backend ends with the cut, not when its query does
+            time.sleep(max(0.0, sent + 5.5 - time.time()))  # past the moment the INSERT would have committed
+            assert direct.execute("select count(*) from cut_rows").fetchone() == (0,)
+        finally:
+            conn.close()
+
+
+def test_a_cut_cancels_only_when_the_server_may_be_running_something() -> None:
+    """A cancel costs the server a connection (a forked process): an idle connection's cut needs none."""
+    activity = gateway_mod._Activity()
+    assert not activity.busy
+    activity.client([_message(b"Q", b"select 1\0")])
+    assert activity.busy
+    activity.server([_message(b"T"), _message(b"D"), _message(b"C"), _message(b"Z", b"I")])
+    assert not activity.busy
+    activity.client([_message(b"P", b"\0select 1\0\0\0"), _message(b"B"), _message(b"E")])
+    assert activity.busy  # an Execute runs before its Sync
+    activity.client([_message(b"S")])
+    activity.server([_message(b"Z", b"I")])
+    assert not activity.busy
+
+
+def _stalled_client(ports: dict[str, int], port: int, table: str):
+    """A client that sends a big query under an exclusive lock and never reads its result."""
+    conn = _connect(port)
+    conn.pgconn.send_query(f"begin; lock table {table} in access exclusive mode; "
+                           "select repeat('x', 1000) from generate_series(1, 200000)".encode())
+    conn.pgconn.flush()
+    return conn
+
+
+def test_a_client_that_stops_reading_is_cut_at_its_idle_deadline(gateway) -> None:
+    """Finding 2: the warning waited for the client to read, so the cut never came and the lock was held."""
+    lapse, ports = gateway
+    with _direct(ports) as direct:
+        direct.execute("create table if not exists cut_locked (note text)")
+        sent = time.time()
+        conn = _stalled_client(ports, ports["db"], "cut_locked")
+        try:
+            gone = _gone_at(direct, conn.info.backend_pid, limit=3.0 + SLACK + 3.0)
+            assert gone - sent <= 3.0 + SLACK + 2.0, gone - sent
+            with direct.transaction():  # the lock went with it
+                direct.execute("lock table cut_locked in access exclusive mode nowait")
+        finally:
+            conn.close()
+    cut = _cut_event(lapse, "db", "idle", sent)
+    assert cut.ts - sent <= 3.0 + SLACK, cut.ts - sent
+    assert any(e.event == "session.expired" and e.reason == "idle" and e.session == cut.session
+               for e in lapse.audit(500))
+
+
+def test_a_client_that_stops_reading_is_cut_by_a_revocation(gateway) -> None:
+    """Finding 2: the final FATAL waited for the client to read; now it has a bounded time, then the abort."""
+    lapse, ports = gateway
+    with _direct(ports) as direct:
+        direct.execute("create table if not exists cut_revoked (note text)")
+        conn = _stalled_client(ports, ports["slow"], "cut_revoked")
+        try:
+            time.sleep(0.5)  # the server's answer fills the buffers: lapse is now blocked writing to the client
+            asked = time.time()
+            assert lapse.run(lambda rt: rt.gate.revoke_user("alice", "admin")) >= 1
+            gone = _gone_at(direct, conn.info.backend_pid, limit=SLACK + 3.0)
+            assert gone - asked <= SLACK + 1.0, gone - asked
+        finally:
+            conn.close()
+    cut = _cut_event(lapse, "dbslow", "revoked", asked)
+    assert cut.ts - asked <= SLACK, cut.ts - asked
+
+
+# ------------------------------------------------------------ which client messages are activity
+
+
+def _message(kind: bytes, body: bytes = b"") -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+NO_OPS = {
+    "CopyData outside COPY": _message(b"d"),
+    "empty Query": _message(b"Q", b"\0"),
+    "Query of blanks, semicolons and comments": _message(b"Q", b" ; -- nothing\n/* at all */ ;\0"),
+    "Parse without Execute": _message(b"P", b"\0select 1\0\0\0") + _message(b"S"),
+}
+
+
+@pytest.mark.parametrize("no_op", NO_OPS.values(), ids=NO_OPS.keys())
+def test_no_op_messages_do_not_keep_a_session_alive(gateway, no_op: bytes) -> None:
+    """Finding 3: these were judged by their type alone, so one every second kept a 3 s idle session open."""
+    _, ports = gateway
+    with _connect(ports["db"]) as conn:
+        conn.execute("select 1")
+        last = time.monotonic()
+        raw = socket.socket(fileno=os.dup(conn.fileno()))
+        raw.settimeout(1.0)
+        data = b""
+        try:
+            while time.monotonic() - last < 3.0 + SLACK + 2.0:
+                try:
+                    raw.sendall(no_op)
+                    chunk = raw.recv(65536)
+                except TimeoutError:
+                    continue
+                except ConnectionResetError:  # lapse closed while a no-op was on its way
+                    break
+                if not chunk:
+                    break
+                data += chunk
+            took = time.monotonic() - last
+        finally:
+            raw.close()
+    assert _fatal(data)[0] == "57P05" and took <= 3.0 + SLACK + 0.5, (took, data[-200:])
+
+
+def test_copy_data_is_activity_while_a_copy_runs(gateway) -> None:
+    """Finding 3: CopyData counts while the server has a COPY FROM STDIN open (a slow load is not idle)."""
+    _, ports = gateway
+    with _connect(ports["db"]) as conn:
+        conn.execute("create table if not exists copied (note text)")
+        conn.execute("truncate copied")
+        raw = socket.socket(fileno=os.dup(conn.fileno()))
+        raw.settimeout(5)
+        try:
+            raw.sendall(_message(b"Q", b"copy copied (note) from stdin\0"))
+            assert raw.recv(65536)[:1] == b"G"  # CopyInResponse
+            for n in range(5):  # one row a second, well past the 3 s idle limit
+                raw.sendall(_message(b"d", f"row {n}\n".encode()))
+                time.sleep(1.0)
+            raw.sendall(_message(b"c"))
+            answer = b""
+            while not answer.endswith(b"Z\0\0\0\x05I"):
+                answer += raw.recv(65536)
+        finally:
+            raw.close()
+        assert answer.startswith(b"C") and b"COPY 5" in answer, answer
+        assert conn.execute("select count(*) from copied").fetchone() == (5,)
+
+
+# ------------------------------------------------------------ long messages stream through
+
+
+def _peak_rss_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux 4.0+)
+
+
+def _rss(field: str) -> int:
+    """VmRSS or VmHWM (the peak since the last reset) of this process, in MiB: lapse runs in it."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) // 1024
+
+
+def test_a_200_mib_query_streams_through_without_being_buffered_whole(gateway) -> None:
+    """Finding 5: each message was buffered whole (up to 1 GiB a connection, copied twice); long ones now pass in
+    pieces, so lapse's memory stays flat while the query reaches the server and is answered."""
+    _, ports = gateway
+    size = 200 << 20
+    with _connect(ports["slow"]) as conn:
+        long_row = conn.execute("select repeat('y', %s)", [3 << 20]).fetchone()  # a long message from the server
+        assert long_row == ("y" * (3 << 20),)
+        raw = socket.socket(fileno=os.dup(conn.fileno()))
+        raw.settimeout(30)
+        try:
+            head, tail = b"select length('", b"')\0"
+            chunk = b"x" * (1 << 20)
+            before = _rss("VmRSS")
+            _peak_rss_reset()
+            raw.sendall(b"Q" + struct.pack("!I", 4 + len(head) + size + len(tail)) + head)
+            for _ in range(size >> 20):
+                raw.sendall(chunk)
+            raw.sendall(tail)
+            answer = b""
+            while not answer.endswith(b"Z\0\0\0\x05I"):
+                answer += raw.recv(65536)
+            grown = _rss("VmHWM") - before
+        finally:
+            raw.close()
+    assert str(size).encode() in answer and b"SELECT 1" in answer, answer[:200]
+    assert grown < 50, f"lapse grew by {grown} MiB while a {size >> 20} MiB message passed"

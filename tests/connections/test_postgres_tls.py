@@ -26,7 +26,18 @@ from lapse.web.serve import Service
 from ..certs import Certificate, certificate
 from ..support import free_port, missing
 from .harness import Lapse, serve
-from .test_postgres import PASSWORD, SLACK, _fatal, _request, _startup_packet, _until_closed, postgres_cluster
+from .test_postgres import (
+    PASSWORD,
+    SLACK,
+    _cut_event,
+    _direct,
+    _fatal,
+    _gone_at,
+    _request,
+    _startup_packet,
+    _until_closed,
+    postgres_cluster,
+)
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -297,3 +308,19 @@ def test_tls_config_errors_name_the_key_and_line(tmp_path: Path) -> None:
         problems = _problems(text, tmp_path)
         assert expected in problems, (expected, problems)
 
+
+
+def test_a_tls_client_that_stops_reading_is_cut_at_its_idle_deadline(tls_gateway) -> None:
+    """Finding 2 through TLS (whose transport buffers on its own): the backend goes at the 2 s deadline."""
+    lapse, ports, _ = tls_gateway
+    with _direct(ports) as direct:
+        conn = _connect(ports["tls"], "require")
+        try:
+            sent = time.time()
+            conn.pgconn.send_query(b"select repeat('x', 1000) from generate_series(1, 200000)")
+            conn.pgconn.flush()
+            gone = _gone_at(direct, conn.info.backend_pid, limit=2.0 + SLACK + 3.0)
+            assert gone - sent <= 2.0 + SLACK + 2.0, gone - sent
+        finally:
+            conn.close()
+    assert _cut_event(lapse, "tls", "idle", sent).ts - sent <= 2.0 + SLACK
