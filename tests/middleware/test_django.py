@@ -134,6 +134,9 @@ def test_widget_tag_and_script(site):
     # A value from the context is escaped (a literal in the template is the author's own, Django trusts it).
     tag = Template('{% load lapse %}{% lapse_widget text_idle="Encore là ?" nonce=n %}').render(Context({"n": "n<1"}))
     assert tag == '<script src="/_lapse/widget.js" defer data-text-idle="Encore là ?" nonce="n&lt;1"></script>'
+    # Under a mount, lapse's endpoints are below it: the tag loads the script and talks to them there.
+    mounted = Template('{% load lapse %}{% lapse_widget root=r %}').render(Context({"r": "/billing/"}))
+    assert mounted == '<script src="/billing/_lapse/widget.js" defer data-base="/billing/_lapse"></script>'
 
 
 def test_store_down_fails_closed(site):

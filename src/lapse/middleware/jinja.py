@@ -13,13 +13,18 @@ from markupsafe import Markup, escape
 from .core import WIDGET_TAG
 
 
-def lapse_widget(*, nonce: str | None = None, **data: str) -> Markup:
-    if nonce is None and not data:
+def lapse_widget(*, nonce: str | None = None, root: str = "", **data: str) -> Markup:
+    """The script tag. ``root``: the app's mount prefix (Flask ``request.script_root``, Django
+    ``request.META["SCRIPT_NAME"]``), below which lapse's endpoints live when the app is mounted."""
+    root = root.rstrip("/")
+    if nonce is None and not data and not root:
         return Markup(WIDGET_TAG)
+    if root:
+        data = {"base": f"{root}/_lapse", **data}
     attrs = "".join(f' data-{k.replace("_", "-")}="{escape(v)}"' for k, v in data.items())
     if nonce is not None:
         attrs += f' nonce="{escape(nonce)}"'
-    return Markup(f'<script src="/_lapse/widget.js" defer{attrs}></script>')
+    return Markup(f'<script src="{escape(root)}/_lapse/widget.js" defer{attrs}></script>')
 
 
 def install(env: Any) -> Any:
