@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import re
 import socket
 from pathlib import Path
 
 import pytest
 
-from lapse.audit import AuditLog, JsonlSink, StreamSink, SyslogSink, open_sink
+from lapse.audit import AuditLog, AuditSinkFailed, JsonlSink, StreamSink, SyslogSink, open_sink
 from lapse.core.events import AuditEvent
 from lapse.core.policy import AppSpec, Layer, PolicySpec, compile_policy
 from lapse.enforce import Gate
@@ -19,7 +20,7 @@ from lapse.secret import SecretError, load_or_create
 from lapse.store.memory import MemoryStore
 from lapse.store.sqlite import SqliteStore
 
-from .core.helpers import Clock
+from .core.helpers import Clock, ListSink
 
 FIELDS = {"ts", "event", "outcome", "user", "session", "app", "ip", "resource"}
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -314,3 +315,24 @@ def test_a_stalled_stdout_reader_never_stalls_the_event_loop():
         except BrokenPipeError:
             pass
     assert slowest < 0.5 and dropped > 0
+
+
+def test_a_failing_sink_costs_no_other_sink_its_events_and_fails_closed(tmp_path: Path):
+    """Every sink is written, also after one fails (their order decided who lost events); then the failure
+    is raised as AuditSinkFailed, a StoreUnavailable, so the request fails closed (503), never a 500."""
+    full = JsonlSink(tmp_path / "audit.jsonl")
+    before, after = ListSink(), ListSink()
+    log = AuditLog([before, full, after])
+    event = AuditEvent(1_700_000_000.0, "auth.login", "success", "alice")
+
+    async def main():
+        os.close(full._fd)
+        full._fd = os.open("/dev/full", os.O_WRONLY)
+        with pytest.raises(AuditSinkFailed, match=r"audit sink jsonl:.*audit\.jsonl failed: .*No space left"):
+            await log.emit([event])
+
+    asyncio.run(main())
+    assert before.events == [event] and after.events == [event]
+    full.close()
+    full.close()  # closing twice (shutdown after a failure) is harmless
+

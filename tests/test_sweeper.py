@@ -64,6 +64,89 @@ def test_abandoned_sessions_end_once_and_old_records_are_purged():
     asyncio.run(main())
 
 
+class FailingOnce(ListSink):
+    """A sink whose first write of an end fails (a full disk), then works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def write(self, events):  # noqa: ANN001, ANN201
+        if not self.failed and any(e.event == "session.expired" for e in events):
+            self.failed = True
+            raise OSError(28, "No space left on device")
+        await super().write(events)
+
+
+def test_a_sink_that_fails_stops_neither_the_sweeper_nor_the_other_sinks(caplog):
+    """CONTRACT §5: abandoned sessions end, once each, also after a sink failed in a pass (it killed the loop)."""
+    async def main():
+        clock = Clock(T0)
+        store = MemoryStore(clock)
+        good, flaky = ListSink(), FailingOnce()
+        gate = Gate(store, compile_policy(SPEC), AuditLog([good, flaky]), b"s" * 32)
+        for i in range(3):
+            await gate.sign_in(f"u{i}", host="wiki.test")
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_sweeper(gate, 0.005, retention=3600.0, stop=stop))
+        clock.now = T0 + 120
+        for _ in range(200):
+            if good.count({"session.expired"}) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert good.count({"session.expired"}) == 3  # the good sink got every end, the failed one too
+        assert flaky.count({"session.expired"}) == 2  # all but the one its failed write carried
+        late = (await gate.sign_in("late", host="wiki.test"))[0]
+        clock.now = T0 + 240
+        for _ in range(200):
+            if good.count({"session.expired"}) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert not task.done() and good.count({"session.expired"}) == 4
+        assert (await store.read(gate.key_of(late)))[0].ended
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    assert [r.getMessage() for r in caplog.records if r.name == "lapse.sweeper"] == [
+        "sweeper: store unavailable, will retry: audit sink FailingOnce failed: [Errno 28] No space left on device",
+        "sweeper: passes succeed again"]
+
+
+def test_an_unexpected_error_in_a_pass_is_logged_and_the_next_pass_runs(caplog):
+    """Whatever breaks one pass (here the store's ``due`` raising a bug), the loop logs it once and goes on."""
+    async def main():
+        clock = Clock(T0)
+        store = MemoryStore(clock)
+        sink = ListSink()
+        gate = Gate(store, compile_policy(SPEC), AuditLog([sink]), b"s" * 32)
+        await gate.sign_in("u", host="wiki.test")
+        due, calls = store.due, 0
+
+        async def broken_once(now, limit):  # noqa: ANN001, ANN202
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug")
+            return await due(now, limit)
+
+        store.due = broken_once  # type: ignore[method-assign]
+        clock.now = T0 + 120
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_sweeper(gate, 0.005, retention=3600.0, stop=stop))
+        for _ in range(200):
+            if sink.count({"session.expired"}) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert sink.count({"session.expired"}) == 1 and not task.done()
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "lapse.sweeper"]
+    assert logged == [("ERROR", "sweeper: a pass failed, will retry"), ("WARNING", "sweeper: passes succeed again")]
+
+
 REPLICA = """
 import asyncio, sys, time
 from lapse.audit import AuditLog, JsonlSink

@@ -246,8 +246,9 @@ async def run_sweeper(gate: Gate, interval: float, retention: float, stop: async
 
     Ended records are kept as long as any cookie for them could still be
     presented (the most generous absolute limit), so a late request learns
-    why it was refused; audit events for ``retention``. A store outage is
-    logged once and retried; it never stops the loop.
+    why it was refused; audit events for ``retention``. A store outage, or any
+    other failure of a pass (an audit sink that cannot write), is logged once
+    and retried; it never stops the loop.
     """
     last_purge = -math.inf
     failing = False
@@ -261,11 +262,15 @@ async def run_sweeper(gate: Gate, interval: float, retention: float, stop: async
                 await gate.store.purge_links(now)  # OIDC links and jti markers past their time
                 last_purge = now
             if failing:
-                log.warning("sweeper: store answers again")
+                log.warning("sweeper: passes succeed again")
                 failing = False
         except StoreUnavailable as exc:
             if not failing:
                 log.error("sweeper: store unavailable, will retry: %s", exc)
+                failing = True
+        except Exception:  # noqa: BLE001 - whatever broke this pass (a sink, a bug), the next one runs
+            if not failing:
+                log.exception("sweeper: a pass failed, will retry")
                 failing = True
         try:
             await asyncio.wait_for(stop.wait(), interval)

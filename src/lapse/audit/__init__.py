@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from ..core.events import AuditEvent
-from ..store.base import SessionStore
+from ..store.base import SessionStore, StoreUnavailable
 from .sinks import JsonlSink, QueuedSink, Sink, StoreSink, StreamSink, SyslogSink, open_sink
 
 
@@ -21,9 +21,18 @@ class AuditLog:
         if events:
             for e in events:
                 self.counts[(e.event, e.reason or "")] += 1
-            for sink in self.sinks:
+            failed: list[tuple[Sink, Exception]] = []
+            for sink in self.sinks:  # every sink, also after one failed: each holds its own record
                 if stored_in is None or not (isinstance(sink, StoreSink) and sink.store is stored_in):
-                    await sink.write(events)
+                    try:
+                        await sink.write(events)
+                    except Exception as exc:  # noqa: BLE001 - any failure of an inline sink: fail closed, below
+                        failed.append((sink, exc))
+            if failed:
+                sink, exc = failed[0]
+                if isinstance(exc, StoreUnavailable) and len(failed) == 1:
+                    raise exc
+                raise AuditSinkFailed(f"audit sink {_name(sink)} failed: {exc}") from exc
 
     def writes_to(self, store: SessionStore) -> bool:
         """Whether a ``store`` sink appends to this store (then its writes carry their events)."""
@@ -43,4 +52,15 @@ class AuditLog:
             sink.close()
 
 
-__all__ = ["AuditLog", "JsonlSink", "QueuedSink", "Sink", "StoreSink", "StreamSink", "SyslogSink", "open_sink"]
+class AuditSinkFailed(StoreUnavailable):
+    """An inline sink (``jsonl:``, or the ``store`` beside another) could not record events: the request that
+    caused them fails closed (503), as when the store itself cannot answer; the other sinks got them."""
+
+
+def _name(sink: Sink) -> str:
+    if isinstance(sink, JsonlSink):
+        return f"jsonl:{sink.path}"
+    return str(getattr(sink, "name", type(sink).__name__))
+
+
+__all__ = ["AuditLog", "AuditSinkFailed", "JsonlSink", "QueuedSink", "Sink", "StoreSink", "StreamSink", "SyslogSink", "open_sink"]

@@ -66,15 +66,20 @@ class JsonlSink:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     async def write(self, events: Sequence[AuditEvent]) -> None:
-        self._file.write("".join(to_line(e) + "\n" for e in events))
-        self._file.flush()
+        """Straight to the file, no buffer: a failed write (a full disk) raises and leaves nothing behind
+        to be written twice, or to fail again at close."""
+        data = "".join(to_line(e) + "\n" for e in events).encode()
+        while data:
+            data = data[os.write(self._fd, data):]
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class StreamSink:
