@@ -443,3 +443,15 @@ def test_a_bad_redis_url_is_quoted_without_its_passwords() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config('[store]\nurl = "redis+sentinel://:hunter2@a:1/m/x?sentinel_password=swordfish"\n')
     assert "hunter2" not in str(err.value) and "swordfish" not in str(err.value) and "//***@" in str(err.value)
+
+
+def test_huge_durations_and_factors_are_config_errors_not_crashes() -> None:
+    """A 330-digit duration overflowed to a traceback (exit 1, no line); a 1e308 network factor passed
+    policy check and made every request from that network a 500. Both are now named errors."""
+    huge = only_problem('[defaults]\nidle = "' + "9" * 330 + 'd"\n')
+    assert (huge.path, huge.line) == ("defaults.idle", 2) and "at most 100 years" in huge.message
+    assert parse_duration(f"{100 * 366}d") == 100 * 366 * 86400.0
+    with pytest.raises(ValueError, match="at most 100 years"):
+        parse_duration(f"{100 * 366}d1s")
+    factor = only_problem('[[networks]]\nname = "lan"\ncidrs = ["127.0.0.0/8"]\nidle_factor = 1e308\n')
+    assert (factor.path, factor.line) == ("networks[0].idle_factor", 4) and "1000" in factor.message

@@ -744,8 +744,10 @@ class Network(_Section):
 
     name: Name
     cidrs: Annotated[tuple[Cidr, ...], Field(min_length=1)]
-    idle_factor: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)] = 1.0
-    absolute_factor: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)] = 1.0
+    # At most 1,000: a factor only ever stretches or shortens a limit, and larger ones overflowed the limits they
+    # scale (a 1e308 factor made every request from that network a 500).
+    idle_factor: Annotated[StrictFloat, Field(gt=0, le=1000, allow_inf_nan=False)] = 1.0
+    absolute_factor: Annotated[StrictFloat, Field(gt=0, le=1000, allow_inf_nan=False)] = 1.0
 
 
 class OIDC(_Section):

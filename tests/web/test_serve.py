@@ -62,7 +62,8 @@ def _explain_idle(port: int) -> str:
 
 def test_sighup_reloads_a_good_file_and_refuses_a_bad_one(server):
     proc, port, conf = server
-    conf.write_text(CONFIG.format(port=port, idle="7m") + "\n[[apps]]\nname = 'x'\nhosts = ['x.test']\n")
+    conf.write_text(CONFIG.format(port=port, idle="7m") + "\n[login]\nmax_attempts = 1\n"
+                    + "\n[[apps]]\nname = 'x'\nhosts = ['x.test']\n")
     proc.send_signal(signal.SIGHUP)
     time.sleep(0.3)
     conf.write_text(CONFIG.format(port=port, idle="0s"))  # invalid: refused, the old policy stays
@@ -91,6 +92,9 @@ def test_sighup_reloads_a_good_file_and_refuses_a_bad_one(server):
         "x": {"idle_s": [None, 420.0], "absolute_s": [None, 43200.0], "warn_before_s": [None, 120.0]},
     }
     assert "defaults.idle" in changed[1]["detail"]["error"]
+    # [login] is read once at start: the reload says so, in the log and in the event.
+    assert changed[0]["detail"]["at_next_restart"] == ["login"]
+    assert "reload: [login] changed; it takes effect at the next restart" in messages
 
 
 def test_sigterm_lets_in_flight_requests_finish(server):

@@ -13,6 +13,11 @@ _PART = re.compile(r"([0-9]+)([dhms])")
 _WHOLE = re.compile(r"(?:[0-9]+[dhms])+")
 
 
+MAX_SECONDS = 100 * 366 * 86400
+"""The longest duration accepted: beyond it a limit means "never" (write "none" where that is allowed), and
+larger numbers only overflow the clocks they are added to."""
+
+
 def parse_duration(text: str, *, allow_none: bool = False) -> float | None:
     """Parse a duration string into seconds (``None`` for "none" where allowed).
 
@@ -34,10 +39,12 @@ def parse_duration(text: str, *, allow_none: bool = False) -> float | None:
     order = "dhms"
     if units != sorted(units, key=order.index) or len(set(units)) != len(units):
         raise ValueError(f"bad duration {text!r}: give each unit once, largest first (e.g. \"1h30m\")")
-    seconds = sum(int(n) * _UNITS[u] for n, u in _PART.findall(value))
-    if seconds <= 0:
+    total = sum(int(n) * int(_UNITS[u]) for n, u in _PART.findall(value))  # exact: no float overflow
+    if total <= 0:
         raise ValueError(f"bad duration {text!r}: must be greater than zero")
-    return seconds
+    if total > MAX_SECONDS:
+        raise ValueError(f"bad duration {text!r}: at most 100 years")
+    return float(total)
 
 
 def format_duration(seconds: float | None) -> str:

@@ -41,6 +41,10 @@ log = logging.getLogger("lapse.serve")
 GRACE = 30  # seconds in-flight requests get to finish on SIGTERM
 
 
+RESTART_SECTIONS = ("server", "store", "telemetry", "audit", "postgres", "login", "oidc", "report")
+"""Config sections a SIGHUP does not apply (read once at start): a reload that changes one says so."""
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: what log shippers expect."""
 
@@ -179,21 +183,21 @@ class Service:
         try:
             fresh = load_config(self.config_path)
             policy = build_policy(fresh.config)
-        except (ConfigError, OSError) as exc:
-            why = str(exc).replace("\n", "; ")
+        except Exception as exc:  # noqa: BLE001 - whatever the file holds, the old policy stays and serving goes on
+            why = str(exc).replace("\n", "; ") if isinstance(exc, (ConfigError, OSError)) else f"{type(exc).__name__}: {exc}"
             log.error("reload refused, keeping the current policy: %s", why)
             self._audit_policy(FAILURE, "invalid", {"error": why})
             return
         changes = _changes(self.gateway.rt.gate.policy.summary(), policy.summary())
         old = self.loaded.config
-        for section in ("server", "store", "telemetry", "audit", "postgres"):
-            if getattr(old, section) != getattr(fresh.config, section):
-                log.warning("reload: [%s] changed; it takes effect at the next restart", section)
+        waiting = [s for s in RESTART_SECTIONS if getattr(old, s) != getattr(fresh.config, s)]
+        for section in waiting:
+            log.warning("reload: [%s] changed; it takes effect at the next restart", section)
         self.gateway.rt.gate.policy = policy
         self.gateway.connections.wake_all()  # long-lived connections are judged by the new policy at once
         self.loaded = fresh
         log.info("reload: policy replaced (%d apps, %d networks)", len(fresh.config.apps), len(fresh.config.networks))
-        self._audit_policy(SUCCESS, "reload", {"changes": changes})
+        self._audit_policy(SUCCESS, "reload", {"changes": changes, "at_next_restart": waiting})
 
     def _audit_policy(self, outcome: str, reason: str, detail: dict[str, Any]) -> None:
         """``policy.changed`` for a reload, applied or refused (NIST SP 800-63B-4 5.2: limits are documented
