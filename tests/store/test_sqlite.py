@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sqlite3
@@ -585,3 +586,23 @@ def test_a_commit_nobody_announced_is_seen_within_the_trust_bound(tmp_path: Path
     finally:
         run(gateway.close())
         run(cli.close())
+
+
+def test_the_database_is_private_to_its_owner(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """It holds password hashes, the audit log and client IPs: 0700 folder, 0600 files (also -wal and -shm)
+    whatever the umask; a file others can already read is used, with a warning to chmod it."""
+    old = os.umask(0o022)
+    try:
+        store = SqliteStore(tmp_path / "state" / "lapse.db")
+        store.db.execute("INSERT INTO meta (key, value) VALUES ('probe', 'x')")
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "state").iterdir() if p.name.startswith("lapse.db")}
+        assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+        assert {modes[n] for n in ("lapse.db", "lapse.db-wal", "lapse.db-shm")} == {0o600}
+        asyncio.run(store.close())
+        loose = tmp_path / "loose.db"
+        loose.touch(mode=0o644)
+        with caplog.at_level(logging.WARNING, logger="lapse.store"):
+            asyncio.run(SqliteStore(loose).close())
+        assert any("readable by others than its owner (mode 644)" in r.getMessage() for r in caplog.records)
+    finally:
+        os.umask(old)

@@ -304,7 +304,7 @@ class SqliteStore:
         self._clock = clock
         self._db: sqlite3.Connection | None = None
         with self._errors("open"):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _private_file(self.path)
             db = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout, check_same_thread=False)
             self._db = db
             try:
@@ -824,6 +824,19 @@ class SqliteStore:
         if db is not None:
             with self._errors("close"):
                 db.close()
+
+
+def _private_file(path: Path) -> None:
+    """The database holds password hashes, the audit log and client IPs: its folder is created 0700 and the
+    file 0600 (SQLite gives its ``-wal`` and ``-shm`` files the database's mode). One that others can
+    already read is used as it is, with a warning: changing an operator's file modes is theirs to do."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o077:
+            log.warning("sqlite store %s: readable by others than its owner (mode %o): chmod 600 it", path,
+                        os.stat(path).st_mode & 0o777)
 
 
 def _tune(db: sqlite3.Connection) -> None:
