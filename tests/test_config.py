@@ -455,3 +455,9 @@ def test_huge_durations_and_factors_are_config_errors_not_crashes() -> None:
         parse_duration(f"{100 * 366}d1s")
     factor = only_problem('[[networks]]\nname = "lan"\ncidrs = ["127.0.0.0/8"]\nidle_factor = 1e308\n')
     assert (factor.path, factor.line) == ("networks[0].idle_factor", 4) and "1000" in factor.message
+
+
+def test_the_sweeper_runs_at_least_every_minute() -> None:
+    """An interval of days meant abandoned sessions ended (and were audited) days late."""
+    problem = only_problem('[store]\nsweep_interval = "2m"\n')
+    assert (problem.path, problem.line) == ("store.sweep_interval", 2) and "60" in problem.message
