@@ -461,3 +461,32 @@ def test_the_sweeper_runs_at_least_every_minute() -> None:
     """An interval of days meant abandoned sessions ended (and were audited) days late."""
     problem = only_problem('[store]\nsweep_interval = "2m"\n')
     assert (problem.path, problem.line) == ("store.sweep_interval", 2) and "60" in problem.message
+
+
+def test_an_app_an_earlier_one_shadows_and_a_warning_at_once_are_warned_about() -> None:
+    """The first app in file order wins: a wildcard before an exact host took billing's PCI limits away
+    silently; and a warn_before as long as the idle limit opens the countdown as soon as a page loads."""
+    text = textwrap.dedent("""\
+        [[apps]]
+        name = "wiki"
+        hosts = ["*.example.test"]
+
+        [[apps]]
+        name = "billing"
+        hosts = ["billing.example.test", "pay.other.test"]
+        preset = "pci-dss-4"
+
+        [[apps]]
+        name = "ops"
+        hosts = ["ops.test"]
+        idle = "1m"
+        warn_before = "1m"
+        """)
+    loaded = parse_config(text, "lapse.toml")
+    assert [(w.path, w.line, w.message) for w in loaded.warnings] == [
+        ("apps[1].hosts", 7, "app billing is never chosen for billing.example.test: app wiki comes first in the file "
+         "and claims it for every path; list the more specific app first"),
+        ("apps[2]", 10, "warn_before 1m is not shorter than idle 1m: the countdown would open as soon as a page loads"),
+    ]
+    swapped = parse_config(text.replace('"*.example.test"', '"wiki.example.test"'), "lapse.toml")
+    assert [w.path for w in swapped.warnings] == ["apps[2]"]

@@ -22,6 +22,7 @@ Conventions the policy builder relies on:
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import ipaddress
 import json
 import os
@@ -61,7 +62,16 @@ from .audit.remote import SPELLING as SYSLOG_SPELLING
 from .audit.remote import SyslogTarget
 from .audit.remote import parse_target as parse_syslog_target
 from .audit.remote import redact as redact_sink
-from .core.policy import AppSpec, Layer, NetworkSpec, Policy, PolicySpec, PrivilegedSpec, compile_policy
+from .core.policy import (
+    AppSpec,
+    Layer,
+    NetworkSpec,
+    Policy,
+    PolicySpec,
+    PrivilegedSpec,
+    compile_policy,
+    normalize_host,
+)
 from .store.redis_url import is_redis_url, parse_redis_url, redact, unreadable_files
 
 __all__ = [
@@ -1019,6 +1029,33 @@ def _network_warnings(config: Config, warn: Callable[[str, str], None]) -> None:
                     )
 
 
+def _order_warnings(config: Config, warn: Callable[[str, str], None]) -> None:
+    """The first app in file order wins (CONTRACT §2): a later app whose host an earlier one claims for every
+    path is never chosen there (a wildcard listed before an exact host, say); and a warning that would
+    open the moment a page loads (``warn_before`` not shorter than the idle limit)."""
+    for j, later in enumerate(config.apps):
+        for host in (normalize_host(h) for h in later.hosts):
+            for earlier in config.apps[:j]:
+                if earlier.paths or not any(_claims(normalize_host(h), host) for h in earlier.hosts):
+                    continue
+                warn(f"apps[{j}].hosts", f"app {later.name} is never chosen for {host}: app {earlier.name} comes "
+                     "first in the file and claims it for every path; list the more specific app first")
+                break
+    policy = build_policy(config)
+    for index, name in [(None, "defaults"), *((i, f"apps[{i}]") for i in range(len(config.apps)))]:
+        limits = policy.limits_of(index, None)
+        if limits.idle is not None and limits.warn_before >= limits.idle:
+            warn(name, f"warn_before {format_duration(limits.warn_before)} is not shorter than idle "
+                 f"{format_duration(limits.idle)}: the countdown would open as soon as a page loads")
+
+
+def _claims(pattern: str, host: str) -> bool:
+    """Whether a host pattern (exact, or ``*.example.test``) matches every request ``host`` matches."""
+    if pattern == host:
+        return True
+    return "*" in pattern and "*" not in host and fnmatch.fnmatchcase(host, pattern)
+
+
 def _warnings(config: Config, locations: dict[str, int]) -> list[Problem]:
     warnings: list[Problem] = []
 
@@ -1050,6 +1087,7 @@ def _warnings(config: Config, locations: dict[str, int]) -> list[Problem]:
                     f"{format_duration(ceiling)}; it will be capped to {format_duration(ceiling)}",
                 )
     _network_warnings(config, warn)
+    _order_warnings(config, warn)
     if config.server.insecure_http:
         if config.server.cookie_secure:
             message = "insecure_http = true has no effect: public_url is https or loopback"
