@@ -220,3 +220,30 @@ def test_users_unbind_frees_a_name_bound_to_an_idp_account(conf: Path):
     assert again.returncode == 1 and "no IdP account holds the name 'nobody'" in again.stderr
     audit = [json.loads(line) for line in (conf.parent / "state" / "audit.jsonl").read_text().splitlines()]
     assert [(e["event"], e["user"]) for e in audit] == [("user.unbound", "bob")]
+
+
+def test_audit_tail_huge_count_is_a_usage_error(conf: Path):
+    r = lapse("--config", str(conf), "audit", "tail", "-n", "100000000000000000000")
+    assert r.returncode == 2 and "-n" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("setting", ["secret", "sink"])
+def test_a_file_that_cannot_be_created_is_named_not_a_traceback(tmp_path: Path, setting: str):
+    """A parent that is a file: the message names the setting, exit 1."""
+    (tmp_path / "blk").write_text("a file, not a folder")
+    conf = tmp_path / "c.toml"
+    body = '[server]\nsecret_file = "blk/secret"\n' if setting == "secret" else '[audit]\nsinks = ["jsonl:blk/a.jsonl"]\n'
+    conf.write_text(body + '[store]\nurl = "memory://"\n')
+    r = lapse("--config", str(conf), "users", "list")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    named = "secret_file" if setting == "secret" else "audit sink jsonl:blk/a.jsonl"
+    assert r.stderr.startswith(f"error: {named}: ") and "blk" in r.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_failing_audit_sink_is_a_message(tmp_path: Path):
+    conf = tmp_path / "c.toml"
+    conf.write_text('[store]\nurl = "memory://"\n[audit]\nsinks = ["jsonl:/dev/full"]\n')
+    r = lapse("--config", str(conf), "users", "add", "bob", "--password-stdin", stdin="hunter2hunter2\n")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: audit sink jsonl:/dev/full: ")
