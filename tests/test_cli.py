@@ -247,3 +247,12 @@ def test_a_failing_audit_sink_is_a_message(tmp_path: Path):
     r = lapse("--config", str(conf), "users", "add", "bob", "--password-stdin", stdin="hunter2hunter2\n")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: audit sink jsonl:/dev/full: ")
+
+
+def test_a_name_that_differs_only_by_case_is_refused(conf: Path):
+    assert lapse("--config", str(conf), "users", "add", "alice", "--password-stdin", stdin="hunter2hunter2\n").returncode == 0
+    for name in ("ALICE", "Alice"):
+        r = lapse("--config", str(conf), "users", "add", name, "--password-stdin", stdin="hunter2hunter2\n")
+        assert r.returncode == 1 and "'alice' already exists" in r.stderr and "case" in r.stderr
+    listed = json.loads(lapse("--config", str(conf), "users", "list", "--json").stdout)
+    assert [u["name"] for u in listed] == ["alice"]

@@ -405,6 +405,10 @@ def users_add(name: str, password_stdin: bool, admin: bool, groups: tuple[str, .
     async def body(rt: Runtime) -> None:
         if await rt.store.get_user(name) is not None:
             raise Fail(f"user {name!r} already exists")
+        # Sign-in and the other commands look names up exactly: alice and ALICE would be two accounts.
+        same = next((u.name for u in await rt.store.users() if u.name.casefold() == name.casefold()), None)
+        if same is not None:
+            raise Fail(f"user {same!r} already exists: names that differ only by case are refused")
         now = await rt.store.now()
         await rt.store.put_user(User(name, password_hash, admin, False, tuple(groups), now))
         await _user_event(rt, "user.created", name)
