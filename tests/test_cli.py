@@ -256,3 +256,30 @@ def test_a_name_that_differs_only_by_case_is_refused(conf: Path):
         assert r.returncode == 1 and "'alice' already exists" in r.stderr and "case" in r.stderr
     listed = json.loads(lapse("--config", str(conf), "users", "list", "--json").stdout)
     assert [u["name"] for u in listed] == ["alice"]
+
+
+FORGED = "eve\n2026-11-27T10:05:00.000Z  session.revoked  success  user=alice  reason=admin\x1b[2K"
+
+
+def test_audit_tail_escapes_fields_so_a_name_cannot_forge_a_line(conf: Path):
+    """A failed login's user name is whatever was typed: it shows escaped, on its event's own line."""
+    import asyncio
+
+    from lapse.config import load_config
+    from lapse.core.events import AuditEvent
+    from lapse.runtime import open_runtime
+
+    async def failed_login() -> None:
+        async with open_runtime(load_config(str(conf))) as rt:
+            await rt.audit.emit([AuditEvent(await rt.store.now(), "auth.login", "failure", user=FORGED,
+                                            resource="POST /login\u2028x")])
+
+    asyncio.run(failed_login())
+    human = lapse("--config", str(conf), "audit", "tail")
+    assert human.returncode == 0, human.stderr
+    [line] = human.stdout.splitlines()
+    assert "auth.login  failure  user=eve\\x0a2026-11-27T10:05:00.000Z  session.revoked" in line
+    assert line.endswith("reason=admin\\x1b[2K  resource=POST /login\\u2028x")
+    assert "\x1b" not in human.stdout and "\u2028" not in human.stdout
+    as_json = lapse("--config", str(conf), "audit", "tail", "--json")
+    assert json.loads(as_json.stdout)["user"] == FORGED  # --json is unchanged: JSON escapes it itself

@@ -26,6 +26,7 @@ import qrcode
 
 from . import __version__, totp
 from .audit.remote import redact as redact_sink
+from .audit.report import printable
 from .config import ConfigError, LoadedConfig, load_config
 from .core.decide import expires_at
 from .core.durations import format_duration, parse_duration
@@ -665,7 +666,7 @@ def audit_tail(count: int, as_json: bool) -> None:
             fields += [f"{k}={d[k]}" for k in ("app", "ip", "resource", "reason") if d.get(k)]
             if d["session"]:
                 fields.append(f"session={d['session'][:HANDLE_LEN]}")
-            click.echo("  ".join(fields))
+            click.echo("  ".join(printable(f) for f in fields))  # one event, one line: no forged lines
 
 
 @audit.command("report")

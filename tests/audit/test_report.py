@@ -141,3 +141,18 @@ def test_cli_report_json_png_and_timing(populated: Path, tmp_path: Path):
 
     bad = lapse("--config", str(populated), "audit", "report", "--since", "soon")
     assert bad.returncode != 0 and "--since" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_summary_escapes_strings_from_the_log():
+    """The text report prints names and paths from the log: one line each, no terminal escapes."""
+    forged = "eve\n2026-11-27T10:05:00.000Z  session.revoked\x1b[2K"
+    activity = {"samples": 30, "gap_cv": 0.0, "gap_mean_s": 60.0, "hours": [], "top_path": forged,
+                "top_path_share": 1.0, "idle_s": 700.0}
+    end = ev.AuditEvent(T0, ev.EXPIRED, "success", user=forged, session="s" * 32, app=forged, reason=forged,
+                        activity=activity)
+    report = rep.build([end], [], rep.Thresholds(), since=T0 - 1, until=T0 + 1, source="jsonl:a\nb")
+    text = rep.summary(report)
+    assert "\x1b" not in text and "\n2026" not in text
+    assert len(text.splitlines()) == 8
+    assert "path=eve\\x0a2026-11-27T10:05:00.000Z  session.revoked\\x1b[2K " in text
+    assert "(jsonl:a\\x0ab)" in text

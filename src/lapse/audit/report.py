@@ -206,29 +206,45 @@ def _distribution(values: list[float]) -> dict[str, Any]:
 
 
 def summary(report: dict[str, Any]) -> str:
-    """The human reading of a report (``lapse audit report`` without ``--json``)."""
+    """The human reading of a report (``lapse audit report`` without ``--json``); every string from the log
+    goes through ``printable``."""
+    p = printable
     x, idle = report["expiries"], report["idle_before_expiry"]
-    lines = [f"audit report: {report['window']['since']} .. {report['window']['until']} ({report['source']})",
-             f"expiries: {x['total']}  " + "  ".join(f"{k}={v}" for k, v in x["by_reason"].items())]
+    lines = [f"audit report: {report['window']['since']} .. {report['window']['until']} ({p(report['source'])})",
+             f"expiries: {x['total']}  " + "  ".join(f"{p(k)}={v}" for k, v in x["by_reason"].items())]
     if x["by_app"]:
-        lines.append("by app:   " + "  ".join(f"{k}={v}" for k, v in x["by_app"].items()))
+        lines.append("by app:   " + "  ".join(f"{p(k)}={v}" for k, v in x["by_app"].items()))
     r = report["revocations"]
-    lines.append(f"revocations: {r['total']}  " + "  ".join(f"{k}={v}" for k, v in r["by_reason"].items()))
+    lines.append(f"revocations: {r['total']}  " + "  ".join(f"{p(k)}={v}" for k, v in r["by_reason"].items()))
     if idle["count"]:
         lines.append(f"idle before expiry: p50 {_dur(idle['p50_s'])}  p90 {_dur(idle['p90_s'])}  "
                      f"p99 {_dur(idle['p99_s'])}  max {_dur(idle['max_s'])}")
     if report["top_users"]:
-        lines.append("time out most: " + ", ".join(f"{u['user']} ({u['expiries']})" for u in report["top_users"]))
+        lines.append("time out most: " + ", ".join(f"{p(u['user'])} ({u['expiries']})" for u in report["top_users"]))
     suspects = report["automation_suspects"]
     lines.append(f"automation suspects: {len(suspects)}")
     for s in suspects:
         e = s["evidence"]
         lines.append(
-            f"  {s['user']}  session={s['handle']}  {s['state']}  {','.join(s['reasons'])}  "
+            f"  {p(s['user'])}  session={p(s['handle'])}  {s['state']}  {','.join(s['reasons'])}  "
             f"samples={e['samples']} gap_mean={_dur(e.get('gap_mean_s'))} cv={e.get('gap_cv')} "
-            f"hours={len(e.get('hours') or ())} path={e.get('top_path')} share>={e.get('top_path_share')}"
+            f"hours={len(e.get('hours') or ())} path={p(e.get('top_path'))} share>={e.get('top_path_share')}"
         )
     return "\n".join(lines)
+
+
+def printable(value: Any) -> str:
+    """``value`` as text for one line of a terminal: backslashes and non-printable characters (controls,
+    bidi and other format characters, line separators) escaped, so a field cannot forge another line or
+    send ANSI escapes."""
+    return "".join(c if c.isprintable() and c != "\\" else _escaped(c) for c in str(value))
+
+
+def _escaped(c: str) -> str:
+    n = ord(c)
+    if c == "\\":
+        return "\\\\"
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 
 def _dur(seconds: float | None) -> str:
@@ -241,4 +257,4 @@ def _dur(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-__all__ = ["Thresholds", "build", "from_jsonl", "from_store", "summary", "suspicion"]
+__all__ = ["Thresholds", "build", "from_jsonl", "from_store", "printable", "summary", "suspicion"]
