@@ -699,22 +699,26 @@ def audit_report(as_json: bool, png: str | None, since: str | None, jsonl: str |
         start = until - (window if window is not None else cfg.report.window)
         sinks = cfg.audit.parsed_sinks
         path = Path(jsonl) if jsonl else None
+        bad: list[int] = []
         if path is None and not any(s.kind == "store" for s in sinks):
             path = next((s.path for s in sinks if s.kind == "jsonl"), None)
             if path is None:
                 raise Fail('no audit log to read: add "store" (or "jsonl:PATH") to [audit] sinks, or give --jsonl')
         if path is not None:
             try:
-                events: Any = list(rep.from_jsonl(path, start, until))
+                events: Any = list(rep.from_jsonl(path, start, until, bad))
             except OSError as exc:
                 raise Fail(f"cannot read {path}: {exc.strerror or exc}") from None
             source = f"jsonl:{path}"
+            if bad:
+                click.echo(f"warning: {path}: skipped {len(bad)} malformed line(s), the first at line {bad[0]}",
+                           err=True)
         else:
             events = await rep.from_store(rt.store, start, until)
             source = "store"
         live = await rt.store.sessions()
         return rep.build(events, live, rep.Thresholds.from_config(cfg.report), since=start, until=until,
-                         source=source, started=started)
+                         source=source, started=started, skipped=len(bad))
 
     report = _run(body)
     if png:
@@ -729,7 +733,7 @@ def audit_report(as_json: bool, png: str | None, since: str | None, jsonl: str |
         except OSError as exc:
             raise Fail(f"cannot write {png}: {exc.strerror or exc}") from None
     if as_json:
-        click.echo(json.dumps(report, separators=(",", ":")))
+        click.echo(json.dumps(report, separators=(",", ":"), allow_nan=False))  # build lets no NaN through
     else:
         click.echo(rep.summary(report))
     wrote = f", charts in {png}" if png else ""
