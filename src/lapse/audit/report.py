@@ -114,7 +114,7 @@ def _finite(text: str) -> float:
 
 
 _TEXT = ("user", "session", "app", "ip", "resource", "reason")
-_NUMBERS = ("idle_s", "age_s", "samples", "gap_mean_s", "gap_cv", "top_path_share")
+_NUMBERS = ("idle_s", "age_s", "samples", "gap_mean_s", "gap_cv", "top_path_share")  # where present; gap_cv may be null (too few gaps)
 
 
 def sound(e: AuditEvent) -> bool:
@@ -126,7 +126,7 @@ def sound(e: AuditEvent) -> bool:
     a = e.activity
     if a is None:
         return True
-    if not isinstance(a, dict) or not all(a.get(k) is None or _number(a[k]) for k in _NUMBERS):
+    if not isinstance(a, dict) or not all(_number(a[k]) for k in _NUMBERS if k in a and (k, a[k]) != ("gap_cv", None)):
         return False
     hours, path = a.get("hours"), a.get("top_path")
     return (hours is None or isinstance(hours, list) and all(_number(h) for h in hours)) and (
