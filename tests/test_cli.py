@@ -220,3 +220,66 @@ def test_users_unbind_frees_a_name_bound_to_an_idp_account(conf: Path):
     assert again.returncode == 1 and "no IdP account holds the name 'nobody'" in again.stderr
     audit = [json.loads(line) for line in (conf.parent / "state" / "audit.jsonl").read_text().splitlines()]
     assert [(e["event"], e["user"]) for e in audit] == [("user.unbound", "bob")]
+
+
+def test_audit_tail_huge_count_is_a_usage_error(conf: Path):
+    r = lapse("--config", str(conf), "audit", "tail", "-n", "100000000000000000000")
+    assert r.returncode == 2 and "-n" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("setting", ["secret", "sink"])
+def test_a_file_that_cannot_be_created_is_named_not_a_traceback(tmp_path: Path, setting: str):
+    """A parent that is a file: the message names the setting, exit 1."""
+    (tmp_path / "blk").write_text("a file, not a folder")
+    conf = tmp_path / "c.toml"
+    body = '[server]\nsecret_file = "blk/secret"\n' if setting == "secret" else '[audit]\nsinks = ["jsonl:blk/a.jsonl"]\n'
+    conf.write_text(body + '[store]\nurl = "memory://"\n')
+    r = lapse("--config", str(conf), "users", "list")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    named = "secret_file" if setting == "secret" else "audit sink jsonl:blk/a.jsonl"
+    assert r.stderr.startswith(f"error: {named}: ") and "blk" in r.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_failing_audit_sink_is_a_message(tmp_path: Path):
+    conf = tmp_path / "c.toml"
+    conf.write_text('[store]\nurl = "memory://"\n[audit]\nsinks = ["jsonl:/dev/full"]\n')
+    r = lapse("--config", str(conf), "users", "add", "bob", "--password-stdin", stdin="hunter2hunter2\n")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: audit sink jsonl:/dev/full: ")
+
+
+def test_a_name_that_differs_only_by_case_is_refused(conf: Path):
+    assert lapse("--config", str(conf), "users", "add", "alice", "--password-stdin", stdin="hunter2hunter2\n").returncode == 0
+    for name in ("ALICE", "Alice"):
+        r = lapse("--config", str(conf), "users", "add", name, "--password-stdin", stdin="hunter2hunter2\n")
+        assert r.returncode == 1 and "'alice' already exists" in r.stderr and "case" in r.stderr
+    listed = json.loads(lapse("--config", str(conf), "users", "list", "--json").stdout)
+    assert [u["name"] for u in listed] == ["alice"]
+
+
+FORGED = "eve\n2026-11-27T10:05:00.000Z  session.revoked  success  user=alice  reason=admin\x1b[2K"
+
+
+def test_audit_tail_escapes_fields_so_a_name_cannot_forge_a_line(conf: Path):
+    """A failed login's user name is whatever was typed: it shows escaped, on its event's own line."""
+    import asyncio
+
+    from lapse.config import load_config
+    from lapse.core.events import AuditEvent
+    from lapse.runtime import open_runtime
+
+    async def failed_login() -> None:
+        async with open_runtime(load_config(str(conf))) as rt:
+            await rt.audit.emit([AuditEvent(await rt.store.now(), "auth.login", "failure", user=FORGED,
+                                            resource="POST /login\u2028x")])
+
+    asyncio.run(failed_login())
+    human = lapse("--config", str(conf), "audit", "tail")
+    assert human.returncode == 0, human.stderr
+    [line] = human.stdout.splitlines()
+    assert "auth.login  failure  user=eve\\x0a2026-11-27T10:05:00.000Z  session.revoked" in line
+    assert line.endswith("reason=admin\\x1b[2K  resource=POST /login\\u2028x")
+    assert "\x1b" not in human.stdout and "\u2028" not in human.stdout
+    as_json = lapse("--config", str(conf), "audit", "tail", "--json")
+    assert json.loads(as_json.stdout)["user"] == FORGED  # --json is unchanged: JSON escapes it itself

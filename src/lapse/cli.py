@@ -25,6 +25,8 @@ import click
 import qrcode
 
 from . import __version__, totp
+from .audit.remote import redact as redact_sink
+from .audit.report import printable
 from .config import ConfigError, LoadedConfig, load_config
 from .core.decide import expires_at
 from .core.durations import format_duration, parse_duration
@@ -78,8 +80,11 @@ def _where(loaded: LoadedConfig, line: int | None) -> str:
 def _run(body: Callable[[Runtime], Awaitable[T]]) -> T:
     """Open the runtime for the current config, run ``body``, turn known failures into messages."""
 
+    loaded = _load()
+
     async def main() -> T:
-        async with open_runtime(_load()) as rt:
+        async with open_runtime(loaded) as rt:
+            _name_sink_errors(rt)
             if rt.loaded.config.oidc is None:
                 return await body(rt)
             from .web.oidc import revoking  # the ends this command writes revoke refresh tokens too
@@ -87,7 +92,60 @@ def _run(body: Callable[[Runtime], Awaitable[T]]) -> T:
             async with revoking(rt):
                 return await body(rt)
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except SinkFailed as exc:
+        raise Fail(f"audit sink {exc.spec}: {_reason(exc.cause)}") from None
+    except OSError as exc:
+        raise Fail(_what_failed(loaded, exc)) from None
+
+
+class SinkFailed(Exception):
+    """An audit sink's write or close failed; ``spec`` names the sink as the config does."""
+
+    def __init__(self, spec: str, cause: OSError) -> None:
+        super().__init__(spec, cause)
+        self.spec, self.cause = spec, cause
+
+
+def _name_sink_errors(rt: Runtime) -> None:
+    """Make an OSError from a sink say which sink, so the user sees the sink rather than a traceback."""
+
+    def named(spec: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def checked(*args: Any) -> Any:
+            try:
+                return call(*args)
+            except OSError as exc:
+                raise SinkFailed(spec, exc) from exc
+
+        async def checked_async(*args: Any) -> Any:
+            try:
+                return await call(*args)
+            except OSError as exc:
+                raise SinkFailed(spec, exc) from exc
+
+        return checked_async if asyncio.iscoroutinefunction(call) else checked
+
+    for sink, parsed in zip(rt.audit.sinks, rt.loaded.config.audit.parsed_sinks, strict=False):
+        sink.write = named(redact_sink(parsed.spec), sink.write)  # type: ignore[method-assign]
+        sink.close = named(redact_sink(parsed.spec), sink.close)  # type: ignore[method-assign]
+
+
+def _reason(exc: OSError) -> str:
+    return f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else exc.strerror or str(exc)
+
+
+def _what_failed(loaded: LoadedConfig, exc: OSError) -> str:
+    """An OSError while opening the runtime, named by the setting whose file it concerns."""
+    cfg = loaded.config
+    where = Path(exc.filename) if isinstance(exc.filename, str) else None
+    named = [("secret_file", cfg.server.secret_path)] + [
+        (f"audit sink {redact_sink(s.spec)}", s.path) for s in cfg.audit.parsed_sinks if s.kind == "jsonl"
+    ]
+    for setting, path in named:
+        if where is not None and path is not None and (where == Path(path) or where in Path(path).parents):
+            return f"{setting}: cannot open or create {path}: {_reason(exc)}"
+    return _reason(exc)
 
 
 def _read_password() -> str:
@@ -348,6 +406,10 @@ def users_add(name: str, password_stdin: bool, admin: bool, groups: tuple[str, .
     async def body(rt: Runtime) -> None:
         if await rt.store.get_user(name) is not None:
             raise Fail(f"user {name!r} already exists")
+        # Sign-in and the other commands look names up exactly: alice and ALICE would be two accounts.
+        same = next((u.name for u in await rt.store.users() if u.name.casefold() == name.casefold()), None)
+        if same is not None:
+            raise Fail(f"user {same!r} already exists: names that differ only by case are refused")
         now = await rt.store.now()
         await rt.store.put_user(User(name, password_hash, admin, False, tuple(groups), now))
         await _user_event(rt, "user.created", name)
@@ -585,7 +647,7 @@ def audit() -> None:
 
 
 @audit.command("tail")
-@click.option("-n", "count", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("-n", "count", default=20, show_default=True, type=click.IntRange(1, 1_000_000))
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 def audit_tail(count: int, as_json: bool) -> None:
     """The newest audit events, oldest first."""
@@ -604,7 +666,7 @@ def audit_tail(count: int, as_json: bool) -> None:
             fields += [f"{k}={d[k]}" for k in ("app", "ip", "resource", "reason") if d.get(k)]
             if d["session"]:
                 fields.append(f"session={d['session'][:HANDLE_LEN]}")
-            click.echo("  ".join(fields))
+            click.echo("  ".join(printable(f) for f in fields))  # one event, one line: no forged lines
 
 
 @audit.command("report")
@@ -637,22 +699,26 @@ def audit_report(as_json: bool, png: str | None, since: str | None, jsonl: str |
         start = until - (window if window is not None else cfg.report.window)
         sinks = cfg.audit.parsed_sinks
         path = Path(jsonl) if jsonl else None
+        bad: list[int] = []
         if path is None and not any(s.kind == "store" for s in sinks):
             path = next((s.path for s in sinks if s.kind == "jsonl"), None)
             if path is None:
                 raise Fail('no audit log to read: add "store" (or "jsonl:PATH") to [audit] sinks, or give --jsonl')
         if path is not None:
             try:
-                events: Any = list(rep.from_jsonl(path, start, until))
+                events: Any = list(rep.from_jsonl(path, start, until, bad))
             except OSError as exc:
                 raise Fail(f"cannot read {path}: {exc.strerror or exc}") from None
             source = f"jsonl:{path}"
+            if bad:
+                click.echo(f"warning: {path}: skipped {len(bad)} malformed line(s), the first at line {bad[0]}",
+                           err=True)
         else:
             events = await rep.from_store(rt.store, start, until)
             source = "store"
         live = await rt.store.sessions()
         return rep.build(events, live, rep.Thresholds.from_config(cfg.report), since=start, until=until,
-                         source=source, started=started)
+                         source=source, started=started, skipped=len(bad))
 
     report = _run(body)
     if png:
@@ -667,7 +733,7 @@ def audit_report(as_json: bool, png: str | None, since: str | None, jsonl: str |
         except OSError as exc:
             raise Fail(f"cannot write {png}: {exc.strerror or exc}") from None
     if as_json:
-        click.echo(json.dumps(report, separators=(",", ":")))
+        click.echo(json.dumps(report, separators=(",", ":"), allow_nan=False))  # build lets no NaN through
     else:
         click.echo(rep.summary(report))
     wrote = f", charts in {png}" if png else ""

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lapse.audit import report as rep
 from lapse.config import load_config, parse_config
@@ -141,3 +144,80 @@ def test_cli_report_json_png_and_timing(populated: Path, tmp_path: Path):
 
     bad = lapse("--config", str(populated), "audit", "report", "--since", "soon")
     assert bad.returncode != 0 and "--since" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_summary_escapes_strings_from_the_log():
+    """The text report prints names and paths from the log: one line each, no terminal escapes."""
+    forged = "eve\n2026-11-27T10:05:00.000Z  session.revoked\x1b[2K"
+    activity = {"samples": 30, "gap_cv": 0.0, "gap_mean_s": 60.0, "hours": [], "top_path": forged,
+                "top_path_share": 1.0, "idle_s": 700.0}
+    end = ev.AuditEvent(T0, ev.EXPIRED, "success", user=forged, session="s" * 32, app=forged, reason=forged,
+                        activity=activity)
+    report = rep.build([end], [], rep.Thresholds(), since=T0 - 1, until=T0 + 1, source="jsonl:a\nb")
+    text = rep.summary(report)
+    assert "\x1b" not in text and "\n2026" not in text
+    assert len(text.splitlines()) == 8
+    assert "path=eve\\x0a2026-11-27T10:05:00.000Z  session.revoked\\x1b[2K " in text
+    assert "(jsonl:a\\x0ab)" in text
+
+
+HOSTILE = [
+    {"activity": "x"}, {"activity": {"samples": "99"}}, {"activity": {"idle_s": "abc"}}, {"ts": 12},
+    {"user": ["a"]}, {"activity": {"samples": 50, "gap_cv": "0"}}, {"activity": {"idle_s": float("nan")}},
+    {"activity": {"idle_s": 10**400}}, {"activity": {"samples": 50, "hours": 7}},
+]
+
+
+def _end(when: str, **fields: object) -> dict:
+    return {"ts": when, "event": "session.expired", "outcome": "success", "user": "u", "reason": "idle",
+            "activity": {"idle_s": 5.0, "samples": 1}, **fields}
+
+
+def test_cli_report_skips_and_counts_malformed_jsonl_lines(populated: Path, tmp_path: Path):
+    """Each hostile line is skipped and counted (JSON and stderr); the good one is read; the JSON parses."""
+    ts = ev.rfc3339(time.time() - 60)
+    lines = [json.dumps(_end(ts, **bad), separators=(",", ":")) for bad in HOSTILE]
+    lines.append(json.dumps(_end(ts), separators=(",", ":")))
+    lines.append('{"ts":"' + ts + '","event":"session.expired","outcome":"success","activity":{"idle_s":1e999}}')
+    log = tmp_path / "hostile.jsonl"
+    log.write_text("\n".join(lines) + "\n" + "[" * 100_000 + '"event":"session.revoked"\n')
+    r = lapse("--config", str(populated), "audit", "report", "--json", "--jsonl", str(log))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    report = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert report["skipped"] == len(HOSTILE) + 2 and report["expiries"]["total"] == 1
+    assert f"skipped {len(HOSTILE) + 2} malformed line(s), the first at line 1" in r.stderr
+    text = lapse("--config", str(populated), "audit", "report", "--jsonl", str(log))
+    assert text.returncode == 0 and f"skipped: {len(HOSTILE) + 2} malformed" in text.stdout
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+_activity_keys = st.sampled_from(["idle_s", "age_s", "samples", "gap_mean_s", "gap_cv", "hours", "top_path",
+                                  "top_path_share", "other"])
+_events = st.fixed_dictionaries(
+    {"ts": st.just(ev.rfc3339(T0)) | _json_values, "event": st.sampled_from(rep.READ) | _json_values},
+    optional={
+        "outcome": st.just("success") | _json_values,
+        **{k: st.text(max_size=8) | _json_values for k in ("user", "session", "app", "ip", "resource", "reason")},
+        "activity": st.dictionaries(_activity_keys, _json_values | st.integers(0, 50), max_size=8) | _json_values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_events | st.dictionaries(st.text(max_size=6), _json_values, max_size=4), max_size=8))
+def test_arbitrary_jsonl_objects_never_break_the_report(objects: list[dict]):
+    """Whatever objects the file holds: no exception, and the JSON output always parses (no NaN)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "a.jsonl"
+        path.write_text("".join(json.dumps(o, separators=(",", ":")) + "\n" for o in objects), encoding="utf-8")
+        bad: list[int] = []
+        events = list(rep.from_jsonl(path, T0 - 3600, T0 + 3600, bad))
+    report = rep.build(events, [], rep.Thresholds(min_samples=1), since=T0 - 3600, until=T0 + 3600,
+                       source="jsonl", skipped=len(bad))
+    assert json.loads(json.dumps(report, allow_nan=False)) == report
+    assert report["events_read"] + report["skipped"] <= len(objects)
+    rep.summary(report)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -69,19 +70,75 @@ async def from_store(store: SessionStore, since: float, until: float) -> list[Au
     return await store.search_audit(AuditQuery(events=READ, since=since, until=until))
 
 
-def from_jsonl(path: Path, since: float, until: float) -> Iterator[AuditEvent]:
-    """The events ``build`` reads, from a ``jsonl:`` sink file (others are skipped unparsed)."""
+def from_jsonl(path: Path, since: float, until: float, bad: list[int] | None = None) -> Iterator[AuditEvent]:
+    """The events ``build`` reads, from a ``jsonl:`` sink file (others are skipped unparsed).
+
+    A line that names one of them but is not a sound event (torn by a killed writer, edited, hostile)
+    is skipped, and its number appended to ``bad``: the file is input, not trusted.
+    """
     needles = tuple(f'"event":"{name}"' for name in READ)
-    with path.open(encoding="utf-8") as lines:
-        for line in lines:
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
             if not any(n in line for n in needles):
                 continue
-            try:
-                event = AuditEvent.from_dict(json.loads(line))
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line (the writer was killed mid-line) is not the report's problem
-            if since <= event.ts < until:
+            event = _parse(line)
+            if event is None:
+                if bad is not None:
+                    bad.append(number)
+                continue
+            if event.event in READ and since <= event.ts < until:
                 yield event
+
+
+def _parse(line: str) -> AuditEvent | None:
+    """One jsonl line as an event, or None: not JSON (NaN and overflowing numbers included), or unsound."""
+    try:
+        data = json.loads(line, parse_constant=_not_json, parse_float=_finite)
+        if not isinstance(data, dict) or not isinstance(data.get("ts"), str):
+            return None
+        event = AuditEvent.from_dict(data)
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+        return None
+    return event if sound(event) else None
+
+
+def _not_json(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} overflows")
+    return value
+
+
+_TEXT = ("user", "session", "app", "ip", "resource", "reason")
+_NUMBERS = ("idle_s", "age_s", "samples", "gap_mean_s", "gap_cv", "top_path_share")  # where present; gap_cv may be null (too few gaps)
+
+
+def sound(e: AuditEvent) -> bool:
+    """Whether ``build`` can read this event: the types it relies on, finite numbers in the evidence."""
+    if not isinstance(e.event, str) or not _number(e.ts):
+        return False
+    if not all(getattr(e, k) is None or isinstance(getattr(e, k), str) for k in _TEXT):
+        return False
+    a = e.activity
+    if a is None:
+        return True
+    if not isinstance(a, dict) or not all(_number(a[k]) for k in _NUMBERS if k in a and (k, a[k]) != ("gap_cv", None)):
+        return False
+    hours, path = a.get("hours"), a.get("top_path")
+    return (hours is None or isinstance(hours, list) and all(_number(h) for h in hours)) and (
+        path is None or isinstance(path, str)
+    )
+
+
+def _number(v: Any) -> bool:
+    try:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def build(
@@ -93,14 +150,21 @@ def build(
     until: float,
     source: str,
     started: float | None = None,
+    skipped: int = 0,
 ) -> dict[str, Any]:
     """The report as one JSON-ready object (CONTRACT §5: ``automation_suspects``, expiries by reason and
-    by app, the distribution of idle time before expiry; also by hour and day, revocations, top users)."""
+    by app, the distribution of idle time before expiry; also by hour and day, revocations, top users).
+
+    ``skipped``: events the source could not read; unsound events (see ``sound``) are skipped and
+    counted here too, so the report never fails and its JSON holds no NaN."""
     started = time.perf_counter() if started is None else started
     signed_in_to: dict[str, str | None] = {}
     ends: list[AuditEvent] = []
     read = 0
     for e in events:
+        if not sound(e):
+            skipped += 1
+            continue
         read += 1
         if e.event == ev.CREATED:
             if e.session:
@@ -149,6 +213,7 @@ def build(
         "source": source,
         "window": {"since": rfc3339(since), "until": rfc3339(until)},
         "events_read": read,
+        "skipped": skipped,
         "expiries": {
             "total": sum(by_reason.values()),
             "by_reason": dict(sorted(by_reason.items())),
@@ -206,29 +271,47 @@ def _distribution(values: list[float]) -> dict[str, Any]:
 
 
 def summary(report: dict[str, Any]) -> str:
-    """The human reading of a report (``lapse audit report`` without ``--json``)."""
+    """The human reading of a report (``lapse audit report`` without ``--json``); every string from the log
+    goes through ``printable``."""
+    p = printable
     x, idle = report["expiries"], report["idle_before_expiry"]
-    lines = [f"audit report: {report['window']['since']} .. {report['window']['until']} ({report['source']})",
-             f"expiries: {x['total']}  " + "  ".join(f"{k}={v}" for k, v in x["by_reason"].items())]
+    lines = [f"audit report: {report['window']['since']} .. {report['window']['until']} ({p(report['source'])})",
+             f"expiries: {x['total']}  " + "  ".join(f"{p(k)}={v}" for k, v in x["by_reason"].items())]
     if x["by_app"]:
-        lines.append("by app:   " + "  ".join(f"{k}={v}" for k, v in x["by_app"].items()))
+        lines.append("by app:   " + "  ".join(f"{p(k)}={v}" for k, v in x["by_app"].items()))
     r = report["revocations"]
-    lines.append(f"revocations: {r['total']}  " + "  ".join(f"{k}={v}" for k, v in r["by_reason"].items()))
+    lines.append(f"revocations: {r['total']}  " + "  ".join(f"{p(k)}={v}" for k, v in r["by_reason"].items()))
     if idle["count"]:
         lines.append(f"idle before expiry: p50 {_dur(idle['p50_s'])}  p90 {_dur(idle['p90_s'])}  "
                      f"p99 {_dur(idle['p99_s'])}  max {_dur(idle['max_s'])}")
     if report["top_users"]:
-        lines.append("time out most: " + ", ".join(f"{u['user']} ({u['expiries']})" for u in report["top_users"]))
+        lines.append("time out most: " + ", ".join(f"{p(u['user'])} ({u['expiries']})" for u in report["top_users"]))
+    if report["skipped"]:
+        lines.append(f"skipped: {report['skipped']} malformed event(s)")
     suspects = report["automation_suspects"]
     lines.append(f"automation suspects: {len(suspects)}")
     for s in suspects:
         e = s["evidence"]
         lines.append(
-            f"  {s['user']}  session={s['handle']}  {s['state']}  {','.join(s['reasons'])}  "
+            f"  {p(s['user'])}  session={p(s['handle'])}  {s['state']}  {','.join(s['reasons'])}  "
             f"samples={e['samples']} gap_mean={_dur(e.get('gap_mean_s'))} cv={e.get('gap_cv')} "
-            f"hours={len(e.get('hours') or ())} path={e.get('top_path')} share>={e.get('top_path_share')}"
+            f"hours={len(e.get('hours') or ())} path={p(e.get('top_path'))} share>={e.get('top_path_share')}"
         )
     return "\n".join(lines)
+
+
+def printable(value: Any) -> str:
+    """``value`` as text for one line of a terminal: backslashes and non-printable characters (controls,
+    bidi and other format characters, line separators) escaped, so a field cannot forge another line or
+    send ANSI escapes."""
+    return "".join(c if c.isprintable() and c != "\\" else _escaped(c) for c in str(value))
+
+
+def _escaped(c: str) -> str:
+    n = ord(c)
+    if c == "\\":
+        return "\\\\"
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 
 def _dur(seconds: float | None) -> str:
@@ -241,4 +324,4 @@ def _dur(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-__all__ = ["Thresholds", "build", "from_jsonl", "from_store", "summary", "suspicion"]
+__all__ = ["Thresholds", "build", "from_jsonl", "from_store", "printable", "sound", "summary", "suspicion"]
