@@ -25,6 +25,7 @@ import click
 import qrcode
 
 from . import __version__, totp
+from .audit import AuditSinkFailed
 from .audit.remote import redact as redact_sink
 from .audit.report import printable
 from .config import ConfigError, LoadedConfig, load_config
@@ -84,7 +85,6 @@ def _run(body: Callable[[Runtime], Awaitable[T]]) -> T:
 
     async def main() -> T:
         async with open_runtime(loaded) as rt:
-            _name_sink_errors(rt)
             if rt.loaded.config.oidc is None:
                 return await body(rt)
             from .web.oidc import revoking  # the ends this command writes revoke refresh tokens too
@@ -94,41 +94,11 @@ def _run(body: Callable[[Runtime], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(main())
-    except SinkFailed as exc:
-        raise Fail(f"audit sink {exc.spec}: {_reason(exc.cause)}") from None
+    except AuditSinkFailed as exc:  # it names the sink; the others got the events
+        cause = exc.__cause__
+        raise Fail(f"{exc.sink}: {_reason(cause) if isinstance(cause, OSError) else cause}") from None
     except OSError as exc:
         raise Fail(_what_failed(loaded, exc)) from None
-
-
-class SinkFailed(Exception):
-    """An audit sink's write or close failed; ``spec`` names the sink as the config does."""
-
-    def __init__(self, spec: str, cause: OSError) -> None:
-        super().__init__(spec, cause)
-        self.spec, self.cause = spec, cause
-
-
-def _name_sink_errors(rt: Runtime) -> None:
-    """Make an OSError from a sink say which sink, so the user sees the sink rather than a traceback."""
-
-    def named(spec: str, call: Callable[..., Any]) -> Callable[..., Any]:
-        def checked(*args: Any) -> Any:
-            try:
-                return call(*args)
-            except OSError as exc:
-                raise SinkFailed(spec, exc) from exc
-
-        async def checked_async(*args: Any) -> Any:
-            try:
-                return await call(*args)
-            except OSError as exc:
-                raise SinkFailed(spec, exc) from exc
-
-        return checked_async if asyncio.iscoroutinefunction(call) else checked
-
-    for sink, parsed in zip(rt.audit.sinks, rt.loaded.config.audit.parsed_sinks, strict=False):
-        sink.write = named(redact_sink(parsed.spec), sink.write)  # type: ignore[method-assign]
-        sink.close = named(redact_sink(parsed.spec), sink.close)  # type: ignore[method-assign]
 
 
 def _reason(exc: OSError) -> str:

@@ -32,7 +32,7 @@ class AuditLog:
                 sink, exc = failed[0]
                 if isinstance(exc, StoreUnavailable) and len(failed) == 1:
                     raise exc
-                raise AuditSinkFailed(f"audit sink {_name(sink)} failed: {exc}") from exc
+                raise AuditSinkFailed(_name(sink), exc) from exc
 
     def writes_to(self, store: SessionStore) -> bool:
         """Whether a ``store`` sink appends to this store (then its writes carry their events)."""
@@ -55,6 +55,10 @@ class AuditLog:
 class AuditSinkFailed(StoreUnavailable):
     """An inline sink (``jsonl:``, or the ``store`` beside another) could not record events: the request that
     caused them fails closed (503), as when the store itself cannot answer; the other sinks got them."""
+
+    def __init__(self, sink: str, cause: Exception) -> None:
+        super().__init__(f"audit sink {sink} failed: {cause}")
+        self.sink = f"audit sink {sink}"
 
 
 def _name(sink: Sink) -> str:
