@@ -457,12 +457,6 @@ def test_huge_durations_and_factors_are_config_errors_not_crashes() -> None:
     assert (factor.path, factor.line) == ("networks[0].idle_factor", 4) and "1000" in factor.message
 
 
-def test_the_sweeper_runs_at_least_every_minute() -> None:
-    """An interval of days meant abandoned sessions ended (and were audited) days late."""
-    problem = only_problem('[store]\nsweep_interval = "2m"\n')
-    assert (problem.path, problem.line) == ("store.sweep_interval", 2) and "60" in problem.message
-
-
 def test_an_app_an_earlier_one_shadows_and_a_warning_at_once_are_warned_about() -> None:
     """The first app in file order wins: a wildcard before an exact host took billing's PCI limits away
     silently; and a warn_before as long as the idle limit opens the countdown as soon as a page loads."""
