@@ -41,13 +41,13 @@ same answer, so a caller may reuse it instead of asking again.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from dataclasses import dataclass
 from enum import StrEnum
 
 from . import events as ev
 from .activity import evidence, observe
+from .addresses import block
 from .events import AuditEvent
 from .policy import Effective, Limits
 from .session import SIGN_IN, Session, record_activity, vouched
@@ -202,14 +202,8 @@ def end(session: Session, reason: str, now: float) -> Session:
 def other_network(before: str, after: str) -> bool:
     """Whether an address change is a change of network for ``on_ip_change``: IPv4 addresses must be
     equal; IPv6 ones only share their /64, since privacy extensions (RFC 8981) rotate the rest of a
-    device's address every few hours or per connection. Unparseable text compares as text."""
-    try:
-        a, b = ipaddress.ip_address(before), ipaddress.ip_address(after)
-    except ValueError:
-        return before != after
-    if a.version == b.version == 6:
-        return int(a) >> 64 != int(b) >> 64
-    return a != b
+    device's address every few hours or per connection."""
+    return block(before) != block(after)
 
 
 def end_event(session: Session, reason: str, now: float, app: str | None, ip: str | None, resource: str | None) -> AuditEvent:

@@ -37,7 +37,6 @@ Theory of operation:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import re
 import ssl
@@ -46,6 +45,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from ..config import Config, Postgres, parse_listen, postgres_host
+from ..core.addresses import block
 from ..core.device import from_application_name
 from ..enforce import Gate
 from ..monitor import Connections, Facts, Monitor
@@ -554,16 +554,7 @@ def _network(ip: str | None) -> str | None:
     blocks (a /64 is what one IPv6 host is given; a /24 the smallest IPv4 block routed on its own), so one
     network shares one quota. IPv4-mapped IPv6 addresses count as IPv4.
     """
-    if ip is None:
-        return None
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    prefix = 24 if address.version == 4 else 64
-    return str(ipaddress.ip_network((address, prefix), strict=False))
+    return None if ip is None else block(ip, 24)
 
 
 async def _first_packet_head(reader: asyncio.StreamReader) -> bytes:

@@ -31,6 +31,7 @@ from ..sealed import SealError
 from ..store.base import User
 from .attempts import password_keys
 from .forms import read_form
+from .net import requested_host
 from .tokens import Csrf, valid_id
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class Account:
 
     def _host(self, request: Request) -> str:
         headers, trusted, _ip, _sid = self.gw._facts(request)
-        return (headers.get("x-forwarded-host") if trusted else None) or headers.get("host", "")
+        return requested_host(headers, trusted)
 
     def _page(self, name: str, session: Session, user: User, status: int = 200,
               headers: dict[str, str] | None = None, **context: Any) -> Response:

@@ -39,6 +39,7 @@ from ..core.events import SUCCESS, AuditEvent, rfc3339
 from ..core.session import HANDLE_LEN, Session
 from ..store.base import AuditQuery
 from .forms import read_form
+from .net import requested_host
 from .tokens import Csrf, new_nonce
 
 if TYPE_CHECKING:
@@ -106,8 +107,7 @@ class Pages:
     async def _judge(self, request: Request, *, passive: bool) -> tuple[Verdict, str | None, str | None]:
         """The request judged; with the client's address and the session ID it presented."""
         headers, trusted, ip, sid = self.gw._facts(request)
-        host = (headers.get("x-forwarded-host") if trusted else None) or headers.get("host", "")
-        verdict = await self.gw._check(host=host, path=request.url.path, method=request.method, ip=ip,
+        verdict = await self.gw._check(host=requested_host(headers, trusted), path=request.url.path, method=request.method, ip=ip,
                                        passive=passive, sid=sid)
         return verdict, ip, sid
 

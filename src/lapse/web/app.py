@@ -42,7 +42,7 @@ from .attempts import Attempts, password_keys
 from .forms import read_form
 from .forwarding import unsafe_path, upstream_path
 from .metrics import Metrics
-from .net import Trust, Unjudgeable, canonical_path, client_ip, header_dict, original_request, reencoded
+from .net import Trust, Unjudgeable, canonical_path, client_ip, header_dict, original_request, reencoded, requested_host
 from .proxy import Upstream
 from .streams import guard, lasting
 from .tokens import Cookies, Csrf, new_nonce, parse_cookies, presented, valid_id
@@ -53,7 +53,6 @@ NO_STORE = "no-store"
 _NO_STORE = (b"cache-control", b"no-store")
 _EMPTY = (b"content-length", b"0")
 _CANNOT_JUDGE = [_NO_STORE, (b"x-lapse-reason", b"forbidden"), _EMPTY]
-_MISSING = [_NO_STORE, (b"x-lapse-reason", b"missing"), (b"location", b"/_lapse/login?next=/&reason=missing"), _EMPTY]
 """Forward-auth's answer when it cannot tell which request it is asked about: a refusal, never a guess."""
 _AUTH_HEADERS = frozenset(
     {b"host", b"cookie", b"x-forwarded-for", b"x-real-ip", b"x-original-method", b"x-original-uri",
@@ -105,6 +104,10 @@ def _step_up_challenge(verdict: Verdict) -> str:
 def login_url(next_uri: str, reason: str | None) -> str:
     query = "next=" + quote(next_uri, safe="/")
     return f"{LOGIN}?{query}&reason={reason}" if reason else f"{LOGIN}?{query}"
+
+
+_MISSING = [_NO_STORE, (b"x-lapse-reason", b"missing"), (b"location", login_url("/", "missing").encode()), _EMPTY]
+"""Forward-auth's answer without a session when it cannot tell the request: sign-in is needed whatever it was."""
 
 
 class Gateway:
@@ -542,7 +545,7 @@ class Gateway:
 
     async def _session_body(self, request: Request, *, active: bool) -> tuple[dict[str, Any], Verdict, str | None]:
         headers, trusted, ip, sid = self._facts(request)
-        host = (headers.get("x-forwarded-host") if trusted else None) or headers.get("host", "")
+        host = requested_host(headers, trusted)
         path = request.query_params.get("path") or "/"
         path = path.split("?", 1)[0] if path.startswith("/") else "/"
         verdict = await self._check(host=host, path=path, method="GET", ip=ip, passive=not active, sid=sid)

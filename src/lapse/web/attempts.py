@@ -18,13 +18,13 @@ audited (``auth.throttled``, reason the counter's kind), and so is every wrong c
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
 
 from ..audit import AuditLog
 from ..core import events as ev
+from ..core.addresses import block
 from ..core.events import AuditEvent
 from ..sealed import Sealer, SealError
 from ..store.base import SessionStore, User
@@ -38,20 +38,10 @@ USER_WIDE = 10
 
 
 def network(ip: str) -> str:
-    """What a client's attempts count under: an IPv4 address as it is, an IPv6 address by its /64.
-
-    A single host, or a single customer, usually gets a whole /64: counting full IPv6
-    addresses would give an attacker endless fresh counters. IPv4-mapped addresses count as IPv4.
-    """
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
+    """What a client's attempts count under: an IPv4 address as it is, an IPv6 address by its /64
+    (counting full IPv6 addresses would give an attacker endless fresh counters)."""
+    address = block(ip)
+    return address.removesuffix("/32")
 
 
 def password_keys(user: str | None, ip: str | None) -> list[str]:

@@ -93,6 +93,11 @@ class Original:
     uri: str  # path and query, as the client sent them
 
 
+def requested_host(headers: dict[str, str], peer_trusted: bool) -> str:
+    """The host the client asked for: ``X-Forwarded-Host`` from a trusted proxy, else ``Host``."""
+    return (headers.get("x-forwarded-host") if peer_trusted else None) or headers.get("host", "")
+
+
 class Unjudgeable(Exception):
     """Forward-auth cannot know which request it is asked about; the message names the fix."""
 
@@ -120,7 +125,8 @@ def original_request(headers: dict[str, str], peer: str | None, peer_trusted: bo
 def reencoded(raw: str) -> bool:
     """True when ``raw`` is still percent-encoded after one decoding (``%252e``, ``%2570``): a server (or a
     chain of them) that decodes twice would serve another path (``..``, ``p``) than the one lapse judges."""
-    return _REENCODED.search(unquote(raw)) is not None
+    # One decoding leaves a %XX only where the raw path had "%25" (an encoded "%"): the hot path checks that.
+    return "%25" in raw and _REENCODED.search(unquote(raw)) is not None
 
 
 def canonical_path(raw: str) -> str:
