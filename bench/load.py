@@ -72,6 +72,7 @@ TARGET_RATIO = 0.7  # forward-auth req/s >= 0.7x the bare ASGI app's, one worker
 TARGET_FLAT = 1.2  # cost per request at 100k within 1.2x of 1k
 POPULATIONS = (1_000, 100_000)
 CONNECTIONS = 32
+BUDGET_MICROS = (5, 10, 20, 40)  # --budget: CPU work per request added to the bare app
 START_TIMEOUT = 30.0  # seconds a server gets to answer its first request
 STOP_TIMEOUT = 15.0  # seconds a server gets to exit on SIGTERM before SIGKILL
 
@@ -102,6 +103,21 @@ async def bare_app(scope, receive, send):  # noqa: ANN001, ANN201 - the whole po
         await send({"type": "lifespan.shutdown.complete"})
 
 
+def spinning_app(micros: int):  # noqa: ANN201
+    """Diagnostics (``--budget``): the bare app plus ``micros`` µs of CPU work per request (a busy loop on
+    ``perf_counter``): how close to the bare rate an app with that much work of its own can get."""
+    work = micros / 1e6
+    clock = time.perf_counter
+
+    async def app(scope, receive, send):  # noqa: ANN001, ANN202
+        if scope["type"] == "http":
+            until = clock() + work
+            while clock() < until:
+                pass
+        await bare_app(scope, receive, send)
+    return app
+
+
 def _serve_bare_uvicorn(config: str, which: str = "bare", ids_file: str = "") -> None:
     """``lapse serve``'s own code path, with uvicorn.run made to run the bare (or floor) app instead."""
     _import_lapse()
@@ -115,7 +131,10 @@ def _serve_bare_uvicorn(config: str, which: str = "bare", ids_file: str = "") ->
     def run_bare(_app, **options):  # noqa: ANN001, ANN003, ANN202
         print("uvicorn.run options (from lapse.web.serve.serve): "
               + ", ".join(f"{k}={v!r}" for k, v in sorted(options.items())), file=sys.stderr, flush=True)
-        real_run(floor_app(ids_file) if which == "floor" else bare_app, **options)
+        app = floor_app(ids_file) if which == "floor" else bare_app
+        if which.startswith("spin"):
+            app = spinning_app(int(which[4:]))
+        real_run(app, **options)
 
     serve_mod.uvicorn.run = run_bare  # type: ignore[attr-defined]
     serve_mod.serve(load_config(config), config)
@@ -514,7 +533,7 @@ def server_argv(server: str, target: str, config: Path, port: int, ids: Path | N
     py = sys.executable
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     if server == "uvicorn":
-        if target in ("bare", "floor"):
+        if target in ("bare", "floor") or target.startswith("spin"):
             return [py, str(Path(__file__).resolve()), "_bare-uvicorn", str(config), target, str(ids)], env
         return [py, "-m", "lapse", "--config", str(config), "serve"], env
     common = [py, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port),
@@ -535,7 +554,7 @@ def measure(server: str, target: str, sessions: int | None, config: Path, port: 
             seconds: float, cpus: tuple[int | None, int | None], work: Path, cookie: str) -> Result:
     argv, env = server_argv(server, target, config, port, ids)
     label = f"{server}-{target}" + (f"-{sessions}" if sessions else "")
-    probe = "/" if target in ("bare", "floor") else "/_lapse/healthz"
+    probe = "/" if target in ("bare", "floor") or target.startswith("spin") else "/_lapse/healthz"
     server_cpu, wrk_cpu = cpus
     with Server(label, argv, port, probe, work / f"{label}.log", server_cpu, env) as srv:
         url = f"http://127.0.0.1:{port}/_lapse/auth"
@@ -788,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="then diagnose: lapse's app in-process, a time split under uvicorn, py-spy under load")
     parser.add_argument("--floor", action="store_true",
                         help="add a diagnostic row per server: a minimal forward-auth (cookie, HMAC, dict lookup)")
+    parser.add_argument("--budget", action="store_true",
+                        help="add diagnostic rows (uvicorn): the bare app plus 5, 10, 20 and 40 us of CPU work a request")
     parser.add_argument("--connections", type=int, default=CONNECTIONS, help=f"wrk -c (default {CONNECTIONS})")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the server and wrk to separate CPUs")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, DBs, logs)")
@@ -846,7 +867,8 @@ def main(argv: list[str] | None = None) -> int:
         # tells the cost of a big population apart from the cost of the writes (see the README).
         plan = [(server, target, n) for server in servers
                 for target, n in [("bare", None)] + [("lapse", n) for n in POPULATIONS] + [("lapse-hot", POPULATIONS[-1])]
-                + ([("floor", POPULATIONS[0])] if args.floor else [])]
+                + ([("floor", POPULATIONS[0])] if args.floor else [])
+                + ([(f"spin{us}", None) for us in BUDGET_MICROS] if args.budget and server == "uvicorn" else [])]
         for rnd in range(1, rounds + 1):
             print(f"round {rnd} of {rounds} (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())})", flush=True)
             for server, target, n in plan:
@@ -895,7 +917,7 @@ def report(all_results: list[Result], rounds: int) -> None:
     print("-" * width)
     for r in results:
         target = {"bare": "bare ASGI app", "lapse": "lapse /_lapse/auth", "floor": "floor fwd-auth (diag)"}.get(
-            r.target, "lapse, 1k hot (diag)")
+            r.target, f"bare + {r.target[4:]} us (diag)" if r.target.startswith("spin") else "lapse, 1k hot (diag)")
         sessions = "-" if r.sessions is None else f"{r.sessions:,}"
         non200 = f"{r.non200}" + (f" +{r.socket_errors}e" if r.socket_errors else "")
         worst = "-" if rounds == 1 else f"{spread[(r.server, r.target, r.sessions)]:.2f}x"
@@ -910,7 +932,7 @@ def report(all_results: list[Result], rounds: int) -> None:
         costs = ", ".join(f"{'floor ' if r.target == 'floor' else ''}{r.sessions:,}"
                           f"{' (1k hot)' if r.target == 'lapse-hot' else ''}: "
                           f"{base / (1e6 * r.server_cpu / r.rps):.2f}x"
-                          for r in results if r.server == server and r.target != "bare")
+                          for r in results if r.server == server and r.target != "bare" and r.sessions is not None)
         print(f"  {server}: bare ASGI CPU per request / lapse CPU per request = {costs}")
     print("targets (issue 3):")
     for server in dict.fromkeys(r.server for r in results):

@@ -221,29 +221,100 @@ def test_processes_racing_to_end_sessions_end_each_once(tmp_path: Path) -> None:
 # ---------------------------------------------------------- the hot path
 
 
-def test_fresh_write_is_one_statement_stale_one_is_a_transaction(tmp_path: Path) -> None:
+def test_a_turns_writes_share_one_transaction_each_with_its_own_outcome(tmp_path: Path) -> None:
+    """Group commit: the event-free writes of one event-loop turn are one BEGIN ... COMMIT; a stale one
+    takes the slow path inside it; an end is one UPDATE in autocommit, at once."""
     store = SqliteStore(tmp_path / "x.db", clock)
-    s = make_session(1)
+    s, b = make_session(1), make_session(2)
     run(store.create(s))
+    run(store.create(b))
+    b1 = b.with_(activity=record_activity(b.activity, 60.0, T0 + 1))
+    run(store.write(b, b1))
     statements: list[str] = []
     store.db.set_trace_callback(statements.append)
 
     a = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
-    assert run(store.write(s, a)) == WriteResult.APPLIED
-    assert len(statements) == 1 and statements[0].startswith("UPDATE")
+
+    async def together() -> list[WriteResult]:
+        return await asyncio.gather(store.write(s, a), store.write(b, b.with_(last_seen_at=T0 + 2)))
+
+    assert run(together()) == [WriteResult.APPLIED, WriteResult.APPLIED]  # the second was stale: merged
+    assert [q.split()[0] for q in statements] == ["BEGIN", "UPDATE", "UPDATE", "SELECT", "UPDATE", "COMMIT"]
+    assert run(store.read(s.key))[0] == a
+    merged = run(store.read(b.key))[0]
+    assert merged.activity == b1.activity and merged.last_seen_at == T0 + 2
+
     statements.clear()
     assert run(store.write(a, end(a, "logout", T0 + 6))) == WriteResult.APPLIED
     assert len(statements) == 1 and statements[0].startswith("UPDATE")
-
     statements.clear()
-    b = make_session(2)
-    run(store.create(b))
-    b1 = b.with_(activity=record_activity(b.activity, 60.0, T0 + 1))
-    run(store.write(b, b1))
-    statements.clear()
-    assert run(store.write(b, b.with_(last_seen_at=T0 + 2))) == WriteResult.APPLIED  # stale: the slow path
-    assert [q.split()[0] for q in statements] == ["UPDATE", "BEGIN", "SELECT", "UPDATE", "COMMIT"]
+    late = a.with_(activity=record_activity(a.activity, 900.0, T0 + 7), last_seen_at=T0 + 7)
+    assert run(store.write(a, late)) == WriteResult.ENDED  # never touches an ended session
     store.db.set_trace_callback(None)
+    run(store.close())
+
+
+def test_a_failed_group_commit_fails_every_write_of_the_turn_and_recovers(tmp_path: Path) -> None:
+    """Another process holding the write lock past busy_timeout: every write of the turn is told
+    (StoreUnavailable, the gateway's 503), none is lost silently, and the next turn works."""
+    path = tmp_path / "x.db"
+    store = SqliteStore(path, clock, busy_timeout=0.05)
+    s, b = make_session(1), make_session(2)
+    run(store.create(s))
+    run(store.create(b))
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    sa = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+    ba = b.with_(activity=record_activity(b.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+
+    async def together() -> list[object]:
+        return await asyncio.gather(store.write(s, sa), store.write(b, ba), return_exceptions=True)
+
+    outcomes = run(together())
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert run(together()) == [WriteResult.APPLIED, WriteResult.APPLIED]
+    assert run(store.read(s.key))[0].last_seen_at == T0 + 5
+    run(store.close())
+
+
+def test_a_write_whose_caller_gave_up_before_the_commit_is_not_made(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "x.db", clock)
+    s, b = make_session(1), make_session(2)
+    run(store.create(s))
+    run(store.create(b))
+    sa = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+    ba = b.with_(activity=record_activity(b.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+
+    async def one_gives_up() -> WriteResult:
+        gone = asyncio.ensure_future(store.write(s, sa))
+        kept = asyncio.ensure_future(store.write(b, ba))
+        await asyncio.sleep(0)  # both queued in this turn
+        gone.cancel()
+        return await kept
+
+    assert run(one_gives_up()) == WriteResult.APPLIED
+    assert run(store.read(b.key))[0] == ba
+    assert run(store.read(s.key))[0] == s  # activity unrecorded: judged idle early, never late
+    run(store.close())
+
+
+def test_a_write_stranded_by_a_closed_loop_does_not_block_the_next_loop(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "x.db", clock)
+    s = make_session(1)
+    run(store.create(s))
+    sa = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+    loop = asyncio.new_event_loop()
+
+    async def queue_only() -> None:
+        store._queue(s, sa)  # the group commit is scheduled for the next turn, which never comes
+
+    loop.create_task(queue_only())
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    loop.close()
+    assert run(asyncio.wait_for(store.write(s, sa), 5)) == WriteResult.APPLIED
     run(store.close())
 
 
