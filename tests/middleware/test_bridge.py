@@ -31,6 +31,24 @@ def test_store_jobs_run_in_the_calling_thread_and_endpoints_on_the_loop(bridge):
     assert bridge.on_loop(where) != threading.get_ident()
 
 
+def test_the_loop_threads_writes_never_wait_for_a_group_commit(bridge):
+    """A request thread runs SQLite's store without a loop: it must never find a write the loop thread
+    queued for a group commit (it could neither wait for it nor settle it), so the bridge turns it off."""
+    store = bridge.enforcer.rt.store
+    assert store.group_commit is False
+
+    async def loop_writes(e) -> str:
+        sid, _ = await e.rt.gate.sign_in("zoe")
+        session, _ = await e.rt.store.read(e.rt.gate.key_of(sid))
+        moved = session.with_(last_seen_at=session.last_seen_at + 1)
+        assert await e.rt.store.write(session, moved) is not None
+        assert not e.rt.store._queued  # written at once, nothing left for a later turn
+        return sid
+
+    sid = bridge.on_loop(loop_writes)
+    assert bridge.run(lambda e: e.rt.gate.check(host="localhost", path="/", session_id=sid)) is not None
+
+
 def test_a_request_thread_waits_while_the_loop_thread_is_busy(bridge):
     order: list[str] = []
 

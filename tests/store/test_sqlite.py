@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import sqlite3
@@ -15,10 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from lapse.audit import AuditLog
 from lapse.core import events as ev
 from lapse.core.decide import end
 from lapse.core.events import AuditEvent
+from lapse.core.policy import Layer, PolicySpec, compile_policy
 from lapse.core.session import Session, record_activity, session_key
+from lapse.enforce import Gate
 from lapse.store.base import StoreUnavailable, WriteResult
 from lapse.store.sqlite import SCHEMA_VERSION, SchemaError, SqliteStore
 
@@ -316,6 +320,118 @@ def test_a_write_stranded_by_a_closed_loop_does_not_block_the_next_loop(tmp_path
     loop.close()
     assert run(asyncio.wait_for(store.write(s, sa), 5)) == WriteResult.APPLIED
     run(store.close())
+
+
+class _Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _gate(store: SqliteStore) -> Gate:
+    policy = compile_policy(PolicySpec(defaults=Layer({"idle": 60.0, "absolute": 600.0})))
+    return Gate(store, policy, AuditLog([]), b"k" * 32)
+
+
+def test_an_end_does_not_overtake_an_activity_queued_before_it(tmp_path: Path) -> None:
+    """CONTRACT §3 (judged early by at most min(1 s, 1% of idle)): two requests of one session in one turn,
+    either side of the idle deadline. The first is active in time; the second must see its activity."""
+    clock = _Clock(T0)
+    store = SqliteStore(tmp_path / "x.db", clock)
+    gate = _gate(store)
+
+    async def scenario() -> list[int]:
+        sid, _ = await gate.sign_in("ann", host="app.test")
+
+        async def request(at: float) -> int:
+            clock.now = at
+            return (await gate.check(host="app.test", path="/", session_id=sid)).decision.status
+
+        return list(await asyncio.gather(request(T0 + 59.999), request(T0 + 60.001)))
+
+    assert run(scenario()) == [200, 200]
+    run(store.close())
+
+
+def test_a_pages_parallel_requests_write_once_and_stay_remembered(tmp_path: Path) -> None:
+    """Reading a session with a write queued commits the queue first: the burst coalesces as before."""
+    clock = _Clock(T0)
+    store = SqliteStore(tmp_path / "x.db", clock)
+    gate = _gate(store)
+    statements: list[str] = []
+
+    async def scenario() -> None:
+        sid, _ = await gate.sign_in("ann", host="app.test")
+        clock.now = T0 + 10
+        store.db.set_trace_callback(statements.append)
+        await asyncio.gather(*[gate.check(host="app.test", path=f"/{i}", session_id=sid) for i in range(6)])
+        store.db.set_trace_callback(None)
+
+    run(scenario())
+    assert [q.split()[0] for q in statements] == ["UPDATE"]
+    assert len(store._cache) == 1
+    run(store.close())
+
+
+def test_a_bad_write_in_a_batch_fails_alone(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "x.db", clock)
+    s, b = make_session(1), make_session(2)
+    run(store.create(s))
+    run(store.create(b))
+    bad = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=math.nan)
+    good = b.with_(activity=record_activity(b.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+
+    async def together() -> list[object]:
+        return await asyncio.gather(store.write(s, bad), store.write(b, good), return_exceptions=True)
+
+    outcomes = run(together())
+    assert isinstance(outcomes[0], ValueError) and outcomes[1] == WriteResult.APPLIED
+    assert run(store.read(b.key))[0] == good
+    run(store.close())
+
+
+def test_a_failure_after_the_commit_is_told_to_every_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The change counter failing (its file's disk) after the COMMIT: 503s, not requests that hang."""
+    store = SqliteStore(tmp_path / "x.db", clock)
+    s, b = make_session(1), make_session(2)
+    run(store.create(s))
+    run(store.create(b))
+
+    def broken() -> tuple[bytes, bytes]:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store._changes, "bump", broken)
+    sa = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+    ba = b.with_(activity=record_activity(b.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+
+    async def together() -> list[object]:
+        return await asyncio.wait_for(asyncio.gather(store.write(s, sa), store.write(b, ba), return_exceptions=True), 5)
+
+    outcomes = run(together())
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+    monkeypatch.undo()
+    run(store.close())
+
+
+def test_close_writes_what_is_queued(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    store = SqliteStore(path, clock)
+    s = make_session(1)
+    run(store.create(s))
+    sa = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+
+    async def queue_then_close() -> WriteResult:
+        pending = asyncio.ensure_future(store.write(s, sa))
+        await asyncio.sleep(0)  # queued, its commit not run yet
+        await store.close()
+        return await pending
+
+    assert run(queue_then_close()) == WriteResult.APPLIED
+    again = SqliteStore(path, clock)
+    assert run(again.read(s.key))[0] == sa
+    run(again.close())
 
 
 def test_bytes_per_session_stay_small(tmp_path: Path) -> None:

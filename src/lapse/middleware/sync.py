@@ -13,7 +13,7 @@ server (gunicorn) gets one per worker, after the fork.
 Judging without the hop. Handing a request to the loop thread and back costs
 more than judging it (bench/middleware.py measures both). The embedded stores
 (SQLite, memory) never suspend: each method runs to completion, as sqlite.py
-says. So a request thread runs its judge, adopt or end itself, to completion,
+says (the bridge turns SQLite's group commit off, which would suspend a write). So a request thread runs its judge, adopt or end itself, to completion,
 while it holds the bridge's lock; and the loop thread holds that same lock
 whenever it is not waiting in ``select``. Every piece of the gate and the store
 therefore runs in one thread at a time, and a request thread's job runs as if
@@ -136,6 +136,10 @@ class Bridge:
         self._stop = asyncio.Event()
         try:
             async with running(self.loaded, self.settings, clock=self.clock) as enforcer:
+                if isinstance(enforcer.rt.store, SqliteStore):
+                    # Before the sweeper's first write: a request thread must never meet a write queued
+                    # for this loop's group commit (it could neither wait for it nor settle it).
+                    enforcer.rt.store.group_commit = False
                 ready.set_result(enforcer)
                 await self._stop.wait()
         except BaseException as exc:

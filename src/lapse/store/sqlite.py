@@ -38,9 +38,14 @@ guarded UPDATEs one by one (each with its own outcome, the slow path
 included), one ``COMMIT`` and one bump of the change counter answer them all.
 No caller hears APPLIED before its write is committed, so what other handles
 see, and when, is as before; under load it saves a fifth of a write's cost
-(bench/README.md, "Fifth session"). If one write in it is refused (a bug), each
-is tried again on its own, so it fails no other; if the store is in trouble
-(locked past ``busy_timeout``, I/O), every write of the turn is told so.
+(bench/README.md, "Fifth session"). Nothing overtakes a queued write on this
+handle: reading a session with a write queued, an immediate write (an end,
+or one with events) and ``close`` commit the queue first, so this handle never
+judges from a record older than what it already decided. If one write in the
+batch is refused (a bug), each is tried again on its own, so it fails no
+other; if the store is in trouble (locked past ``busy_timeout``, I/O), every
+write of the turn is told so. ``group_commit = False`` writes each at once
+(the sync middleware's bridge, whose request threads run the store without a loop).
 
 Off the request path. SQLite's automatic WAL checkpoint runs inside whichever
 commit crosses its threshold and waits for the disk to sync; here it is off on
@@ -346,8 +351,10 @@ class SqliteStore:
         self._verify_at = time.monotonic() + TRUST
         self._watchers = Watchers()
         self._poller: asyncio.Task[None] | None = None
-        # Event-free writes waiting for this turn's group commit (``_commit_queued``).
+        # Event-free writes waiting for this turn's group commit (``_commit_queued``), and their keys.
+        self.group_commit = True
         self._queued: list[tuple[Session, Session, asyncio.Future[WriteResult]]] = []
+        self._queued_keys: set[str] = set()
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         db.execute("BEGIN IMMEDIATE")  # two processes opening a fresh file at once: one creates
@@ -412,6 +419,8 @@ class SqliteStore:
                 self._seen = seen
             if time.monotonic() >= self._verify_at:
                 self._verify()
+            if key in self._queued_keys:  # read what this handle already decided: commit it first
+                self._commit_queued()
             session = self._cache.get(key)
             if session is None:
                 row = db.execute(_SELECT_ONE, (_pack_key(key),)).fetchone()
@@ -471,7 +480,11 @@ class SqliteStore:
         self._remember(session)
 
     async def write(self, before: Session, after: Session, events: Sequence[AuditEvent] = ()) -> WriteResult:
-        if events or after.ended:  # an end is written at once: a caller cancelled after it cannot lose its event
+        if events or after.ended or not self.group_commit:
+            # An end is written at once (a caller cancelled after it cannot lose its event), after the
+            # writes queued before it (it must not overtake an activity it did not see).
+            if self._queued:
+                self._commit_queued()
             result = self._write_audited(before, after, events) if events else self._write(before, after)
         else:
             queued = self._queue(before, after)
@@ -510,8 +523,8 @@ class SqliteStore:
     def _queue(self, before: Session, after: Session) -> asyncio.Future[WriteResult] | WriteResult:
         """A write for this turn's group commit: its outcome once that has committed. Driven without an
         event loop (the sync middleware's request thread, ``middleware/sync.py``): written at once."""
-        if self._queued and self._queued[0][2].get_loop().is_closed():  # stranded by a loop closed mid-turn
-            self._queued = []
+        if self._queued and not self._queued[0][2].get_loop().is_running():  # stranded: its loop stopped mid-turn
+            self._queued, self._queued_keys = [], set()
         if self._queued:  # this turn's commit is scheduled: its loop is ours (no get_running_loop: a getpid)
             future: asyncio.Future[WriteResult] = self._queued[0][2].get_loop().create_future()
         else:
@@ -522,11 +535,12 @@ class SqliteStore:
             future = loop.create_future()
             loop.call_soon(self._commit_queued)
         self._queued.append((before, after, future))
+        self._queued_keys.add(before.key)
         return future
 
     def _commit_queued(self) -> None:
         """This turn's event-free writes: one transaction, each guarded UPDATE with its own outcome."""
-        batch, self._queued = self._queued, []
+        batch, self._queued, self._queued_keys = self._queued, [], set()
         batch = [queued for queued in batch if not queued[2].done()]  # a caller that gave up: its write is not made
         if len(batch) < 2:  # alone: one UPDATE in autocommit, no BEGIN and COMMIT around it
             for before, after, future in batch:
@@ -534,16 +548,16 @@ class SqliteStore:
             return
         try:
             results = self._transaction_of(batch)
-        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
-            for before, after, future in batch:  # one write's own trouble: each alone, so it fails no other
-                _settle(future, self._attempt(before, after))
-            return
-        except Exception as exc:  # noqa: BLE001 - the store's trouble (locked, I/O, closed): every caller hears
-            failure = self._unavailable("write", exc) if isinstance(exc, (sqlite3.DatabaseError, OSError)) else exc
+            alone = self._changed()
+        except (sqlite3.OperationalError, OSError, StoreUnavailable) as exc:  # locked, I/O, closed: all hear it
+            failure = exc if isinstance(exc, StoreUnavailable) else self._unavailable("write", exc)
             for _, _, future in batch:
                 _settle(future, failure)
             return
-        alone = self._changed()
+        except Exception:  # noqa: BLE001 - one write's own trouble (a bug): each alone, so it fails no other
+            for before, after, future in batch:
+                _settle(future, self._attempt(before, after))
+            return
         once = len({before.key for before, _, _ in batch}) == len(batch)
         for (before, after, future), (result, guarded) in zip(batch, results):
             self._remembered(before, after, applied=guarded and alone and once)
@@ -902,6 +916,8 @@ class SqliteStore:
             self._watchers.notify(_unpack_key(r[0]) for r in rows)
 
     async def close(self) -> None:
+        if self._queued:  # written, not dropped
+            self._commit_queued()
         if self._poller is not None:
             self._poller.cancel()
             self._poller = None
