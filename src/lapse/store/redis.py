@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -132,12 +133,14 @@ class RedisStore:
         self.target = parse_redis_url(url)
         self._r = connect(self.target)
         # Standalone and Sentinel: one pipeline per event-loop turn (redis_batch). A Cluster client routes
-        # each command to its master, so there every script call stays its own command.
-        self._batch = None if isinstance(self._r, RedisCluster) else AutoPipeline(self._r, self.target.timeout)
-        # key -> (Redis key, its packed READ command, record bytes, Session) of the last read: identical bytes
-        # give back the identical object, which lets Gate reuse its answer (enforce.py) without decoding or
-        # judging again. Not a cache: every read still asks Redis.
-        self._seen: dict[str, tuple[bytes, bytes, bytes, Session]] = {}
+        # each command to its master, so there every script call stays its own command. Standalone only: the
+        # pipeline keeps its connections between batches (``AutoPipeline._checkout`` says why not on Sentinel).
+        self._batch = None if isinstance(self._r, RedisCluster) else AutoPipeline(
+            self._r, self.target.timeout, hold=self.target.kind == "standalone")
+        # key -> (its keys, member, packed READ command, record bytes, Session) of the last read or write:
+        # identical bytes give back the identical object, which lets Gate reuse its answer (enforce.py)
+        # without decoding or judging again. Not a cache: every read still asks Redis.
+        self._seen: dict[str, _Seen] = {}
         self._clock = clock
         self._prefix = self.target.prefix.encode()
         self._users = self._prefix + b"users"
@@ -246,13 +249,15 @@ class RedisStore:
     async def read(self, key: str) -> tuple[Session | None, float]:
         seen = self._seen.get(key)
         if seen is not None:
-            record_key, command = seen[0], seen[1]
+            keys, member, command = seen[0], seen[1], seen[2]
         else:
             try:
-                record_key = self._record_key(pack_member(key))
+                member = pack_member(key)
             except ValueError:
                 return None, await self.now()
-            command = pack_command(("EVALSHA", self._sha[lua.READ], 1, record_key))
+            keys = self._session_keys(member)
+            command = pack_command(("EVALSHA", self._sha[lua.READ], 1, keys[0]))
+        record_key = keys[0]
         try:
             if self._batch is None:
                 (sec, usec), blob = await self._eval(lua.READ, (record_key,))
@@ -268,12 +273,12 @@ class RedisStore:
         now = self._clock() if self._clock is not None else int(sec) + int(usec) / 1_000_000
         if blob is None:
             return None, now
-        if seen is not None and seen[2] == blob:
-            return seen[3], now
+        if seen is not None and seen[3] == blob:
+            return seen[4], now
         session = self._decode(key, blob)
         if len(self._seen) >= SEEN_MAX:
             self._seen.clear()
-        self._seen[key] = (record_key, command, blob, session)
+        self._seen[key] = (keys, member, command, blob, session)
         return session, now
 
     def _with_audit(self, keys: tuple[bytes, ...], args: tuple[Any, ...], events: Sequence[AuditEvent]
@@ -320,13 +325,16 @@ class RedisStore:
         return result
 
     async def _write(self, before: Session, after: Session, events: Sequence[AuditEvent]) -> WriteResult:
-        member = pack_member(before.key)
-        keys = self._session_keys(member)
-        written = os.urandom(8).hex()  # this write's id: its end, sent again after a lost reply, is known as its own
+        seen = self._seen.get(before.key)
+        if seen is not None:
+            keys, member = seen[0], seen[1]
+        else:
+            member = pack_member(before.key)
+            keys = self._session_keys(member)
+        written = _write_id()  # this write's id: its end, sent again after a lost reply, is known as its own
         # First guess: the record is still ``before`` (the caller has just read it). The swap checks it.
         stored: Session | None = before
-        seen = self._seen.get(before.key)
-        expected: bytes | None = seen[2] if seen is not None and seen[3] is before else pack(before)  # as read
+        expected: bytes | None = seen[3] if seen is not None and seen[4] is before else pack(before)  # as read
         guessed = True
         try:
             for _ in range(CAS_ATTEMPTS):
@@ -344,12 +352,15 @@ class RedisStore:
                         change, at = "due", score(record.expires_at)
                     else:
                         change, at = "", ""
+                    packed = pack(record)
                     reply = await self._eval(lua.WRITE, *self._with_audit(
-                        keys, (expected, pack(record), member, change, at, SAFETY, ENDED_KEEP, self._ended_channel,
-                               written),
+                        keys, (expected, packed, member, change, at, SAFETY, ENDED_KEEP, self._ended_channel, written),
                         events,
                     ))
                     if reply[0] == 1:
+                        seen = self._seen.get(before.key)
+                        if seen is not None:  # Redis holds ``packed`` now: the next read of it needs no decoding
+                            self._seen[before.key] = (keys, member, seen[2], packed, record)
                         return result
                     expected = reply[1] if len(reply) > 1 else None
                 stored = None if expected is None else self._decode(before.key, expected)
@@ -703,6 +714,31 @@ class RedisStore:
 
 
 _SCRIPTS = (lua.READ, lua.CREATE, lua.WRITE, lua.FAILURES, lua.PURGE_AUDIT, lua.FIRST_USE)
+
+# (record, due index, ended index, write marker) keys, member, packed READ command, record bytes, Session
+_Seen = tuple[tuple[bytes, bytes, bytes, bytes], bytes, bytes, bytes, Session]
+
+
+class _WriteIds:
+    """Write ids unique to this process: a random prefix (drawn again in a forked child) and a counter.
+
+    Why not ``os.urandom`` per write: a system call on the request path, and dear on this project's test VM;
+    an id only has to differ from every other writer's (``redis_scripts.WRITE``), which prefix and counter
+    guarantee, where random draws only make a clash unlikely.
+    """
+
+    def __init__(self) -> None:
+        self.draw()
+        os.register_at_fork(after_in_child=self.draw)
+
+    def draw(self) -> None:
+        self.prefix, self.count = os.urandom(8).hex(), itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.count):x}"
+
+
+_write_id = _WriteIds()
 
 
 def _audit_fields(events: Sequence[AuditEvent]) -> list[str]:
