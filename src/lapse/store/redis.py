@@ -87,6 +87,13 @@ WATCH_PING = 1.0  # seconds of silence on the subscription before it asks Redis 
 
 Client = Redis | RedisCluster
 
+try:
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    _CHECKED: dict[str, Any] = {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+except ImportError:  # a redis-py from before maintenance notifications: its pool always checks
+    _CHECKED = {}
+
 
 def connect(target: RedisTarget) -> Client:
     """A client for the target, with a timeout on every connect and reply, that never sends a command twice.
@@ -98,6 +105,12 @@ def connect(target: RedisTarget) -> Client:
     A pooled connection Redis closed (a restart) is replaced by the pool before
     anything is sent on it. A timeout is never retried: every call gives up
     within about ``timeout``.
+
+    On a standalone Redis, redis-py's maintenance notifications (a Redis Enterprise feature) are off: in
+    their default ("auto") redis-py 8 skips that check of a pooled connection (``ensure_connection``), so
+    the first command after a restart went out on a dead link, and one that may not run twice failed as
+    "outcome unknown" (503). The auto-pipeline keeps its connections (``AutoPipeline._checkout``) and
+    relies on that same check. Sentinel and Cluster keep redis-py's defaults.
     """
     common: dict[str, Any] = dict(
         socket_timeout=target.timeout,
@@ -123,7 +136,7 @@ def connect(target: RedisTarget) -> Client:
         )
         return sentinels.master_for(target.service, db=target.db)
     host, port = target.hosts[0]
-    return Redis(host=host, port=port, db=target.db, **common)
+    return Redis(host=host, port=port, db=target.db, **common, **_CHECKED)
 
 
 class RedisStore:
