@@ -13,7 +13,7 @@ Writes. ``write`` carries out ``apply_write`` (store/base.py) as a
 compare-and-swap (see ``redis_scripts``): atomic on one record and its
 indexes, forward-only, never touching an ended record. A revocation is such a
 write, so every replica sees it at its next ``read``: there is no local cache (``read`` only hands
-back the Session it decoded last time when Redis returns the very same bytes).
+back the Session it last decoded, or wrote, when Redis returns the very same bytes).
 
 Expiry. Each shard's sorted set ``{NN}due`` holds the live sessions by their
 sweeper deadline (``expires_at``, the most generous one); every replica's

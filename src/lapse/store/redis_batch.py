@@ -9,6 +9,13 @@ if the commands came one by one on one connection), but the commands queued in
 one turn share one connection checkout, one socket write, one timeout and one
 read loop. bench/README.md, "Redis (issue 5)", has the figures.
 
+What a batch costs beyond its socket write and replies was itself most of a
+replica's Redis CPU over HTTP, so it is kept small: on a standalone Redis the
+connections stay with the pipeline between batches (checked before each use as
+the pool checks its own, see ``_checkout``), and one timer handle bounds the
+write and the replies together (no ``asyncio.timeout`` context, no per-write
+``wait_for`` task).
+
 Failure is what it was per command: the whole batch must be answered within
 the store's ``timeout`` (a timeout is not retried). A broken connection (Redis
 restarted, say) is retried once at once, on a fresh connection, but only for
