@@ -26,6 +26,7 @@ from lapse.store import redis as redis_store
 from lapse.store.base import StoreUnavailable, WriteResult
 from lapse.store.redis import RedisStore
 from lapse.store.redis_batch import pack
+from lapse.store.redis_codec import session_keys, shard_of, tag
 
 from ..redis_server import RedisServer
 from .test_contract import T0, active, make_session
@@ -160,6 +161,15 @@ def test_pack_takes_long_commands_and_refuses_what_redis_py_refuses() -> None:
     for bad in (True, None, [1], {"a": 1}):
         with pytest.raises(Exception, match="cannot send|Invalid input"):
             pack(("SET", b"k", bad))
+
+
+@given(st.binary(min_size=1, max_size=40))
+def test_a_sessions_keys_are_the_layouts(member: bytes) -> None:
+    """``_session_keys`` builds from keys made once per shard what ``redis_codec.session_keys`` lays out."""
+    store = RedisStore("redis://127.0.0.1:1/0?prefix=app:")
+    record, due, ended = session_keys(b"app:", member)
+    assert store._session_keys(member) == (record, due, ended, tag(b"app:", shard_of(member)) + b"w" + member)
+    assert store._record_key(member) == record
 
 
 def test_write_ids_never_repeat_also_in_a_forked_child() -> None:

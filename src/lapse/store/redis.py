@@ -66,6 +66,7 @@ from .redis_codec import (
     pack_member,
     score,
     session_keys,
+    shard_keys,
     shard_of,
     tag,
     unpack,
@@ -150,12 +151,13 @@ class RedisStore:
         # pipeline keeps its connections between batches (``AutoPipeline._checkout`` says why not on Sentinel).
         self._batch = None if isinstance(self._r, RedisCluster) else AutoPipeline(
             self._r, self.target.timeout, hold=self.target.kind == "standalone")
-        # key -> (its keys, member, packed READ command, record bytes, Session) of the last read or write:
+        # key -> (record key, member, packed READ command, record bytes, Session) of the last read or write:
         # identical bytes give back the identical object, which lets Gate reuse its answer (enforce.py)
         # without decoding or judging again. Not a cache: every read still asks Redis.
         self._seen: dict[str, _Seen] = {}
         self._clock = clock
         self._prefix = self.target.prefix.encode()
+        self._shards = [shard_keys(self._prefix, n) for n in range(SHARDS)]  # (tag, due, ended) by shard
         self._users = self._prefix + b"users"
         self._audit = self._prefix + b"audit"
         self._sha = {script: hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS}
@@ -227,8 +229,10 @@ class RedisStore:
         return await pipe.execute()
 
     def _session_keys(self, member: bytes) -> tuple[bytes, bytes, bytes, bytes]:
-        """Record, due index, ended index and write marker (``redis_scripts``): one slot."""
-        return (*session_keys(self._prefix, member), tag(self._prefix, shard_of(member)) + b"w" + member)
+        """Record, due index, ended index and write marker (``redis_scripts``): one slot. The shard's keys are
+        made once (``_shards``): this runs on every write."""
+        t, due, ended = self._shards[shard_of(member)]
+        return t + b"s" + member, due, ended, t + b"w" + member
 
     def _record_key(self, member: bytes) -> bytes:
         return tag(self._prefix, shard_of(member)) + b"s" + member
@@ -262,15 +266,14 @@ class RedisStore:
     async def read(self, key: str) -> tuple[Session | None, float]:
         seen = self._seen.get(key)
         if seen is not None:
-            keys, member, command = seen[0], seen[1], seen[2]
+            record_key, member, command = seen[0], seen[1], seen[2]
         else:
             try:
                 member = pack_member(key)
             except ValueError:
                 return None, await self.now()
-            keys = self._session_keys(member)
-            command = pack_command(("EVALSHA", self._sha[lua.READ], 1, keys[0]))
-        record_key = keys[0]
+            record_key = self._record_key(member)
+            command = pack_command(("EVALSHA", self._sha[lua.READ], 1, record_key))
         try:
             if self._batch is None:
                 (sec, usec), blob = await self._eval(lua.READ, (record_key,))
@@ -291,7 +294,7 @@ class RedisStore:
         session = self._decode(key, blob)
         if len(self._seen) >= SEEN_MAX:
             self._seen.clear()
-        self._seen[key] = (keys, member, command, blob, session)
+        self._seen[key] = (record_key, member, command, blob, session)
         return session, now
 
     def _with_audit(self, keys: tuple[bytes, ...], args: tuple[Any, ...], events: Sequence[AuditEvent]
@@ -339,11 +342,8 @@ class RedisStore:
 
     async def _write(self, before: Session, after: Session, events: Sequence[AuditEvent]) -> WriteResult:
         seen = self._seen.get(before.key)
-        if seen is not None:
-            keys, member = seen[0], seen[1]
-        else:
-            member = pack_member(before.key)
-            keys = self._session_keys(member)
+        member = seen[1] if seen is not None else pack_member(before.key)
+        keys = self._session_keys(member)
         written = _write_id()  # this write's id: its end, sent again after a lost reply, is known as its own
         # First guess: the record is still ``before`` (the caller has just read it). The swap checks it.
         stored: Session | None = before
@@ -373,7 +373,7 @@ class RedisStore:
                     if reply[0] == 1:
                         seen = self._seen.get(before.key)
                         if seen is not None:  # Redis holds ``packed`` now: the next read of it needs no decoding
-                            self._seen[before.key] = (keys, member, seen[2], packed, record)
+                            self._seen[before.key] = (keys[0], member, seen[2], packed, record)
                         return result
                     expected = reply[1] if len(reply) > 1 else None
                 stored = None if expected is None else self._decode(before.key, expected)
@@ -728,8 +728,8 @@ class RedisStore:
 
 _SCRIPTS = (lua.READ, lua.CREATE, lua.WRITE, lua.FAILURES, lua.PURGE_AUDIT, lua.FIRST_USE)
 
-# (record, due index, ended index, write marker) keys, member, packed READ command, record bytes, Session
-_Seen = tuple[tuple[bytes, bytes, bytes, bytes], bytes, bytes, bytes, Session]
+# record key, member, packed READ command, record bytes, Session
+_Seen = tuple[bytes, bytes, bytes, bytes, Session]
 
 
 class _WriteIds:

@@ -96,8 +96,14 @@ def tag(prefix: bytes, shard: int) -> bytes:
 
 def session_keys(prefix: bytes, member: bytes) -> tuple[bytes, bytes, bytes]:
     """(record, due index, ended index) of one session: all three in one hash slot."""
-    t = tag(prefix, shard_of(member))
-    return t + b"s" + member, t + b"due", t + b"end"
+    t, due, ended = shard_keys(prefix, shard_of(member))
+    return t + b"s" + member, due, ended
+
+
+def shard_keys(prefix: bytes, shard: int) -> tuple[bytes, bytes, bytes]:
+    """(hash tag, due index, ended index) of one shard; a session's record is the tag, ``s`` and its member."""
+    t = tag(prefix, shard)
+    return t, t + b"due", t + b"end"
 
 
 @lru_cache(maxsize=64)
