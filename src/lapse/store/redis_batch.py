@@ -227,8 +227,10 @@ def pack(command: tuple[Any, ...]) -> bytes:
             arg = arg.encode()
         elif kind is int or kind is float:
             arg = repr(arg).encode()
-        elif isinstance(arg, (bytes, str)):
-            arg = bytes(arg) if isinstance(arg, bytes) else str(arg).encode()
+        elif isinstance(arg, str):  # subclasses: as before, by the tests redis-py's encoder makes
+            arg = arg.encode()
+        elif isinstance(arg, bytes):
+            pass
         elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
             arg = repr(arg).encode()
         else:
