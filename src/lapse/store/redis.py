@@ -13,7 +13,7 @@ Writes. ``write`` carries out ``apply_write`` (store/base.py) as a
 compare-and-swap (see ``redis_scripts``): atomic on one record and its
 indexes, forward-only, never touching an ended record. A revocation is such a
 write, so every replica sees it at its next ``read``: there is no local cache (``read`` only hands
-back the Session it decoded last time when Redis returns the very same bytes).
+back the Session it last decoded, or wrote, when Redis returns the very same bytes).
 
 Expiry. Each shard's sorted set ``{NN}due`` holds the live sessions by their
 sweeper deadline (``expires_at``, the most generous one); every replica's
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -65,6 +66,7 @@ from .redis_codec import (
     pack_member,
     score,
     session_keys,
+    shard_keys,
     shard_of,
     tag,
     unpack,
@@ -86,6 +88,13 @@ WATCH_PING = 1.0  # seconds of silence on the subscription before it asks Redis 
 
 Client = Redis | RedisCluster
 
+try:
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    _CHECKED: dict[str, Any] = {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+except ImportError:  # a redis-py from before maintenance notifications: its pool always checks
+    _CHECKED = {}
+
 
 def connect(target: RedisTarget) -> Client:
     """A client for the target, with a timeout on every connect and reply, that never sends a command twice.
@@ -97,6 +106,12 @@ def connect(target: RedisTarget) -> Client:
     A pooled connection Redis closed (a restart) is replaced by the pool before
     anything is sent on it. A timeout is never retried: every call gives up
     within about ``timeout``.
+
+    On a standalone Redis, redis-py's maintenance notifications (a Redis Enterprise feature) are off: in
+    their default ("auto") redis-py 8 skips that check of a pooled connection (``ensure_connection``), so
+    the first command after a restart went out on a dead link, and one that may not run twice failed as
+    "outcome unknown" (503). The auto-pipeline keeps its connections (``AutoPipeline._checkout``) and
+    relies on that same check. Sentinel and Cluster keep redis-py's defaults.
     """
     common: dict[str, Any] = dict(
         socket_timeout=target.timeout,
@@ -122,7 +137,7 @@ def connect(target: RedisTarget) -> Client:
         )
         return sentinels.master_for(target.service, db=target.db)
     host, port = target.hosts[0]
-    return Redis(host=host, port=port, db=target.db, **common)
+    return Redis(host=host, port=port, db=target.db, **common, **_CHECKED)
 
 
 class RedisStore:
@@ -132,14 +147,17 @@ class RedisStore:
         self.target = parse_redis_url(url)
         self._r = connect(self.target)
         # Standalone and Sentinel: one pipeline per event-loop turn (redis_batch). A Cluster client routes
-        # each command to its master, so there every script call stays its own command.
-        self._batch = None if isinstance(self._r, RedisCluster) else AutoPipeline(self._r, self.target.timeout)
-        # key -> (Redis key, its packed READ command, record bytes, Session) of the last read: identical bytes
-        # give back the identical object, which lets Gate reuse its answer (enforce.py) without decoding or
-        # judging again. Not a cache: every read still asks Redis.
-        self._seen: dict[str, tuple[bytes, bytes, bytes, Session]] = {}
+        # each command to its master, so there every script call stays its own command. Standalone only: the
+        # pipeline keeps its connections between batches (``AutoPipeline._checkout`` says why not on Sentinel).
+        self._batch = None if isinstance(self._r, RedisCluster) else AutoPipeline(
+            self._r, self.target.timeout, hold=self.target.kind == "standalone")
+        # key -> (record key, member, packed READ command, record bytes, Session) of the last read or write:
+        # identical bytes give back the identical object, which lets Gate reuse its answer (enforce.py)
+        # without decoding or judging again. Not a cache: every read still asks Redis.
+        self._seen: dict[str, _Seen] = {}
         self._clock = clock
         self._prefix = self.target.prefix.encode()
+        self._shards = [shard_keys(self._prefix, n) for n in range(SHARDS)]  # (tag, due, ended) by shard
         self._users = self._prefix + b"users"
         self._audit = self._prefix + b"audit"
         self._sha = {script: hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS}
@@ -211,8 +229,10 @@ class RedisStore:
         return await pipe.execute()
 
     def _session_keys(self, member: bytes) -> tuple[bytes, bytes, bytes, bytes]:
-        """Record, due index, ended index and write marker (``redis_scripts``): one slot."""
-        return (*session_keys(self._prefix, member), tag(self._prefix, shard_of(member)) + b"w" + member)
+        """Record, due index, ended index and write marker (``redis_scripts``): one slot. The shard's keys are
+        made once (``_shards``): this runs on every write."""
+        t, due, ended = self._shards[shard_of(member)]
+        return t + b"s" + member, due, ended, t + b"w" + member
 
     def _record_key(self, member: bytes) -> bytes:
         return tag(self._prefix, shard_of(member)) + b"s" + member
@@ -246,12 +266,13 @@ class RedisStore:
     async def read(self, key: str) -> tuple[Session | None, float]:
         seen = self._seen.get(key)
         if seen is not None:
-            record_key, command = seen[0], seen[1]
+            record_key, member, command = seen[0], seen[1], seen[2]
         else:
             try:
-                record_key = self._record_key(pack_member(key))
+                member = pack_member(key)
             except ValueError:
                 return None, await self.now()
+            record_key = self._record_key(member)
             command = pack_command(("EVALSHA", self._sha[lua.READ], 1, record_key))
         try:
             if self._batch is None:
@@ -268,12 +289,12 @@ class RedisStore:
         now = self._clock() if self._clock is not None else int(sec) + int(usec) / 1_000_000
         if blob is None:
             return None, now
-        if seen is not None and seen[2] == blob:
-            return seen[3], now
+        if seen is not None and seen[3] == blob:
+            return seen[4], now
         session = self._decode(key, blob)
         if len(self._seen) >= SEEN_MAX:
             self._seen.clear()
-        self._seen[key] = (record_key, command, blob, session)
+        self._seen[key] = (record_key, member, command, blob, session)
         return session, now
 
     def _with_audit(self, keys: tuple[bytes, ...], args: tuple[Any, ...], events: Sequence[AuditEvent]
@@ -320,13 +341,13 @@ class RedisStore:
         return result
 
     async def _write(self, before: Session, after: Session, events: Sequence[AuditEvent]) -> WriteResult:
-        member = pack_member(before.key)
+        seen = self._seen.get(before.key)
+        member = seen[1] if seen is not None else pack_member(before.key)
         keys = self._session_keys(member)
-        written = os.urandom(8).hex()  # this write's id: its end, sent again after a lost reply, is known as its own
+        written = _write_id()  # this write's id: its end, sent again after a lost reply, is known as its own
         # First guess: the record is still ``before`` (the caller has just read it). The swap checks it.
         stored: Session | None = before
-        seen = self._seen.get(before.key)
-        expected: bytes | None = seen[2] if seen is not None and seen[3] is before else pack(before)  # as read
+        expected: bytes | None = seen[3] if seen is not None and seen[4] is before else pack(before)  # as read
         guessed = True
         try:
             for _ in range(CAS_ATTEMPTS):
@@ -344,12 +365,15 @@ class RedisStore:
                         change, at = "due", score(record.expires_at)
                     else:
                         change, at = "", ""
+                    packed = pack(record)
                     reply = await self._eval(lua.WRITE, *self._with_audit(
-                        keys, (expected, pack(record), member, change, at, SAFETY, ENDED_KEEP, self._ended_channel,
-                               written),
+                        keys, (expected, packed, member, change, at, SAFETY, ENDED_KEEP, self._ended_channel, written),
                         events,
                     ))
                     if reply[0] == 1:
+                        seen = self._seen.get(before.key)
+                        if seen is not None:  # Redis holds ``packed`` now: the next read of it needs no decoding
+                            self._seen[before.key] = (keys[0], member, seen[2], packed, record)
                         return result
                     expected = reply[1] if len(reply) > 1 else None
                 stored = None if expected is None else self._decode(before.key, expected)
@@ -703,6 +727,31 @@ class RedisStore:
 
 
 _SCRIPTS = (lua.READ, lua.CREATE, lua.WRITE, lua.FAILURES, lua.PURGE_AUDIT, lua.FIRST_USE)
+
+# record key, member, packed READ command, record bytes, Session
+_Seen = tuple[bytes, bytes, bytes, bytes, Session]
+
+
+class _WriteIds:
+    """Write ids unique to this process: a random prefix (drawn again in a forked child) and a counter.
+
+    Why not ``os.urandom`` per write: a system call on the request path, and dear on this project's test VM;
+    an id only has to differ from every other writer's (``redis_scripts.WRITE``), which prefix and counter
+    guarantee, where random draws only make a clash unlikely.
+    """
+
+    def __init__(self) -> None:
+        self.draw()
+        os.register_at_fork(after_in_child=self.draw)
+
+    def draw(self) -> None:
+        self.prefix, self.count = os.urandom(8).hex(), itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.count):x}"
+
+
+_write_id = _WriteIds()
 
 
 def _audit_fields(events: Sequence[AuditEvent]) -> list[str]:

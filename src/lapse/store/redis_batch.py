@@ -9,6 +9,13 @@ if the commands came one by one on one connection), but the commands queued in
 one turn share one connection checkout, one socket write, one timeout and one
 read loop. bench/README.md, "Redis (issue 5)", has the figures.
 
+What a batch costs beyond its socket write and replies was itself most of a
+replica's Redis CPU over HTTP, so it is kept small: on a standalone Redis the
+connections stay with the pipeline between batches (checked before each use as
+the pool checks its own, see ``_checkout``), and one timer handle bounds the
+write and the replies together (no ``asyncio.timeout`` context, no per-write
+``wait_for`` task).
+
 Failure is what it was per command: the whole batch must be answered within
 the store's ``timeout`` (a timeout is not retried). A broken connection (Redis
 restarted, say) is retried once at once, on a fresh connection, but only for
@@ -24,23 +31,32 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+if TYPE_CHECKING:
+    from redis.asyncio.connection import AbstractConnection
+
 # a command, the callers waiting for its reply, and whether it may be sent again after a broken link
 _Queued = list[tuple[bytes, "list[asyncio.Future[Any]]", bool]]
 
 
 class AutoPipeline:
-    """``await call(pack(command))``: sent with the others of this loop turn, on one pooled connection."""
+    """``await call(pack(command))``: sent with the others of this loop turn, on one pooled connection.
 
-    def __init__(self, client: Redis, timeout: float) -> None:
+    ``hold``: keep the connections between batches instead of handing each back to the pool (standalone
+    Redis only, see ``_checkout``).
+    """
+
+    def __init__(self, client: Redis, timeout: float, *, hold: bool = False) -> None:
         self._pool = client.connection_pool
         self._timeout = timeout
+        self._hold = hold
+        self._idle: list[AbstractConnection] = []  # held between batches (``hold``), each checked before use
         self._queue: _Queued = []
         self._shared: dict[bytes, list[asyncio.Future[Any]]] = {}  # read-only commands in ``_queue``
         self._next: asyncio.Task[None] | None = None  # the flush that will take ``_queue``
@@ -85,11 +101,12 @@ class AutoPipeline:
                     future.cancel()
 
     async def _flush(self) -> None:
-        self._next = None
+        task, self._next = self._next, None  # (not current_task(): on Python 3.11 that is a getpid() call too)
+        assert task is not None
         batch, self._queue, self._shared = self._queue, [], {}
         try:
             try:
-                await self._send(batch)
+                await self._send(batch, task)
             except _Broken as broken:  # once more, at once, on a fresh connection, for those that may run twice
                 again = broken.left
                 if broken.sent:
@@ -97,7 +114,7 @@ class AutoPipeline:
                     for _, waiters, resend in broken.left:
                         if not resend:  # it may have run: its caller must not be told it did not
                             _fail(waiters, RedisConnectionError(f"the outcome is unknown: {broken.cause}"))
-                await self._send(again)
+                await self._send(again, task)
         except BaseException as exc:  # noqa: BLE001 - every caller left must hear of it, whatever it was
             failure = exc if isinstance(exc, Exception) else RedisConnectionError("the pipeline was cancelled")
             if isinstance(exc, _Broken):
@@ -107,38 +124,83 @@ class AutoPipeline:
             if not isinstance(exc, Exception):
                 raise
 
-    async def _send(self, batch: _Queued) -> None:
-        """Answer the batch's callers in order; ``_Broken`` with those left if the connection broke."""
+    async def _send(self, batch: _Queued, task: asyncio.Task[None]) -> None:
+        """Answer the batch's callers in order; ``_Broken`` with those left if the connection broke.
+
+        The write and the replies share one timer of ``timeout`` (a timeout is not retried). It is a plain
+        timer handle that cancels this task, as ``asyncio.timeout`` does, without its per-use cost (a
+        quarter of the batch's own CPU here); redis-py's per-write timer, a ``wait_for`` that makes a task
+        of its own, is switched off for the write (``socket_timeout``) since this one bounds it.
+        """
         if not batch:
             return
-        try:
-            connection = await self._pool.get_connection()
-        except RedisConnectionError as exc:
-            raise _Broken(batch, exc, sent=False) from exc
+        connection = await self._checkout(batch)
+        loop = task.get_loop()
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = loop.call_at(loop.time() + self._timeout, expire)
+        done = False
         try:
             try:
-                await connection.send_packed_command(b"".join([packed for packed, _, _ in batch]), check_health=False)
+                socket_timeout, connection.socket_timeout = connection.socket_timeout, None
+                try:
+                    await connection.send_packed_command(b"".join([packed for packed, _, _ in batch]),
+                                                         check_health=False)
+                finally:
+                    connection.socket_timeout = socket_timeout
             except RedisConnectionError as exc:  # some of it may have been written, and run
                 raise _Broken(batch, exc, sent=True) from exc
-            async with asyncio.timeout(self._timeout):
-                for at, (_, waiters, _) in enumerate(batch):
-                    try:
-                        reply = await connection.read_response(timeout=math.inf)  # the batch's timeout rules
-                    except ResponseError as exc:
-                        reply = exc
-                    except RedisConnectionError as exc:
-                        raise _Broken(batch[at:], exc, sent=True) from exc
-                    for future in waiters:
-                        if future.done():  # its caller gave up (cancelled): the reply is read all the same
-                            continue
-                        if isinstance(reply, Exception):
-                            future.set_exception(reply)
-                        else:
-                            future.set_result(reply)
-        except TimeoutError:
-            raise RedisTimeoutError(f"no reply from Redis within {self._timeout} s") from None
+            for at, (_, waiters, _) in enumerate(batch):
+                try:
+                    reply = await connection.read_response(timeout=math.inf)  # the batch's timer rules
+                except ResponseError as exc:
+                    reply = exc
+                except RedisConnectionError as exc:
+                    raise _Broken(batch[at:], exc, sent=True) from exc
+                for future in waiters:
+                    if future.done():  # its caller gave up (cancelled): the reply is read all the same
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+            done = True
+        except asyncio.CancelledError:
+            if expired and task.uncancel() == 0:  # this timer's, not a cancellation from outside
+                raise RedisTimeoutError(f"no reply from Redis within {self._timeout} s") from None
+            raise
         finally:
-            await self._pool.release(connection)
+            timer.cancel()
+            if done and self._hold:
+                self._idle.append(connection)
+            else:  # broken, timed out (redis-py has closed it) or not held: the pool's to reconnect or reuse
+                await self._pool.release(connection)
+
+    async def _checkout(self, batch: _Queued) -> AbstractConnection:
+        """A connection for ``batch``: a held one if there is, checked as the pool checks its own; else the pool's.
+
+        Held connections skip the pool's checkout and release (its lock, counters and events: a third of a
+        batch's CPU here) but get the same check before use (``ensure_connection``: one Redis closed, after a
+        restart say, is connected again before anything is sent on it). Not under Sentinel: there the pool also
+        drops its idle connections when the master moves, which held ones would miss.
+        """
+        try:
+            if self._idle:
+                connection = self._idle.pop()
+                try:
+                    await self._pool.ensure_connection(connection)
+                except BaseException:
+                    await self._pool.release(connection)
+                    raise
+                return connection
+            return await self._pool.get_connection()
+        except RedisConnectionError as exc:
+            raise _Broken(batch, exc, sent=False) from exc
 
 
 def _fail(waiters: list[asyncio.Future[Any]], failure: BaseException) -> None:
@@ -152,18 +214,37 @@ def pack(command: tuple[Any, ...]) -> bytes:
 
     Here rather than redis-py's ``pack_commands``: its chunking for large values is of no use for
     these small commands, and it was a tenth of the CPU of a decision. Packed once, a command can be
-    sent again as it is (the store keeps each session's read command).
+    sent again as it is (the store keeps each session's read command). The length headers of short
+    arguments come from a table: ``b"$%d" % n`` costs more than the rest of an argument's packing.
     """
-    out = [b"*%d\r\n" % len(command)]
+    n = len(command)
+    out = [_COUNT[n] if n < _SHORT else b"*%d" % n]
     for arg in command:
-        if isinstance(arg, str):
+        kind = type(arg)  # the exact types first: one test each, where isinstance walks a tuple of them
+        if kind is bytes:
+            pass
+        elif kind is str:
             arg = arg.encode()
+        elif kind is int or kind is float:
+            arg = repr(arg).encode()
+        elif isinstance(arg, str):  # subclasses: as before, by the tests redis-py's encoder makes
+            arg = arg.encode()
+        elif isinstance(arg, bytes):
+            pass
         elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
             arg = repr(arg).encode()
-        elif not isinstance(arg, bytes):
+        else:
             raise DataError(f"cannot send a {type(arg).__name__} to Redis")
-        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(out)
+        n = len(arg)
+        out.append(_LENGTH[n] if n < _SHORT else b"$%d" % n)
+        out.append(arg)
+    out.append(b"")
+    return b"\r\n".join(out)
+
+
+_SHORT = 1024
+_COUNT = [b"*%d" % n for n in range(_SHORT)]
+_LENGTH = [b"$%d" % n for n in range(_SHORT)]
 
 
 class _Broken(Exception):

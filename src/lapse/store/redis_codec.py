@@ -36,6 +36,7 @@ indexes are spread over ``SHARDS`` slots instead of one hot key.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import struct
@@ -95,8 +96,14 @@ def tag(prefix: bytes, shard: int) -> bytes:
 
 def session_keys(prefix: bytes, member: bytes) -> tuple[bytes, bytes, bytes]:
     """(record, due index, ended index) of one session: all three in one hash slot."""
-    t = tag(prefix, shard_of(member))
-    return t + b"s" + member, t + b"due", t + b"end"
+    t, due, ended = shard_keys(prefix, shard_of(member))
+    return t + b"s" + member, due, ended
+
+
+def shard_keys(prefix: bytes, shard: int) -> tuple[bytes, bytes, bytes]:
+    """(hash tag, due index, ended index) of one shard; a session's record is the tag, ``s`` and its member."""
+    t = tag(prefix, shard)
+    return t, t + b"due", t + b"end"
 
 
 @lru_cache(maxsize=64)
@@ -106,11 +113,11 @@ def _pairs(n: int) -> struct.Struct:
 
 def _text(value: str | None) -> bytes:
     if value is None:
-        return _LEN.pack(_NONE)
+        return _NO_TEXT
     raw = value.encode()
     if len(raw) >= _NONE:
         raise ValueError("string too long for a session record")
-    return _LEN.pack(len(raw)) + raw
+    return _LEN_PACK(len(raw)) + raw
 
 
 def _finite_or_inf(x: float) -> float:
@@ -119,28 +126,49 @@ def _finite_or_inf(x: float) -> float:
     return x
 
 
+# Bound once: ``pack`` runs on every write and ``unpack`` on every record a replica has not seen yet, so
+# their attribute look-ups and calls are a good part of their cost (bench/README.md, Redis over HTTP).
+_HEAD_PACK, _HEAD_FROM, _HEAD_SIZE = _HEAD.pack, _HEAD.unpack_from, _HEAD.size
+_LEN_PACK, _LEN_FROM, _LONG_FROM = _LEN.pack, _LEN.unpack_from, _LONG.unpack_from
+_NO_TEXT = _LEN.pack(_NONE)
+_STEPS = itertools.chain.from_iterable
+_ISNAN = math.isnan
+_STATS_PACK, _STATS_UNPACK = activity_stats.pack, activity_stats.unpack
+# Per record version: which of its strings (user, ip, end_reason, groups[, device]) has a 4-byte length.
+_LONG_FIELDS = (None, (False,) * 4, (False,) * 5, (False, False, False, True, False))
+_SESSION = Session._make  # positional, in this order:
+_FIELDS = ("key", "user", "auth_time", "created_at", "activity", "last_seen_at", "expires_at", "ip", "mfa", "groups",
+           "ended_at", "end_reason", "stats", "device")
+assert Session._fields == _FIELDS, "redis_codec builds Session positionally: update _unpack with its fields"
+
+
 def pack(s: Session) -> bytes:
     for group in s.groups:
         if GROUP_SEP in group:
             raise ValueError(f"group name {group!r} contains a control character (U+001F)")
+    if _ISNAN(s.auth_time) or _ISNAN(s.created_at) or _ISNAN(s.last_seen_at) or _ISNAN(s.expires_at) or (
+        s.ended_at is not None and _ISNAN(s.ended_at)
+    ):
+        raise ValueError("NaN is not a timestamp")
     flags = (_MFA if s.mfa else 0) | (_ENDED if s.ended_at is not None else 0)
     groups = GROUP_SEP.join(s.groups).encode() if s.groups else None
     long_groups = groups is not None and len(groups) >= _NONE
-    head = _HEAD.pack(
-        3 if long_groups else 1 if s.device is None else 2, flags, len(s.activity),
-        _finite_or_inf(s.auth_time), _finite_or_inf(s.created_at), _finite_or_inf(s.last_seen_at),
-        _finite_or_inf(s.expires_at), 0.0 if s.ended_at is None else _finite_or_inf(s.ended_at),
+    n = len(s.activity)
+    head = _HEAD_PACK(
+        3 if long_groups else 1 if s.device is None else 2, flags, n,
+        s.auth_time, s.created_at, s.last_seen_at, s.expires_at, 0.0 if s.ended_at is None else s.ended_at,
     )
-    steps = _pairs(len(s.activity)).pack(*(x for step in s.activity for x in step))
-    record = head + steps + _text(s.user) + _text(s.ip) + _text(s.end_reason)
+    parts = [head, _pairs(n).pack(*_STEPS(s.activity)), _text(s.user), _text(s.ip), _text(s.end_reason)]
     if long_groups:
-        record += _LONG.pack(len(groups)) + groups + _text(s.device)  # type: ignore[arg-type]
+        parts += [_LONG.pack(len(groups)), groups, _text(s.device)]  # type: ignore[arg-type]
     else:
-        record += _LEN.pack(_NONE) if groups is None else _LEN.pack(len(groups)) + groups
+        parts.append(_NO_TEXT if groups is None else _LEN_PACK(len(groups)) + groups)
         if s.device is not None:
-            record += _text(s.device)
-    stats = activity_stats.pack(s.stats)
-    return record if stats is None else record + _LEN.pack(len(stats)) + stats  # absent until the first write
+            parts.append(_text(s.device))
+    stats = _STATS_PACK(s.stats)
+    if stats is not None:  # absent until the first write
+        parts += [_LEN_PACK(len(stats)), stats]
+    return b"".join(parts)
 
 
 def unpack(key: str, blob: bytes) -> Session:
@@ -151,51 +179,40 @@ def unpack(key: str, blob: bytes) -> Session:
 
 
 def _unpack(key: str, blob: bytes) -> Session:
-    version, flags, n, auth, created, seen, expires, ended_at = _HEAD.unpack_from(blob)
+    version, flags, n, auth, created, seen, expires, ended_at = _HEAD_FROM(blob)
     if not 1 <= version <= VERSION:
         raise ValueError(f"record version {version}, this lapse reads 1 to {VERSION}")
-    at = _HEAD.size
+    at = _HEAD_SIZE
     flat = _pairs(n).unpack_from(blob, at)
     at += 16 * n
     activity: Staircase = tuple(zip(flat[::2], flat[1::2]))
     strings: list[str | None] = []
-    for field in range(4 if version == 1 else 5):
-        if field == 3 and version == 3:
-            (length,) = _LONG.unpack_from(blob, at)
+    for long in _LONG_FIELDS[version]:
+        if long:
+            (length,) = _LONG_FROM(blob, at)
             at += 4
         else:
-            (length,) = _LEN.unpack_from(blob, at)
+            (length,) = _LEN_FROM(blob, at)
             at += 2
-        if length == _NONE and not (field == 3 and version == 3):
-            strings.append(None)
-        else:
-            strings.append(blob[at : at + length].decode())
-            at += length
+            if length == _NONE:
+                strings.append(None)
+                continue
+        strings.append(blob[at : at + length].decode())
+        at += length
     stats = None
     if at < len(blob):  # the activity statistics (core.activity), once a write has made some
-        (length,) = _LEN.unpack_from(blob, at)
+        (length,) = _LEN_FROM(blob, at)
         at += 2
-        stats = activity_stats.unpack(blob[at : at + length])
+        stats = _STATS_UNPACK(blob[at : at + length])
         at += length
     if at != len(blob):
         raise ValueError("trailing bytes")
     user, ip, reason, groups, device = strings if version > 1 else (*strings, None)
-    return Session(
-        key=key,
-        user=user or "",
-        auth_time=auth,
-        created_at=created,
-        activity=activity,
-        last_seen_at=seen,
-        expires_at=expires,
-        ip=ip,
-        mfa=bool(flags & _MFA),
-        groups=() if groups is None else tuple(groups.split(GROUP_SEP)),
-        ended_at=ended_at if flags & _ENDED else None,
-        end_reason=reason,
-        stats=stats,
-        device=device,
-    )
+    return _SESSION((
+        key, user or "", auth, created, activity, seen, expires, ip, bool(flags & _MFA),
+        () if groups is None else tuple(groups.split(GROUP_SEP)), ended_at if flags & _ENDED else None, reason,
+        stats, device,
+    ))
 
 
 def score(x: float) -> bytes:
