@@ -201,3 +201,16 @@ async def test_a_refused_connection_is_still_a_broken_link(tmp_path: Path) -> No
             await store._batch.call(pack(("PING",)))  # type: ignore[union-attr]
     finally:
         await store.close()
+
+
+def test_maintenance_notifications_are_turned_off_only_where_the_client_has_the_option() -> None:
+    """redis-py 7.0-8.0 ship ``redis.maint_notifications`` but their async client takes no such keyword:
+    passing it there would stop the store from starting at all."""
+
+    class Before81:
+        def __init__(self, host: str = "", port: int = 0) -> None: ...
+
+    assert redis_store.checked_options(Before81) == {}
+    here = redis_store.checked_options(Redis)
+    assert set(here) <= {"maint_notifications_config"}
+    Redis(**here)  # accepted by the installed client

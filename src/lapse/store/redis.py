@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -88,12 +89,20 @@ WATCH_PING = 1.0  # seconds of silence on the subscription before it asks Redis 
 
 Client = Redis | RedisCluster
 
-try:
-    from redis.maint_notifications import MaintNotificationsConfig
+def checked_options(client: type = Redis) -> dict[str, Any]:
+    """Options that keep the pool's check of a connection before use (see ``connect``): maintenance
+    notifications off, where ``client`` has that option (redis-py 8.1 on). Before 8.1 the async client
+    has none (7.x and 8.0 ship the module but not the keyword) and its pool always checks."""
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+    except ImportError:
+        return {}
+    if "maint_notifications_config" not in inspect.signature(client.__init__).parameters:
+        return {}
+    return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
 
-    _CHECKED: dict[str, Any] = {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
-except ImportError:  # a redis-py from before maintenance notifications: its pool always checks
-    _CHECKED = {}
+
+_CHECKED = checked_options()
 
 
 def connect(target: RedisTarget) -> Client:
