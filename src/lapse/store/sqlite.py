@@ -18,14 +18,14 @@ checkpoints, not at every commit); the file itself is never corrupted. That
 is the right trade for session clocks: a lost last write judges a session
 idle early, never late.
 
-Atomic writes. The hot path of ``write`` is ONE statement in autocommit: an
-optimistic ``UPDATE ... WHERE key = ? AND ended_at IS NULL AND activity = ?
+Atomic writes. The hot path of ``write`` is ONE statement (in autocommit, or
+in its turn's group commit, below): an optimistic ``UPDATE ... WHERE key = ? AND ended_at IS NULL AND activity = ?
 AND auth_time = ?`` guarded by ``before``'s clocks. When it matches, the
 stored staircase is ``before``'s, so the merged staircase can be computed
 here, and the other clocks are merged forward by SQL (``max``) against the
 stored row; the row written is exactly ``apply_write``'s. Only when it touches
 no row (the clocks moved, the session ended or is gone) does ``write`` fall
-back to ``BEGIN IMMEDIATE``, read, ``apply_write``, write, commit. A write
+back to reading the row and writing ``apply_write``'s record, in a transaction. A write
 that carries audit events (an end: the ``store`` sink) runs the same UPDATE
 (or that fallback) and the audit INSERT in one short transaction instead, so
 the end and its event commit together; requests that are allowed carry none
@@ -37,8 +37,8 @@ write and waits; at the end of the turn one ``BEGIN IMMEDIATE`` runs their
 guarded UPDATEs one by one (each with its own outcome, the slow path
 included), one ``COMMIT`` and one bump of the change counter answer them all.
 No caller hears APPLIED before its write is committed, so what other handles
-see, and when, is as before; under load it saves a fifth of a write's cost
-(bench/README.md, "Fifth session"). Nothing overtakes a queued write on this
+see, and when, is as before; under load, with every request writing (100k
+sessions), it took 15-20% off a request's cost (bench/README.md, "Fifth session"). Nothing overtakes a queued write on this
 handle: reading a session with a write queued, an immediate write (an end,
 or one with events) and ``close`` commit the queue first, so this handle never
 judges from a record older than what it already decided. If one write in the
