@@ -3,6 +3,7 @@
     python bench/load.py            # full: 2 rounds of 10 s per measurement, ~3 min here (budget ~4 min)
     python bench/load.py --quick    # smoke: 1 round of 3 s per measurement, ~40 s
     python bench/load.py --profile  # then diagnostics: where a request's time goes (in-process, split, py-spy)
+    python bench/load.py --budget   # add rows: the bare app plus 5-40 us of CPU a request (what 0.7x leaves)
 
 Needs wrk (Debian: ``apt-get install -y wrk``); exits 2 with that hint when it is missing.
 Nothing is installed by this script. granian rows are measured when ``import granian`` works
