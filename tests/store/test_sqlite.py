@@ -225,19 +225,24 @@ def test_processes_racing_to_end_sessions_end_each_once(tmp_path: Path) -> None:
 # ---------------------------------------------------------- the hot path
 
 
+def _two_live(store: SqliteStore) -> tuple[Session, Session, Session, Session]:
+    """Two stored sessions and, for each, its record after an active request at T0 + 5."""
+    s, b = make_session(1), make_session(2)
+    run(store.create(s))
+    run(store.create(b))
+    moved = [x.with_(activity=record_activity(x.activity, 900.0, T0 + 5), last_seen_at=T0 + 5) for x in (s, b)]
+    return s, b, moved[0], moved[1]
+
+
 def test_a_turns_writes_share_one_transaction_each_with_its_own_outcome(tmp_path: Path) -> None:
     """Group commit: the event-free writes of one event-loop turn are one BEGIN ... COMMIT; a stale one
     takes the slow path inside it; an end is one UPDATE in autocommit, at once."""
     store = SqliteStore(tmp_path / "x.db", clock)
-    s, b = make_session(1), make_session(2)
-    run(store.create(s))
-    run(store.create(b))
+    s, b, a, _ = _two_live(store)
     b1 = b.with_(activity=record_activity(b.activity, 60.0, T0 + 1))
     run(store.write(b, b1))
     statements: list[str] = []
     store.db.set_trace_callback(statements.append)
-
-    a = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
 
     async def together() -> list[WriteResult]:
         return await asyncio.gather(store.write(s, a), store.write(b, b.with_(last_seen_at=T0 + 2)))
@@ -263,13 +268,9 @@ def test_a_failed_group_commit_fails_every_write_of_the_turn_and_recovers(tmp_pa
     (StoreUnavailable, the gateway's 503), none is lost silently, and the next turn works."""
     path = tmp_path / "x.db"
     store = SqliteStore(path, clock, busy_timeout=0.05)
-    s, b = make_session(1), make_session(2)
-    run(store.create(s))
-    run(store.create(b))
+    s, b, sa, ba = _two_live(store)
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
-    sa = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
-    ba = b.with_(activity=record_activity(b.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
 
     async def together() -> list[object]:
         return await asyncio.gather(store.write(s, sa), store.write(b, ba), return_exceptions=True)
@@ -285,11 +286,7 @@ def test_a_failed_group_commit_fails_every_write_of_the_turn_and_recovers(tmp_pa
 
 def test_a_write_whose_caller_gave_up_before_the_commit_is_not_made(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "x.db", clock)
-    s, b = make_session(1), make_session(2)
-    run(store.create(s))
-    run(store.create(b))
-    sa = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
-    ba = b.with_(activity=record_activity(b.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+    s, b, sa, ba = _two_live(store)
 
     async def one_gives_up() -> WriteResult:
         gone = asyncio.ensure_future(store.write(s, sa))
@@ -306,9 +303,7 @@ def test_a_write_whose_caller_gave_up_before_the_commit_is_not_made(tmp_path: Pa
 
 def test_a_write_stranded_by_a_closed_loop_does_not_block_the_next_loop(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "x.db", clock)
-    s = make_session(1)
-    run(store.create(s))
-    sa = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+    s, _, sa, _ = _two_live(store)
     loop = asyncio.new_event_loop()
 
     async def queue_only() -> None:
@@ -377,11 +372,8 @@ def test_a_pages_parallel_requests_write_once_and_stay_remembered(tmp_path: Path
 
 def test_a_bad_write_in_a_batch_fails_alone(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "x.db", clock)
-    s, b = make_session(1), make_session(2)
-    run(store.create(s))
-    run(store.create(b))
-    bad = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=math.nan)
-    good = b.with_(activity=record_activity(b.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+    s, b, moved, good = _two_live(store)
+    bad = moved.with_(last_seen_at=math.nan)
 
     async def together() -> list[object]:
         return await asyncio.gather(store.write(s, bad), store.write(b, good), return_exceptions=True)
@@ -395,16 +387,12 @@ def test_a_bad_write_in_a_batch_fails_alone(tmp_path: Path) -> None:
 def test_a_failure_after_the_commit_is_told_to_every_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The change counter failing (its file's disk) after the COMMIT: 503s, not requests that hang."""
     store = SqliteStore(tmp_path / "x.db", clock)
-    s, b = make_session(1), make_session(2)
-    run(store.create(s))
-    run(store.create(b))
+    s, b, sa, ba = _two_live(store)
 
     def broken() -> tuple[bytes, bytes]:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(store._changes, "bump", broken)
-    sa = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
-    ba = b.with_(activity=record_activity(b.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
 
     async def together() -> list[object]:
         return await asyncio.wait_for(asyncio.gather(store.write(s, sa), store.write(b, ba), return_exceptions=True), 5)
@@ -418,9 +406,7 @@ def test_a_failure_after_the_commit_is_told_to_every_caller(tmp_path: Path, monk
 def test_close_writes_what_is_queued(tmp_path: Path) -> None:
     path = tmp_path / "x.db"
     store = SqliteStore(path, clock)
-    s = make_session(1)
-    run(store.create(s))
-    sa = s.with_(activity=record_activity(s.activity, 900.0, T0 + 5), last_seen_at=T0 + 5)
+    s, _, sa, _ = _two_live(store)
 
     async def queue_then_close() -> WriteResult:
         pending = asyncio.ensure_future(store.write(s, sa))
